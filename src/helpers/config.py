@@ -1,0 +1,175 @@
+"""Profiles, recipes and the per-notebook run context (paths, seed, device)."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES = ("tiny", "small", "paper")
+# Parameters every notebook declares; the runner passes them to all notebooks.
+COMMON_PARAMETERS = ("profile", "seed", "recipe")
+# Secrets travel only through the environment; a recipe key that looks like one is refused.
+SECRET_WORDS = {"token", "apikey", "key", "secret", "password", "credentials"}
+
+
+def repo_root() -> Path:
+    """The book's root: $T2IBOOK_ROOT, else the nearest parent of the cwd holding `_toc.yml`, else the source checkout."""
+    if env := os.environ.get("T2IBOOK_ROOT"):
+        return Path(env).resolve()
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / "_toc.yml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return Path(__file__).resolve().parents[2]
+
+
+def recipe_path(profile_or_path: str, root: Path | None = None) -> Path:
+    """`tiny` → configs/tiny.yaml; a path is taken as it is (relative to the root)."""
+    root = root or repo_root()
+    if profile_or_path in PROFILES:
+        return root / "configs" / f"{profile_or_path}.yaml"
+    path = Path(profile_or_path)
+    return path if path.is_absolute() else root / path
+
+
+@dataclass
+class Recipe:
+    """A papermill recipe: the profile, the seed, model overrides and per-notebook parameters."""
+
+    path: Path
+    profile: str
+    seed: int = 0
+    models: dict[str, str] = field(default_factory=dict)
+    notebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def parameters_for(self, stem: str, root: Path | None = None) -> dict[str, Any]:
+        """The parameters the runner injects into notebook `stem` (e.g. `00_setup`)."""
+        root = root or repo_root()
+        try:
+            shown = self.path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            shown = str(self.path)
+        return {"profile": self.profile, "seed": self.seed, "recipe": shown, **self.notebooks.get(stem, {})}
+
+
+def load_recipe(profile_or_path: str = "tiny", root: Path | None = None) -> Recipe:
+    """Read and validate a recipe file (`configs/<profile>.yaml` or any path)."""
+    path = recipe_path(profile_or_path, root)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist; use one of configs/{{{','.join(PROFILES)}}}.yaml or a path")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"profile", "seed", "models", "notebooks"}
+    if unknown:
+        raise ValueError(f"recipe {path.name} has unknown top-level keys {sorted(unknown)}; "
+                         "allowed: profile, seed, models, notebooks")
+    profile = raw.get("profile")
+    if profile not in PROFILES:
+        raise ValueError(f"recipe {path.name}: profile {profile!r} is not one of {PROFILES}")
+    notebooks = {str(k): dict(v or {}) for k, v in (raw.get("notebooks") or {}).items()}
+    for stem, params in notebooks.items():
+        for key in params:
+            if key in COMMON_PARAMETERS:
+                raise ValueError(f"recipe {path.name}: '{key}' is set for every notebook by the top level; "
+                                 f"remove it from notebooks.{stem}")
+            if looks_like_secret(key):
+                raise ValueError(f"recipe {path.name}: notebooks.{stem}.{key} looks like a secret; secrets come "
+                                 "from environment variables only (e.g. CIVITAI_API_TOKEN), never from a recipe")
+    return Recipe(path=path, profile=profile, seed=int(raw.get("seed", 0)),
+                  models={str(k): str(v) for k, v in (raw.get("models") or {}).items()}, notebooks=notebooks)
+
+
+def looks_like_secret(name: str) -> bool:
+    """`civitai_token`, `api_key`, `openai_secret` … (but not `max_new_tokens`): names that must not be parameters."""
+    return bool(SECRET_WORDS & set(name.lower().split("_")))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so reruns give the same tables."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """What a notebook needs to know about its run: profile, seed, paths, device and model overrides."""
+
+    profile: str
+    seed: int
+    recipe: Recipe
+    root: Path
+    device: str
+    dtype: Any
+
+    @property
+    def runs_dir(self) -> Path:
+        """`data/runs/<profile>/`, where every stage writes its artifacts."""
+        return self.root / "data" / "runs" / self.profile
+
+    def stage(self, name: str, params: dict[str, Any] | None = None, inputs=(), code=()):
+        """A `Stage` under this run's folder (see `helpers.manifest`)."""
+        from .manifest import Stage
+
+        return Stage(self.runs_dir / name, name=name, params=params or {}, inputs=inputs, code=code,
+                     root=self.root, profile=self.profile)
+
+    def model_path(self, role: str) -> str:
+        """Local folder or hub id of the model that plays `role` in this profile (tiny models are built on demand)."""
+        from .models import resolve
+
+        return resolve(role, self)
+
+
+def setup(profile: str = "tiny", seed: int = 0, recipe: str = "", quiet: bool = False) -> RunContext:
+    """One call at the top of every notebook: load the recipe, seed, pick the device, set display defaults."""
+    from .device import pick_device, pick_dtype
+
+    root = repo_root()
+    loaded = load_recipe(recipe or profile, root)
+    if loaded.profile != profile:
+        raise ValueError(f"notebook profile {profile!r} disagrees with recipe {loaded.path.name} "
+                         f"(profile {loaded.profile!r}); pass the matching recipe or profile")
+    if profile != "paper":
+        # tiny and small never touch a hub: fail fast instead of waiting on a network that is not there
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        _quiet_library_progress_bars()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    seed_everything(seed)
+    _display_defaults()
+    device = pick_device()
+    ctx = RunContext(profile=profile, seed=seed, recipe=loaded, root=root, device=device, dtype=pick_dtype(device))
+    if not quiet:
+        print(f"profile={profile} seed={seed} device={device} dtype={str(ctx.dtype).replace('torch.', '')} "
+              f"recipe={loaded.parameters_for('')['recipe']}")
+    return ctx
+
+
+def _quiet_library_progress_bars() -> None:
+    """Loading a tiny model takes milliseconds; its library progress bars would only clutter the page."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _display_defaults() -> None:
+    """Tables and figures that read well in the book."""
+    try:
+        import matplotlib
+
+        matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (6, 3.5),
+                                    "svg.hashsalt": "t2ibook"})
+        import pandas as pd
+
+        pd.set_option("display.max_colwidth", 80)
+        pd.set_option("display.precision", 4)
+    except ImportError:  # display niceties only
+        pass

@@ -1,0 +1,53 @@
+"""What readers look at: image grids, tables and kernel-free widgets for the static book."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def image_grid(images: Sequence, titles: Sequence[str] = (), columns: int = 4, suptitle: str = "",
+               size: float = 2.0):
+    """A matplotlib grid of PIL images with a title under each (prompt, model, seed …)."""
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows + (0.4 if suptitle else 0)),
+                                squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index])
+            if index < len(titles):
+                axis.set_title(titles[index], fontsize=8)
+    if suptitle:
+        figure.suptitle(suptitle, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def tabbed_tables(tables: dict, description: str = ""):
+    """Toggle buttons that flip between HTML tables; linked in the browser (jslink), so it works without a kernel."""
+    import ipywidgets as widgets
+
+    names = list(tables)
+    pages = [widgets.HTML(value=table if isinstance(table, str) else table.to_html()) for table in tables.values()]
+    stack = widgets.Stack(children=pages, selected_index=0)
+    buttons = widgets.ToggleButtons(options=names, index=0, description=description,
+                                    style={"description_width": "initial"})
+    widgets.jslink((buttons, "index"), (stack, "selected_index"))
+    return widgets.VBox([buttons, stack])
+
+
+STAND_IN = {
+    "tiny": ("**Stand-in models.** This page ran in the *tiny* profile: the LLM, the diffusion pipeline and the "
+             "scorers are random-weight models of the real architectures. Their text, images and scores are "
+             "noise by construction; they show that every step runs, not what the method achieves."),
+    "small": ("**Partly stand-in models.** This page ran in the *small* profile: the agent LLM is the real "
+              "SmolLM2-135M-Instruct, but the diffusion pipeline and the scorers are random-weight stand-ins."),
+}
+
+
+def stand_in_note(profile: str):
+    """A Markdown note saying which outputs on the page come from stand-in models (nothing for `paper`)."""
+    from IPython.display import Markdown
+
+    return Markdown(f"> {STAND_IN[profile]}" if profile in STAND_IN else "")

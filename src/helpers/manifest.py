@@ -1,0 +1,205 @@
+"""Stage manifests: what a stage computed from what, so a rerun with the same inputs is skipped."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+MANIFEST = "manifest.json"
+# Libraries whose version changes what a stage computes; part of the fingerprint.
+KEY_LIBRARIES = ("torch", "transformers", "diffusers", "trl", "datasets", "peft", "accelerate", "tokenizers")
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hex SHA-256 of a JSON-serialisable value with sorted keys (stable across runs)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_tree(path: Path, root: Path | None = None, skip: Iterable[str] = (MANIFEST,)) -> dict[str, str]:
+    """{relative path: sha256} for a file, or for every file under a folder (sorted, `skip` names left out)."""
+    path = Path(path)
+    root = Path(root) if root else (path if path.is_dir() else path.parent)
+    if not path.exists():
+        raise FileNotFoundError(f"stage input {path} does not exist; run the stage that writes it first")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {_relative(p, root): sha256_file(p) for p in files if p.name not in skip and "__pycache__" not in p.parts}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """`atomic_write_text` for JSON (indented, sorted keys, trailing newline)."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape results, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in KEY_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def git_commit(root: Path) -> str:
+    """`<sha>` of HEAD, with `+dirty` when the tree has changes; `unknown` outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def module_hashes(modules: Iterable[str]) -> dict[str, str]:
+    """{module: sha256 of its source file}: a stage names the code whose change must recompute it."""
+    hashes = {}
+    for name in modules:
+        source = importlib.import_module(name).__file__
+        hashes[name] = sha256_file(Path(source))
+    return hashes
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest in `folder`, or None when there is none (never run, or it crashed before finishing)."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Stage:
+    """One stage's folder and manifest.
+
+    The fingerprint covers the parameters, the input files' hashes, the named code and the versions of
+    the key libraries; the git commit and the wall time are recorded but do not invalidate a stage.
+    """
+
+    def __init__(self, folder: Path, name: str, params: dict[str, Any], inputs: Iterable[Path] = (),
+                 code: Iterable[str] = (), root: Path | None = None, profile: str = ""):
+        self.folder = Path(folder)
+        self.name = name
+        self.params = dict(params)
+        self.inputs = [Path(p) for p in inputs]
+        self.code = list(code)
+        self.root = Path(root) if root else self.folder.parent
+        self.profile = profile
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides what this stage computes."""
+        input_hashes = {}
+        for path in self.inputs:
+            input_hashes.update(hash_tree(path, self.root))
+        return sha256_json({"params": self.params, "inputs": input_hashes, "code": module_hashes(self.code),
+                            "versions": {k: v for k, v in library_versions().items() if k != "python"}})
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        return read_manifest(self.folder)
+
+    def is_current(self) -> bool:
+        """True when a finished manifest matches the current fingerprint and `T2IBOOK_FORCE` is not set."""
+        if os.environ.get("T2IBOOK_FORCE") == "1":
+            return False
+        manifest = self.manifest
+        return bool(manifest) and manifest.get("fingerprint") == self.fingerprint()
+
+    def run(self, compute: Callable[..., dict[str, Any] | None], *args, **kwargs) -> dict[str, Any]:
+        """Call `compute(folder, *args, **kwargs)` unless the stage is current; return the manifest.
+
+        `compute` writes its files into `folder` and returns counts for the manifest (e.g. `{"models": 3}`).
+        The old manifest is removed first, so a crash never leaves a manifest that claims finished work.
+        """
+        fingerprint = self.fingerprint()
+        if self.is_current():
+            print(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
+            return self.manifest
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        started = time.time()
+        counts = compute(self.folder, *args, **kwargs) or {}
+        manifest = {
+            "stage": self.name,
+            "profile": self.profile,
+            "fingerprint": fingerprint,
+            "params": self.params,
+            "inputs": {k: v for p in self.inputs for k, v in hash_tree(p, self.root).items()},
+            "code": module_hashes(self.code),
+            "versions": library_versions(),
+            "git_commit": git_commit(self.root),
+            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(time.time() - started, 3),
+            "counts": counts,
+            "outputs": hash_tree(self.folder, self.folder),
+        }
+        atomic_write_json(self.folder / MANIFEST, manifest)
+        print(f"[{self.name}] done in {manifest['wall_time_s']:.1f} s: {counts}")
+        return manifest
+
+
+def summary(manifest: dict[str, Any]):
+    """The headline fields of a manifest as a one-column DataFrame."""
+    import pandas as pd
+
+    rows = {"stage": manifest["stage"], "profile": manifest.get("profile", ""),
+            "git commit": manifest["git_commit"][:12] + ("+dirty" if manifest["git_commit"].endswith("+dirty") else ""),
+            "wall time (s)": manifest["wall_time_s"], "counts": manifest["counts"],
+            "outputs": len(manifest["outputs"]), "parameters": manifest["params"],
+            "versions": ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())}
+    return pd.DataFrame({"value": {k: str(v) for k, v in rows.items()}}).rename_axis("field")
+
+
+def models_table(paths: dict[str, str], root: Path):
+    """One row per model role: where it lives and what its build manifest recorded (hub ids have none)."""
+    import pandas as pd
+
+    rows = []
+    for role, where in paths.items():
+        built = read_manifest(Path(where)) if Path(where).is_dir() else None
+        counts = (built or {}).get("counts", {})
+        rows.append({"role": role, "location": _relative(Path(where), root) if Path(where).exists() else where,
+                     "parameters": counts.get("parameters"), "build time (s)": (built or {}).get("wall_time_s"),
+                     "files": len((built or {}).get("outputs", {})) or None})
+    return pd.DataFrame(rows).set_index("role")

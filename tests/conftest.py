@@ -1,0 +1,40 @@
+"""Shared fixtures: a throw-away book root so tests never write into the checkout's data/ or book/."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# what a fresh clone holds, minus what is generated
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "_build", "runs", "*.egg-info", "__pycache__", ".pytest_cache",
+                                     "cache", "extra", "node_modules", "[0-9][0-9]_*.ipynb.bak")
+
+
+def copy_repo(destination: Path) -> Path:
+    """A copy of the checkout's sources (no venv, no runs, no executed notebooks, no build)."""
+    shutil.copytree(REPO, destination, ignore=COPY_IGNORE)
+    for executed in (destination / "book").glob("[0-9][0-9]_*.ipynb"):
+        executed.unlink()
+    return destination
+
+
+@pytest.fixture
+def book_root(tmp_path, monkeypatch) -> Path:
+    """A minimal book root (configs, _toc.yml, empty notebooks/) set as T2IBOOK_ROOT."""
+    root = tmp_path / "book_root"
+    (root / "notebooks").mkdir(parents=True)
+    shutil.copytree(REPO / "configs", root / "configs")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    monkeypatch.setenv("T2IBOOK_ROOT", str(root))
+    monkeypatch.delenv("T2IBOOK_FORCE", raising=False)
+    return root
+
+
+@pytest.fixture
+def tiny_ctx(book_root):
+    """A tiny-profile run context rooted in the throw-away book root."""
+    from helpers import config
+
+    return config.setup("tiny", 0, quiet=True)

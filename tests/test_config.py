@@ -1,0 +1,75 @@
+import os
+
+import pytest
+import torch
+import yaml
+
+from helpers import config
+
+
+@pytest.mark.parametrize("profile", config.PROFILES)
+def test_each_profile_recipe_loads_and_injects_common_parameters(profile):
+    recipe = config.load_recipe(profile)
+    assert recipe.profile == profile
+    parameters = recipe.parameters_for("00_setup")
+    assert parameters["profile"] == profile
+    assert parameters["recipe"] == f"configs/{profile}.yaml"
+    assert set(config.COMMON_PARAMETERS) <= set(parameters)
+
+
+def _write(root, text):
+    path = root / "configs" / "custom.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_top_level_key_is_named(book_root):
+    with pytest.raises(ValueError, match="unknown top-level keys.*'stages'"):
+        config.load_recipe(_write(book_root, "profile: tiny\nstages: {}\n"))
+
+
+def test_bad_profile_is_named(book_root):
+    with pytest.raises(ValueError, match="'huge' is not one of"):
+        config.load_recipe(_write(book_root, "profile: huge\n"))
+
+
+def test_secret_like_parameter_is_refused(book_root):
+    with pytest.raises(ValueError, match="civitai_token looks like a secret"):
+        config.load_recipe(_write(book_root, "profile: tiny\nnotebooks:\n  01_crawl_civitai:\n    civitai_token: x\n"))
+
+
+@pytest.mark.parametrize("name,secret", [("civitai_token", True), ("openai_api_key", True), ("password", True),
+                                         ("max_new_tokens", False), ("demo_new_tokens", False), ("keyword", False)])
+def test_looks_like_secret(name, secret):
+    assert config.looks_like_secret(name) is secret
+
+
+def test_common_parameter_inside_a_notebook_section_is_refused(book_root):
+    with pytest.raises(ValueError, match="'seed' is set for every notebook"):
+        config.load_recipe(_write(book_root, "profile: tiny\nnotebooks:\n  00_setup:\n    seed: 3\n"))
+
+
+def test_custom_recipe_keeps_its_path_and_overrides(book_root):
+    path = _write(book_root, yaml.safe_dump({"profile": "tiny", "seed": 7, "models": {"agent_llm": "/m/llama"}}))
+    recipe = config.load_recipe(path)
+    assert recipe.seed == 7 and recipe.models == {"agent_llm": "/m/llama"}
+    assert recipe.parameters_for("00_setup")["recipe"] == "configs/custom.yaml"
+
+
+def test_setup_refuses_a_recipe_of_another_profile(book_root):
+    with pytest.raises(ValueError, match="disagrees with recipe paper.yaml"):
+        config.setup("tiny", 0, "configs/paper.yaml", quiet=True)
+
+
+def test_setup_seeds_and_goes_offline(book_root, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ctx = config.setup("tiny", 11, quiet=True)
+    first = torch.rand(3)
+    config.setup("tiny", 11, quiet=True)
+    assert torch.equal(first, torch.rand(3))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert ctx.runs_dir == book_root / "data" / "runs" / "tiny"
+
+
+def test_repo_root_prefers_environment(book_root):
+    assert config.repo_root() == book_root.resolve()

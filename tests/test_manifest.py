@@ -1,0 +1,95 @@
+import hashlib
+import json
+
+import pytest
+
+from helpers import manifest as manifests
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, folder, value=1):
+        self.calls += 1
+        (folder / "out.txt").write_text(f"value {value}\n")
+        return {"rows": value}
+
+
+def _stage(root, params=None, inputs=()):
+    return manifests.Stage(root / "data" / "stage", name="stage", params=params or {"n": 1}, inputs=inputs, root=root)
+
+
+def test_second_run_with_same_inputs_is_skipped(tmp_path, capsys):
+    compute = Counter()
+    _stage(tmp_path).run(compute)
+    record = _stage(tmp_path).run(compute)
+    assert compute.calls == 1
+    assert "up to date" in capsys.readouterr().out
+    assert record["counts"] == {"rows": 1}
+
+
+def test_manifest_records_what_the_issue_asks_for(tmp_path):
+    source = tmp_path / "input.txt"
+    source.write_text("hello\n")
+    record = _stage(tmp_path, inputs=[source]).run(Counter())
+    on_disk = json.loads((tmp_path / "data" / "stage" / "manifest.json").read_text())
+    assert on_disk == record
+    assert record["inputs"] == {"input.txt": hashlib.sha256(b"hello\n").hexdigest()}
+    assert record["outputs"] == {"out.txt": hashlib.sha256(b"value 1\n").hexdigest()}
+    assert record["params"] == {"n": 1}
+    assert {"torch", "transformers", "python"} <= set(record["versions"])
+    assert record["git_commit"] and record["wall_time_s"] >= 0 and record["started_at"]
+
+
+@pytest.mark.parametrize("change", ["params", "input", "force"])
+def test_changes_recompute(tmp_path, monkeypatch, change):
+    source = tmp_path / "input.txt"
+    source.write_text("a")
+    compute = Counter()
+    _stage(tmp_path, inputs=[source]).run(compute)
+    params = {"n": 1}
+    if change == "params":
+        params = {"n": 2}
+    elif change == "input":
+        source.write_text("b")
+    else:
+        monkeypatch.setenv("T2IBOOK_FORCE", "1")
+    _stage(tmp_path, params=params, inputs=[source]).run(compute)
+    assert compute.calls == 2
+
+
+def test_a_crash_leaves_no_manifest_and_the_next_run_recomputes(tmp_path):
+    compute = Counter()
+    _stage(tmp_path).run(compute)
+
+    def crash(folder):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _stage(tmp_path, params={"n": 2}).run(crash)
+    assert not (tmp_path / "data" / "stage" / "manifest.json").exists()
+    _stage(tmp_path, params={"n": 2}).run(compute)
+    assert compute.calls == 2
+
+
+def test_missing_input_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        _stage(tmp_path, inputs=[tmp_path / "nowhere.jsonl"]).run(Counter())
+
+
+def test_atomic_write_leaves_only_the_target(tmp_path):
+    manifests.atomic_write_json(tmp_path / "a.json", {"b": 1})
+    manifests.atomic_write_json(tmp_path / "a.json", {"b": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"b": 2}
+
+
+def test_code_hash_changes_the_fingerprint(tmp_path, monkeypatch):
+    module = tmp_path / "stage_code_probe.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = manifests.Stage(tmp_path / "s", name="s", params={}, code=["stage_code_probe"], root=tmp_path)
+    before = stage.fingerprint()
+    module.write_text("X = 2\n")
+    assert stage.fingerprint() != before
