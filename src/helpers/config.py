@@ -119,6 +119,13 @@ class RunContext:
         return Stage(self.runs_dir / name, name=name, params=params or {}, inputs=inputs, code=code,
                      root=self.root, profile=self.profile)
 
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the book root when it lies inside it (so records do not depend on the clone's place)."""
+        try:
+            return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+        except (ValueError, OSError):
+            return str(path)
+
     def model_path(self, role: str) -> str:
         """Local folder or hub id of the model that plays `role` in this profile (tiny models are built on demand)."""
         from .models import resolve

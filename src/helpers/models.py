@@ -63,6 +63,12 @@ def registry_table(profile: str | None = None, overrides: dict[str, str] | None 
     return pd.DataFrame(rows).set_index("role")
 
 
+def registry_by_profile() -> dict[str, Any]:
+    """{profile: table of role → model} for flipping between profiles."""
+    return {p: registry_table(p)[["active", "what"]].rename(columns={"active": "model"})
+            for p in ("tiny", "small", "paper")}
+
+
 def resolve(role: str, ctx: "RunContext") -> str:
     """Local folder (built or converted on demand) or hub id / URL / backend name for `role` in this run."""
     if role not in REGISTRY:

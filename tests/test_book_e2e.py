@@ -1,0 +1,185 @@
+"""End to end, as a new user: run every notebook in the tiny profile with `t2ibook run`, rerun (all skipped),
+build the HTML book, check it loads nothing from other hosts, and open a widget page in headless Chromium."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, copy_repo
+
+pytestmark = pytest.mark.e2e
+T2IBOOK = [sys.executable, "-m", "helpers.cli"]
+NOTEBOOKS = sorted(p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _t2ibook(root: Path, *args: str) -> str:
+    env = {**os.environ, "T2IBOOK_ROOT": str(root)}
+    env.pop("T2IBOOK_FORCE", None)
+    result = subprocess.run([*T2IBOOK, *args, "--no-progress"] if args[0] == "run" else [*T2IBOOK, *args],
+                            cwd=root, env=env, text=True, capture_output=True, timeout=1800)
+    assert result.returncode == 0, f"t2ibook {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    root = copy_repo(tmp_path_factory.mktemp("clone") / "t2i-agent-book")
+    first = _t2ibook(root, "run", "--config", "configs/tiny.yaml")
+    second = _t2ibook(root, "run", "--config", "configs/tiny.yaml")
+    _t2ibook(root, "book")
+    return {"root": root, "first": first, "second": second, "html": root / "_build" / "html"}
+
+
+def test_every_notebook_ran_then_a_rerun_skips_every_one(built_book):
+    for stem in NOTEBOOKS:
+        assert f"{stem}: done in" in built_book["first"]
+        assert f"{stem}: up to date, skipped" in built_book["second"]
+        assert (built_book["root"] / "book" / f"{stem}.ipynb").is_file()
+    assert f"{len(NOTEBOOKS)} ran, 0 skipped" in built_book["first"]
+    assert f"0 ran, {len(NOTEBOOKS)} skipped" in built_book["second"]
+
+
+def test_executed_notebooks_hold_no_errors_and_stages_have_manifests(built_book):
+    import nbformat
+
+    for stem in NOTEBOOKS:
+        executed = nbformat.read(built_book["root"] / "book" / f"{stem}.ipynb", as_version=4)
+        errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, stem
+    assert (built_book["root"] / "data" / "runs" / "tiny" / "00_setup" / "manifest.json").is_file()
+
+
+def test_every_page_is_built(built_book):
+    for stem in NOTEBOOKS:
+        assert (built_book["html"] / "book" / f"{stem}.html").is_file()
+    assert (built_book["html"] / "book" / "intro.html").is_file()
+
+
+class _Assets(HTMLParser):
+    """Collects every URL a page would load by itself: scripts, stylesheets, fonts, icons, images, frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("script", "img", "iframe", "audio", "video", "source") and attrs.get("src"):
+            self.urls.append(attrs["src"])
+        if tag == "link" and attrs.get("href") and set((attrs.get("rel") or "").split()) & {
+                "stylesheet", "preload", "icon", "modulepreload", "prefetch", "font"}:
+            self.urls.append(attrs["href"])
+
+
+EXTERNAL = re.compile(r"^(https?:)?//", re.IGNORECASE)
+CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])((?:https?:)?//[^'")\s]+)""", re.IGNORECASE)
+
+
+def test_no_page_or_stylesheet_loads_anything_from_another_host(built_book):
+    offenders = []
+    for page in built_book["html"].rglob("*.html"):
+        parser = _Assets()
+        parser.feed(page.read_text(errors="replace"))
+        offenders += [f"{page.name}: {u}" for u in parser.urls if EXTERNAL.match(u)]
+    for sheet in built_book["html"].rglob("*.css"):
+        offenders += [f"{sheet.name}: {u}" for u in CSS_URL.findall(sheet.read_text(errors="replace"))]
+    assert not offenders, offenders
+
+
+def test_launch_buttons_open_the_source_notebooks(built_book):
+    page = (built_book["html"] / "book" / "00_setup.html").read_text()
+    assert "colab.research.google.com/github/" in page and "mybinder.org/v2/gh/" in page
+    assert "blob/main/notebooks/00_setup.ipynb" in page and "lab/tree/notebooks/00_setup.ipynb" in page
+    assert "blob/main/book/00_setup.ipynb" not in page
+
+
+def test_deleting_the_runs_rebuilds_them(built_book):
+    runs = built_book["root"] / "data" / "runs"
+    shutil.rmtree(runs)
+    output = _t2ibook(built_book["root"], "run", "--to", "00")
+    assert "00_setup: done in" in output
+    assert (runs / "tiny" / "00_setup" / "manifest.json").is_file()
+    assert (runs / "tiny" / "models" / "agent_llm" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------- browser
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with `apt-get install -y chromium`")
+        pytest.skip("no chromium on PATH (install Debian's `chromium` to run the browser test)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def served_book(built_book):
+    handler = functools.partial(_QuietHandler, directory=str(built_book["html"]))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield launched
+        launched.close()
+
+
+def _open(browser, url):
+    """Open `url`; return the page and the list of failed or non-local requests seen while it loaded."""
+    page = browser.new_page()
+    problems = []
+    page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} ({r.failure})"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
+    page.on("request", lambda r: not r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+            and problems.append(f"external: {r.url}"))
+    page.goto(url, wait_until="networkidle")
+    return page, problems
+
+
+def test_widget_renders_from_saved_state_and_works_without_a_kernel(browser, served_book):
+    page, problems = _open(browser, f"{served_book}/book/00_setup.html")
+    buttons = page.locator(".widget-toggle-buttons button")
+    buttons.first.wait_for(timeout=20000)
+    assert buttons.count() == 3 and buttons.nth(0).inner_text().strip() == "tiny"
+    assert page.locator(".widget-vbox .widget-html table").count() == 1  # the Stack shows only its selected page
+    shown = page.locator(".widget-vbox .widget-html:visible")
+    assert shown.count() == 1 and "tiny:llama" in shown.inner_text()
+    buttons.nth(2).click()  # "paper": the jslink flips the stack in the browser, no kernel involved
+    page.wait_for_timeout(300)
+    assert shown.count() == 1 and "meta-llama/Llama-2-7b-hf" in shown.inner_text()
+    page.wait_for_load_state("networkidle")
+    assert not problems, problems
+
+
+def test_math_renders_with_the_vendored_mathjax(browser, served_book):
+    page, problems = _open(browser, f"{served_book}/book/intro.html")
+    page.locator("mjx-container").first.wait_for(timeout=20000)
+    page.wait_for_load_state("networkidle")
+    assert not problems, problems
