@@ -105,3 +105,13 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="make small-models"):
         models.smollm2_gguf_path()
+
+
+@pytest.mark.slow
+def test_small_profile_agent_converts_from_the_pypi_gguf(tmp_path):
+    """`-m slow`, after `make small-models`: the real SmolLM2 GGUF becomes an HF folder and answers a chat."""
+    counts = models.convert_gguf(models.smollm2_gguf_path(), tmp_path)
+    assert counts["parameters"] > 100_000_000 and counts["vocab_size"] == 49152
+    model, tokenizer = models.load_causal_lm(str(tmp_path))
+    reply = smoke.generate_reply(model, tokenizer, "Describe a lighthouse in five words.", 12)
+    assert reply["new_tokens"] > 0 and reply["reply"].strip()

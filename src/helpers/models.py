@@ -295,7 +295,15 @@ def convert_gguf(gguf_file: Path, folder: Path) -> dict[str, Any]:
 
     gguf_file = Path(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The tensors are already dequantised, but the model still says "gguf-quantised" and refuses to save:
+    # rebuild it from a config without the quantisation entry and copy the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (Path(folder) / "README.md").write_text(f"# {gguf_file.stem}\n\nConverted from `{gguf_file.name}` (GGUF, "
