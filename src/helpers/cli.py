@@ -32,6 +32,58 @@ def _book(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .civitai_catalog import Catalog, CatalogSpec
+    from .civitai_server import Faults, LocalCivitai
+
+    faults = Faults(p_429=args.fault_rate, p_500=args.fault_rate, p_drop=args.fault_rate, retry_after=1.0,
+                    malformed_pages=3 if args.fault_rate else 0, seed=args.seed)
+    server = LocalCivitai(Catalog(CatalogSpec(num_models=args.num_models, seed=args.seed)), args.host, args.port, faults)
+    print(f"local Civitai API at {server.url} ({args.num_models} models, faults {'on' if faults.active else 'off'}); "
+          "Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def _crawl(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .civitai import CivitaiClient, crawl
+    from .civitai_server import LocalCivitai
+
+    with contextlib.ExitStack() as stack:
+        base_url = args.base_url
+        if base_url == "local":  # an in-process local server, for trying the crawler without one running
+            base_url = stack.enter_context(LocalCivitai()).url
+        client = CivitaiClient(base_url, min_interval=args.min_interval, timeout=args.timeout)
+        summary = crawl(client, Path(args.out), max_models=args.max_models, images_per_model=args.images_per_model,
+                        types=args.types, base_models=args.base_models, restart=args.restart)
+    print(f"t2ibook crawl: {summary}")
+    return 0 if summary["finished"] else 1
+
+
+def _build_dabench(args: argparse.Namespace) -> int:
+    from . import dabench
+    from .textgen import make_generator
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dabench.FilterConfig(min_downloads=args.min_downloads, min_positive_share=args.min_positive_share)
+    print(f"filter: {dabench.run_filter(out, Path(args.raw), cfg)}")
+    options = {"model_path": args.model} if args.backend == "transformers" else (
+        {"base_url": args.endpoint, "model": args.endpoint_model} if args.backend == "openai" else {})
+    generator = make_generator(args.backend, **options)
+    print(f"rewrite ({generator.name}): {dabench.run_rewrite(out, Path(args.raw), out / 'pairs.jsonl', generator)}")
+    provenance = {"source": str(Path(args.raw)), "backend": generator.name, "stand_in": generator.is_stand_in,
+                  "seed": args.seed}
+    counts = dabench.run_assemble(out, out / "pairs.jsonl", out / "descriptions.jsonl", args.seed, provenance)
+    print(f"t2ibook build-dabench: {counts}; wrote {out / 'dabench.jsonl'} and {out / 'dataset'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2ibook", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     book = commands.add_parser("book", help="build the HTML book into _build/html from the executed notebooks")
     book.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     book.set_defaults(handler=_book)
+
+    serve = commands.add_parser("civitai-serve", help="serve the generated Civitai-compatible catalog on 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--num-models", type=int, default=300)
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--fault-rate", type=float, default=0.0, help="chance of each of 429 / 500 / dropped connection")
+    serve.set_defaults(handler=_serve)
+
+    crawl = commands.add_parser("crawl", help="resumable crawl of models, images (with meta) and referenced hashes")
+    crawl.add_argument("--base-url", required=True, help="https://civitai.com/api/v1, a local server's URL, or 'local'")
+    crawl.add_argument("--out", required=True, help="folder for models.jsonl, images.jsonl, pages/ and the checkpoint")
+    crawl.add_argument("--max-models", type=int, default=None)
+    crawl.add_argument("--images-per-model", type=int, default=50)
+    crawl.add_argument("--types", nargs="*", default=None, help="e.g. Checkpoint LORA (default: all)")
+    crawl.add_argument("--base-models", nargs="*", default=None, help='e.g. "SD 1.5" "SDXL 1.0" (default: all)')
+    crawl.add_argument("--min-interval", type=float, default=0.5, help="seconds between requests (politeness)")
+    crawl.add_argument("--timeout", type=float, default=30.0)
+    crawl.add_argument("--restart", action="store_true", help="discard a crawl made with other parameters")
+    crawl.set_defaults(handler=_crawl)
+
+    build = commands.add_parser("build-dabench", help="filter a crawl, rewrite descriptions, write DABench")
+    build.add_argument("--raw", required=True, help="a crawl folder (t2ibook crawl --out)")
+    build.add_argument("--out", required=True)
+    build.add_argument("--backend", default="template", choices=["template", "transformers", "openai"])
+    build.add_argument("--model", help="local model folder for --backend transformers")
+    build.add_argument("--endpoint", help="OpenAI-compatible base URL for --backend openai (key: $OPENAI_API_KEY)")
+    build.add_argument("--endpoint-model", help="model name at the endpoint")
+    build.add_argument("--min-downloads", type=int, default=50)
+    build.add_argument("--min-positive-share", type=float, default=0.0)
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/align/test split")
+    build.set_defaults(handler=_build_dabench)
     return parser
 
 

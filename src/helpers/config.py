@@ -160,9 +160,11 @@ def setup(profile: str = "tiny", seed: int = 0, recipe: str = "", quiet: bool = 
 
 def _quiet_library_progress_bars() -> None:
     """Loading a tiny model takes milliseconds; its library progress bars would only clutter the page."""
+    import datasets
     import diffusers.utils.logging
     import transformers.utils.logging
 
+    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
 

@@ -51,3 +51,30 @@ def stand_in_note(profile: str):
     from IPython.display import Markdown
 
     return Markdown(f"> {STAND_IN[profile]}" if profile in STAND_IN else "")
+
+
+def counts_table(counts: dict, what: str = "count"):
+    """A dict of counts (or other scalars) as a one-column table; nested values are shown as text."""
+    import pandas as pd
+
+    return pd.DataFrame({what: {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in counts.items()}})
+
+
+def json_preview(item, max_string: int = 120, max_items: int = 3):
+    """Pretty JSON of a served item, long strings and lists cut (still valid JSON), as a code block."""
+    import json
+
+    from IPython.display import Markdown
+
+    def cut(value):
+        if isinstance(value, str):
+            return value if len(value) <= max_string else value[:max_string] + "…"
+        if isinstance(value, list):
+            return [cut(v) for v in value[:max_items]] + (
+                [f"… {len(value) - max_items} more"] if len(value) > max_items else [])
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    text = json.dumps(cut(item), indent=1, ensure_ascii=False)
+    return Markdown(f"```json\n{text}\n```")

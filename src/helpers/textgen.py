@@ -1,0 +1,372 @@
+"""Text generation for data building: one interface, three backends, and the description-rewriting stage.
+
+DiffAgent rewrites each model's Civitai description into a short, uniform summary with an LLM. The same
+`TextGenerator.generate(messages_batch)` call runs on a deterministic template (the tiny profile's stand-in,
+labelled as such in every record), a local causal LM through `transformers`, or an OpenAI-compatible endpoint.
+"""
+from __future__ import annotations
+
+import abc
+import os
+import random
+import re
+import time
+from collections import Counter
+from html.parser import HTMLParser
+from typing import Any, Callable
+
+import requests
+from tqdm.auto import tqdm
+
+TEMPLATE_FIELDS = "template_fields"  # extra key on a conversation's last message; only the template reads it
+
+
+class TextGenerator(abc.ABC):
+    """A chat model: one reply per conversation (a list of {"role", "content"} dicts)."""
+
+    name: str  # provenance label written into records, e.g. "template", "transformers:<path>", "openai:<model>"
+    is_stand_in: bool = False  # True only where the text is composed without a language model
+
+    @abc.abstractmethod
+    def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """One reply string per conversation in `messages_batch`, in order."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def chat_messages(messages: list[dict]) -> list[dict]:
+    """The conversation without the template backend's hint, as a chat template or an API expects it."""
+    return [{k: v for k, v in message.items() if k != TEMPLATE_FIELDS} for message in messages]
+
+
+# ------------------------------------------------------------------------------------------------ template
+
+# Function words, plus the quality boilerplate nearly every Stable Diffusion prompt carries: without them every
+# model would be "suited to masterpiece, best and quality", which tells a reader nothing.
+STOP_WORDS = frozenset("""
+a an the and or but nor of in on at to for from by with without into onto over under above below near
+is are was were be been being am it its it's this that these those there here as so very too not no
+he she they them his her their him we you your our my me i up out off down than then while when where
+who whom which what how also just only own same such both each few more most other some any all can will
+masterpiece best quality high highly detailed detail details ultra hd hdr uhd 4k 8k 16k 32k realistic
+absurdres highres resolution intricate sharp focus professional official break score_9 score_8_up
+score_7_up lora embedding please model models trained train image images use using used recommended
+settings setting sampler cfg steps version support
+""".split())
+TOP_KEYWORDS = 5  # keywords named in the template's description
+TOP_TAGS = 5  # tags named in the template's description
+_EXTRA_NETWORK = re.compile(r"<[^<>]*>")  # <lora:name:0.7>, <lyco:...>, <hypernet:...>: not words of the prompt
+_WEIGHT = re.compile(r":\s*-?\d*\.?\d+\s*(?=[)\]])")  # "(castle:1.2)" → "(castle)"
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+_MODEL_KINDS = {"Checkpoint": "checkpoint", "LORA": "LoRA", "LoCon": "LoCon", "Controlnet": "ControlNet",
+                "TextualInversion": "textual-inversion embedding", "Hypernetwork": "hypernetwork", "VAE": "VAE"}
+
+
+def prompt_words(text: str) -> list[str]:
+    """Lower-cased content words of a prompt: extra-network tags, attention weights and stop words removed."""
+    text = _WEIGHT.sub("", _EXTRA_NETWORK.sub(" ", text.lower()))
+    return [w for w in _WORD.findall(text) if len(w) > 1 and not w.isdigit() and w not in STOP_WORDS]
+
+
+def top_keywords(texts: list[str], k: int = TOP_KEYWORDS) -> list[str]:
+    """The `k` most frequent content words over `texts`; ties broken alphabetically so the result is stable."""
+    counts = Counter(w for text in texts for w in prompt_words(text))
+    return sorted(counts, key=lambda w: (-counts[w], w))[:k]
+
+
+def _join(words: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _describe_model(fields: dict[str, Any]) -> str:
+    """2–3 sentences from the model's name, type, base model, sample-prompt keywords and tags."""
+    missing = [k for k in ("model_name", "model_type", "base_model") if not fields.get(k)]
+    if missing:
+        raise ValueError(f"template task 'describe_model' needs {', '.join(missing)} in template_fields; "
+                         f"got keys {sorted(fields)}")
+    kind = _MODEL_KINDS.get(fields["model_type"], fields["model_type"])
+    sentences = [f"{fields['model_name']} is a {kind} for {fields['base_model']}."]
+    if keywords := top_keywords(fields.get("sample_prompts") or []):
+        sentences.append(f"It is suited to prompts about {_join(keywords)}.")
+    elif keywords := top_keywords([fields.get("description_text") or ""]):
+        sentences.append(f"Its description mentions {_join(keywords)}.")
+    else:
+        sentences.append("Its page gives no sample prompts or description to say more.")
+    tags = list(dict.fromkeys(t.strip().lower() for t in fields.get("tags") or [] if t.strip()))[:TOP_TAGS]
+    if tags:
+        sentences.append(f"It is tagged {_join(tags)}.")
+    return " ".join(sentences)
+
+
+TEMPLATES: dict[str, Callable[[dict[str, Any]], str]] = {"describe_model": _describe_model}
+
+
+class TemplateGenerator(TextGenerator):
+    """Deterministic stand-in: fills a template from the `template_fields` on each conversation's last message."""
+
+    name = "template"
+    is_stand_in = True
+
+    def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """One filled template per conversation; sampling arguments are accepted and ignored (nothing is sampled)."""
+        return [self._fill(messages) for messages in messages_batch]
+
+    @staticmethod
+    def _fill(messages: list[dict]) -> str:
+        fields = messages[-1].get(TEMPLATE_FIELDS) if messages else None
+        if not fields:
+            raise ValueError(f"the template backend needs a {TEMPLATE_FIELDS!r} dict on the last message (it cannot "
+                             "read the text); build the conversation with a helper such as describe_model_messages, "
+                             "or use the 'transformers' or 'openai' backend")
+        task = fields.get("task")
+        if task not in TEMPLATES:
+            raise ValueError(f"template task {task!r} is not one of: {', '.join(TEMPLATES)}")
+        return TEMPLATES[task](fields)
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+class TransformersGenerator(TextGenerator):
+    """A local causal LM: chat template, left padding, batched `generate`, only the new text returned."""
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype=None, batch_size: int = 8):
+        from .models import load_causal_lm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.name = f"transformers:{model_path}"
+        self.batch_size = batch_size
+        self.model, self.tokenizer = load_causal_lm(model_path, device, dtype)
+        # decoder-only models continue from the last position, so padding must sit on the left
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """Greedy when `temperature` is 0, else sampling seeded once with `seed` before the first batch."""
+        import torch
+
+        sampling = temperature > 0
+        if sampling:
+            torch.manual_seed(seed)
+        replies: list[str] = []
+        for start in tqdm(range(0, len(messages_batch), self.batch_size), desc="generating", unit="batch"):
+            replies += self._generate_batch(messages_batch[start:start + self.batch_size], max_new_tokens,
+                                            {"do_sample": True, "temperature": temperature} if sampling
+                                            else {"do_sample": False})
+        return replies
+
+    def _generate_batch(self, messages_batch: list[list[dict]], max_new_tokens: int, sampling: dict) -> list[str]:
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template(chat_messages(m), tokenize=False, add_generation_prompt=True)
+                 for m in messages_batch]
+        # the chat template already writes any BOS token; adding special tokens again would double it
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+# ------------------------------------------------------------------------------------------------- openai
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_JITTER = random.Random()  # jitter only spreads retries in time; it never touches generated text
+
+
+class OpenAICompatibleGenerator(TextGenerator):
+    """POST {base_url}/chat/completions; retries 429/5xx and dropped connections with backoff and jitter.
+
+    The API key is read from the environment at each request and never stored, logged or put into `name`.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
+                 max_retries: int = 4, backoff_base: float = 1.0, backoff_max: float = 60.0):
+        self.name = f"openai:{model}"
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env  # the variable's name, not its value
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
+
+    def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """One request per conversation, in order."""
+        return [self.complete(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                for messages in tqdm(messages_batch, desc=self.name, unit="chat")]
+
+    def complete(self, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> str:
+        """`choices[0].message.content` of one chat completion."""
+        body = {"model": self.model, "messages": chat_messages(messages), "max_tokens": max_new_tokens,
+                "temperature": temperature, "seed": seed}
+        return self._reply_text(self._post(f"{self.base_url}/chat/completions", body))
+
+    def _post(self, url: str, body: dict) -> dict:
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            key = os.environ.get(self.api_key_env)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            retry_after = None
+            try:
+                response = self._session.post(url, json=body, headers=headers, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                problem = type(error).__name__
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                text = _redact(response.text, key)[:200]
+                if response.status_code not in RETRY_STATUS:
+                    raise RuntimeError(f"{url} answered HTTP {response.status_code}: {text}")
+                problem, retry_after = f"HTTP {response.status_code}: {text}", response.headers.get("Retry-After")
+            if attempt < self.max_retries:
+                time.sleep(self._backoff(attempt, retry_after))
+        raise RuntimeError(f"giving up on {url} after {self.max_retries + 1} attempts; last problem: {problem}")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds to wait: the server's numeric Retry-After if given, else base·2^attempt with ±50 % jitter."""
+        try:
+            return min(max(float(retry_after), 0.0), self.backoff_max)
+        except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own schedule
+            return min(self.backoff_max, self.backoff_base * 2 ** attempt) * _JITTER.uniform(0.5, 1.5)
+
+    @staticmethod
+    def _reply_text(reply: dict) -> str:
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"reply has no choices[0].message.content: {str(reply)[:200]}") from None
+        return (content or "").strip()  # a refusal may carry content null: the validator then says "empty"
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """`text` with `secret` masked: some servers echo the key back in their error messages."""
+    return text.replace(secret, "***") if secret else text
+
+
+# ------------------------------------------------------------------------------------------------ factory
+
+BACKENDS: dict[str, type[TextGenerator]] = {"template": TemplateGenerator, "transformers": TransformersGenerator,
+                                            "openai": OpenAICompatibleGenerator}
+
+
+def make_generator(backend: str, **options) -> TextGenerator:
+    """The generator for `backend` ("template", "transformers" or "openai"), built with `options`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"text backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+    return BACKENDS[backend](**options)
+
+
+# ---------------------------------------------------------------------------------- description rewriting
+
+class _TextExtractor(HTMLParser):
+    """Collects text nodes; block-level tags become spaces so words of adjacent paragraphs stay apart."""
+
+    BLOCKS = frozenset("p br div li ul ol h1 h2 h3 h4 h5 h6 tr td th table blockquote pre hr".split())
+    SKIP = frozenset({"script", "style"})
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # entities (&amp; &#39; &nbsp;) arrive already unescaped
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self._skipping += 1
+        if tag in self.BLOCKS:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP and self._skipping:
+            self._skipping -= 1
+        if tag in self.BLOCKS:
+            self.parts.append(" ")
+
+    def handle_data(self, data):
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """Plain text of an HTML fragment: tags stripped, entities unescaped, whitespace collapsed."""
+    extractor = _TextExtractor()
+    extractor.feed(html or "")
+    extractor.close()
+    return " ".join("".join(extractor.parts).split())
+
+
+DESCRIBE_SYSTEM = ("You write short, neutral descriptions of Stable Diffusion models for a model catalog. "
+                   "Answer in plain English: no HTML, no markdown, no NSFW content.")
+DESCRIBE_FIELDS = ("model_name", "model_type", "base_model", "description_html", "sample_prompts", "tags")
+SAMPLE_PROMPTS = 5  # sample prompts shown to the writer
+DESCRIPTION_CHARS = 1000  # creator's text kept in the instruction: keeps small local models within their context
+PROMPT_CHARS = 300  # per sample prompt in the instruction (real Civitai prompts run to thousands of characters)
+
+
+def describe_model_messages(model: dict) -> list[dict]:
+    """System + user instruction asking for a 2–3 sentence description; the template's fields ride on the last."""
+    missing = [k for k in DESCRIBE_FIELDS if k not in model]
+    if missing:
+        raise ValueError(f"model record lacks {', '.join(missing)}; describe_model_messages needs "
+                         f"{', '.join(DESCRIBE_FIELDS)}")
+    text = html_to_text(model["description_html"] or "")
+    prompts = list(model["sample_prompts"] or [])[:SAMPLE_PROMPTS]
+    tags = list(model["tags"] or [])
+    user = "\n".join([
+        f"Model: {model['model_name']}", f"Type: {model['model_type']}", f"Base model: {model['base_model']}",
+        f"Tags: {', '.join(tags) or '(none)'}", f"Creator's description: {text[:DESCRIPTION_CHARS] or '(none)'}",
+        "Sample prompts:", *(f"- {p[:PROMPT_CHARS]}" for p in prompts or ["(none)"]), "",
+        "In 2-3 sentences, describe neutrally what this model is good at. Plain English text only: "
+        "no HTML, no markdown, no NSFW content."])
+    fields = {"task": "describe_model", "model_name": model["model_name"], "model_type": model["model_type"],
+              "base_model": model["base_model"], "description_text": text, "sample_prompts": prompts, "tags": tags}
+    return [{"role": "system", "content": DESCRIBE_SYSTEM}, {"role": "user", "content": user, TEMPLATE_FIELDS: fields}]
+
+
+_HTML = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^<>]*)?/?>|&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
+
+
+def validate_description(text: str, min_chars: int = 40, max_chars: int = 600) -> str | None:
+    """None when `text` is a usable description, else why not ("empty", "too short (12 < 40 chars)", ...)."""
+    text = (text or "").strip()
+    if not text:
+        return "empty"
+    if len(text) < min_chars:
+        return f"too short ({len(text)} < {min_chars} chars)"
+    if len(text) > max_chars:
+        return f"too long ({len(text)} > {max_chars} chars)"
+    if _HTML.search(text):
+        return "contains HTML"
+    return None
+
+
+def rewrite_descriptions(models: list[dict], generator: TextGenerator, *, max_new_tokens: int = 160,
+                         temperature: float = 0.0, seed: int = 0, min_chars: int = 40,
+                         max_chars: int = 600) -> list[dict]:
+    """One record per model; outputs that fail validation are replaced by the template's, marked `fallback`."""
+    conversations = [describe_model_messages(m) for m in models]
+    outputs = generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if len(outputs) != len(models):
+        raise RuntimeError(f"{generator.name} returned {len(outputs)} replies for {len(models)} conversations")
+    reasons = [validate_description(o, min_chars, max_chars) for o in outputs]
+    # the template cannot replace itself: its own invalid output is kept, marked invalid
+    redo = [i for i, r in enumerate(reasons) if r is not None and not generator.is_stand_in]
+    fallbacks = dict(zip(redo, TemplateGenerator().generate([conversations[i] for i in redo])))
+    return [{"model_version_id": model["model_version_id"], "description": fallbacks.get(i, (output or "").strip()),
+             "backend": generator.name, "stand_in": generator.is_stand_in, "valid": reason is None,
+             "reason": reason, "fallback": i in fallbacks}
+            for i, (model, output, reason) in enumerate(zip(models, outputs, reasons))]
