@@ -32,11 +32,12 @@ class Faults:
     p_500: float = 0.0
     p_drop: float = 0.0  # close the connection without answering
     malformed_pages: int = 0  # listing pages answered once with truncated JSON
+    initial_burst: int = 0  # 429s answered to the very first requests
     seed: int = 0
 
     @property
     def active(self) -> bool:
-        return any([self.p_429, self.p_500, self.p_drop, self.malformed_pages])
+        return any([self.p_429, self.p_500, self.p_drop, self.malformed_pages, self.initial_burst])
 
 
 @dataclass
@@ -128,7 +129,7 @@ class LocalCivitai:
         self.stats = ServerStats()
         self.lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
-        self._burst_left = 0
+        self._burst_left = self.faults.initial_burst
         self._malformed_left = self.faults.malformed_pages
         self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self

@@ -1,6 +1,7 @@
 """DABench from a Civitai crawl: filters (DiffAgent Sec. 3.1), instruction–API pairs, splits, the HF dataset."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -337,10 +338,17 @@ def statistics(records: list[dict[str, Any]]) -> "Any":
 
 
 def save_dataset(records: list[dict[str, Any]], folder: Path, provenance: dict[str, Any]) -> dict[str, int]:
-    """HF dataset as parquet (splits train/align/test; configs `all`, `sd15`, `sdxl`) with a dataset card."""
+    """HF dataset as parquet (splits train/align/test; configs `all`, `sd15`, `sdxl`) with a dataset card.
+
+    File names carry a hash of their rows: `datasets` keys its cache on file names, so a rebuilt DABench
+    with the same names would load stale rows from the cache.
+    """
+    import shutil
+
     import datasets
 
     folder = Path(folder)
+    shutil.rmtree(folder / "data", ignore_errors=True)
     counts = {}
     flat = [{**r, "instruction": json.dumps(r["instruction"]), "api": json.dumps(r["api"]),
              "lora_base": json.dumps(r["lora_base"]), "description_provenance": json.dumps(r["description_provenance"])}
@@ -349,7 +357,8 @@ def save_dataset(records: list[dict[str, Any]], folder: Path, provenance: dict[s
         for split, _ in SPLITS:
             rows = [f for f in flat if f["split"] == split and architecture in (None, f["architecture"])]
             if rows:
-                path = folder / "data" / config / f"{split}.parquet"
+                digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
+                path = folder / "data" / config / f"{split}-{digest}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 datasets.Dataset.from_list(rows).to_parquet(str(path))
             counts[f"{config}/{split}"] = len(rows)
@@ -361,7 +370,7 @@ def dataset_card(counts: dict[str, int], provenance: dict[str, Any]) -> str:
     """The dataset card: configs for `datasets.load_dataset`, counts, fields, provenance, licences."""
     configs = []
     for config in ["all", *ARCH_SUBSETS.values()]:
-        files = [f"    - split: {s}\n      path: data/{config}/{s}.parquet" for s, _ in SPLITS if counts.get(f"{config}/{s}")]
+        files = [f"    - split: {s}\n      path: data/{config}/{s}-*.parquet" for s, _ in SPLITS if counts.get(f"{config}/{s}")]
         configs.append(f"- config_name: {config}\n  data_files:\n" + "\n".join(files))
     table = "\n".join(f"| {key} | {value} |" for key, value in counts.items())
     stand_in = provenance.get("stand_in")
