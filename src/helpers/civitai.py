@@ -5,7 +5,6 @@ it is never an argument, never stored on an object, never written to a file, a l
 """
 from __future__ import annotations
 
-import email.utils
 import json
 import os
 import random
@@ -18,11 +17,11 @@ from typing import Any
 import requests
 from tqdm.auto import tqdm
 
+from .http import RETRY_STATUS, backoff_delay
 from .manifest import atomic_write_json
 
 TOKEN_ENV = "CIVITAI_API_TOKEN"
 PUBLIC_API = "https://civitai.com/api/v1"
-RETRY_STATUS = {429, 500, 502, 503, 504}
 CRAWL_FILES = ("models.jsonl", "images.jsonl", "versions_by_hash.jsonl")
 
 
@@ -70,13 +69,7 @@ class CivitaiClient:
         self._last_request = time.monotonic()
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), self.backoff_max)
-            except ValueError:
-                when = email.utils.parsedate_to_datetime(retry_after)
-                return min(max(0.0, when.timestamp() - time.time()), self.backoff_max)
-        return min(self.backoff_max, self.backoff_base * 2 ** attempt) * self._jitter.uniform(0.5, 1.5)
+        return backoff_delay(attempt, retry_after, self.backoff_base, self.backoff_max, self._jitter)
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """JSON body of GET base_url/path; retries 429/5xx, dropped connections, timeouts and malformed JSON."""

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import requests
 from tqdm.auto import tqdm
 
+from .http import RETRY_STATUS, backoff_delay
+
 TEMPLATE_FIELDS = "template_fields"  # extra key on a conversation's last message; only the template reads it
 
 
@@ -178,7 +180,6 @@ class TransformersGenerator(TextGenerator):
 
 # ------------------------------------------------------------------------------------------------- openai
 
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _JITTER = random.Random()  # jitter only spreads retries in time; it never touches generated text
 
 
@@ -238,11 +239,7 @@ class OpenAICompatibleGenerator(TextGenerator):
         raise RuntimeError(f"giving up on {url} after {self.max_retries + 1} attempts; last problem: {problem}")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        """Seconds to wait: the server's numeric Retry-After if given, else base·2^attempt with ±50 % jitter."""
-        try:
-            return min(max(float(retry_after), 0.0), self.backoff_max)
-        except (TypeError, ValueError):  # absent, or an HTTP date: fall back to our own schedule
-            return min(self.backoff_max, self.backoff_base * 2 ** attempt) * _JITTER.uniform(0.5, 1.5)
+        return backoff_delay(attempt, retry_after, self.backoff_base, self.backoff_max, _JITTER)
 
     @staticmethod
     def _reply_text(reply: dict) -> str:
