@@ -494,6 +494,7 @@ def plot_parameters(records: list[dict[str, Any]]):
         for architecture, group in frame.groupby("architecture"):
             axis.hist(group[column], bins=12, alpha=0.6, label=architecture)
         axis.set_title(column.replace("_", " "))
+        axis.legend(fontsize=7)
     for architecture, group in frame.groupby("architecture"):
         sizes = group.groupby(["width", "height"]).size().reset_index(name="n")
         axes[3].scatter(sizes["width"], sizes["height"], s=8 + sizes["n"], alpha=0.6, label=architecture)
