@@ -83,7 +83,10 @@ def test_html_to_text_strips_tags_unescapes_and_collapses_whitespace():
     ("", "empty"), ("   \n", "empty"), ("A LoRA for castles.", "too short (19 < 40 chars)"),
     ("x" * 601, "too long (601 > 600 chars)"), ("<p>OldTown Mix is a LoRA for castles at sunset.</p>", "contains HTML"),
     ("OldTown Mix is a LoRA for castles &amp; towns at sunset.", "contains HTML"),
-    (OLDTOWN_TEXT, None), ("Use it with <lora:oldtown:0.7> for castles at sunset and dusk.", None)])
+    (OLDTOWN_TEXT, None), ("Use it with <lora:oldtown:0.7> for castles at sunset and dusk.", None),
+    ("NeonMix is for anime. Highly detailed, highly detailed, highly detailed, highly detailed.",
+     "repetitive ('highly detailed highly' 3 times)"),
+    ("Model: NeonMix\nType: Checkpoint\nBase model: SD 1.5\nSample prompts: a ship", "echoes the instruction")])
 def test_validate_description(text, reason):
     assert textgen.validate_description(text) == reason
 

@@ -348,7 +348,19 @@ def validate_description(text: str, min_chars: int = 40, max_chars: int = 600) -
         return f"too long ({len(text)} > {max_chars} chars)"
     if _HTML.search(text):
         return "contains HTML"
+    if any(marker in text for marker in _ECHO_MARKERS):
+        return "echoes the instruction"
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    trigrams = Counter(zip(words, words[1:], words[2:]))
+    if trigrams and max(trigrams.values()) >= _MAX_TRIGRAM_REPEATS:
+        phrase, count = trigrams.most_common(1)[0]
+        return f"repetitive ({' '.join(phrase)!r} {count} times)"
     return None
+
+
+# Small models often loop ("highly detailed, highly detailed, ...") or copy the prompt's field labels back.
+_MAX_TRIGRAM_REPEATS = 3
+_ECHO_MARKERS = ("Sample prompts:", "Creator's description:", "Base model:")
 
 
 def rewrite_descriptions(models: list[dict], generator: TextGenerator, *, max_new_tokens: int = 160,
