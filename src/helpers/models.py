@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .device import place
+
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
 
@@ -339,8 +341,7 @@ def load_causal_lm(path: str, device: str = "cpu", dtype: torch.dtype | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
-    return model, tokenizer
+    return place(AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32), device), tokenizer
 
 
 def load_sd_pipeline(path: str, device: str = "cpu", dtype: torch.dtype | None = None):
@@ -357,8 +358,8 @@ def load_clip(path: str, device: str = "cpu", dtype: torch.dtype | None = None):
     """(CLIPModel, CLIPProcessor) from a folder or hub id."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
-    return model, CLIPProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path, dtype=dtype or torch.float32)
+    return place(model, device), CLIPProcessor.from_pretrained(path)
 
 
 def load_text_encoder(path: str, device: str = "cpu"):
