@@ -190,17 +190,19 @@ def _open(browser, url):
 
 
 def test_widget_renders_from_saved_state_and_works_without_a_kernel(browser, served_book):
+    from playwright.sync_api import expect
+
     page, problems = _open(browser, f"{served_book}/book/00_setup.html")
     buttons = page.locator(".widget-toggle-buttons button")
-    buttons.first.wait_for(timeout=20000)
-    assert buttons.count() == 3 and buttons.nth(0).inner_text().strip() == "tiny"
-    assert page.locator(".widget-vbox .widget-html table").count() == 1  # the Stack shows only its selected page
+    expect(buttons).to_have_count(3, timeout=20000)
+    expect(buttons.nth(0)).to_have_text("tiny")
+    expect(page.locator(".widget-vbox .widget-html table")).to_have_count(1)  # the Stack shows its selected page
     shown = page.locator(".widget-vbox .widget-html:visible")
-    assert shown.count() == 1 and "tiny:llama" in shown.inner_text()
+    expect(shown).to_contain_text("tiny:llama")
     buttons.nth(2).click()  # "paper": the jslink flips the stack in the browser, no kernel involved
-    page.wait_for_timeout(300)
-    assert shown.count() == 1 and "meta-llama/Llama-2-7b-hf" in shown.inner_text()
+    expect(shown).to_contain_text("meta-llama/Llama-2-7b-hf", timeout=10000)
     page.wait_for_load_state("networkidle")
+    page.close()
     assert not problems, problems
 
 
@@ -208,4 +210,5 @@ def test_math_renders_with_the_vendored_mathjax(browser, served_book):
     page, problems = _open(browser, f"{served_book}/book/intro.html")
     page.locator("mjx-container").first.wait_for(timeout=20000)
     page.wait_for_load_state("networkidle")
+    page.close()
     assert not problems, problems
