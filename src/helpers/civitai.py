@@ -223,7 +223,7 @@ def crawl(client: CivitaiClient, out: Path, max_models: int | None = None, image
             state.models_done = state.models_cursor is None or (max_models is not None and len(models.seen) >= max_models)
             state.save(state_path)
 
-    model_ids = [json.loads(line)["id"] for line in open(out / "models.jsonl")] if models.seen else []
+    model_ids = [m["id"] for m in read_jsonl(out / "models.jsonl")] if models.seen else []
     image_limit = max(1, min(200, images_per_model))
     for model_id in tqdm(model_ids, desc="images per model", disable=not progress or not budget.ok()):
         progress_of = state.images.setdefault(str(model_id), {"cursor": None, "count": 0, "pages": 0, "done": False})
@@ -243,7 +243,7 @@ def crawl(client: CivitaiClient, out: Path, max_models: int | None = None, image
 
     if resolve_hashes and budget.ok() and not state.hashes_done:
         known = _local_hash_index(out / "models.jsonl")
-        wanted = sorted({h for line in open(out / "images.jsonl") for h in referenced_hashes(json.loads(line))}
+        wanted = sorted({h for image in read_jsonl(out / "images.jsonl") for h in referenced_hashes(image)}
                         - hashes.seen) if images.seen else []
         for file_hash in tqdm(wanted, desc="hashes", disable=not progress):
             if not budget.ok():
@@ -284,7 +284,7 @@ def _local_hash_index(models_path: Path) -> dict[str, dict[str, Any]]:
 
 def crawl_summary(out: Path, client: CivitaiClient | None = None, finished: bool = True) -> dict[str, Any]:
     """Counts of what a crawl folder holds (and, with a client, the request statistics)."""
-    counts = {name.removesuffix(".jsonl"): sum(1 for _ in open(out / name)) if (out / name).exists() else 0
+    counts = {name.removesuffix(".jsonl"): len(read_jsonl(out / name)) if (out / name).exists() else 0
               for name in CRAWL_FILES}
     summary = {**counts, "finished": finished, "pages": sum(1 for _ in (out / "pages").rglob("*.json"))}
     if client:

@@ -127,24 +127,28 @@ class Stage:
         self.root = Path(root) if root else self.folder.parent
         self.profile = profile
 
+    def _parts(self) -> dict[str, Any]:
+        """What the fingerprint covers: parameters, input hashes, code hashes, key library versions."""
+        inputs: dict[str, str] = {}
+        for path in self.inputs:
+            inputs.update(hash_tree(path, self.root))
+        versions = {k: v for k, v in library_versions().items() if k != "python"}
+        return {"params": self.params, "inputs": inputs, "code": module_hashes(self.code), "versions": versions}
+
     def fingerprint(self) -> str:
         """Hash of everything that decides what this stage computes."""
-        input_hashes = {}
-        for path in self.inputs:
-            input_hashes.update(hash_tree(path, self.root))
-        return sha256_json({"params": self.params, "inputs": input_hashes, "code": module_hashes(self.code),
-                            "versions": {k: v for k, v in library_versions().items() if k != "python"}})
+        return sha256_json(self._parts())
 
     @property
     def manifest(self) -> dict[str, Any] | None:
         return read_manifest(self.folder)
 
-    def is_current(self) -> bool:
+    def is_current(self, fingerprint: str | None = None) -> bool:
         """True when a finished manifest matches the current fingerprint and `T2IBOOK_FORCE` is not set."""
         if os.environ.get("T2IBOOK_FORCE") == "1":
             return False
         manifest = self.manifest
-        return bool(manifest) and manifest.get("fingerprint") == self.fingerprint()
+        return bool(manifest) and manifest.get("fingerprint") == (fingerprint or self.fingerprint())
 
     def run(self, compute: Callable[..., dict[str, Any] | None], *args, **kwargs) -> dict[str, Any]:
         """Call `compute(folder, *args, **kwargs)` unless the stage is current; return the manifest.
@@ -152,8 +156,9 @@ class Stage:
         `compute` writes its files into `folder` and returns counts for the manifest (e.g. `{"models": 3}`).
         The old manifest is removed first, so a crash never leaves a manifest that claims finished work.
         """
-        fingerprint = self.fingerprint()
-        if self.is_current():
+        parts = self._parts()  # inputs and code are hashed once per run
+        fingerprint = sha256_json(parts)
+        if self.is_current(fingerprint):
             print(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
             return self.manifest
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -165,8 +170,8 @@ class Stage:
             "profile": self.profile,
             "fingerprint": fingerprint,
             "params": self.params,
-            "inputs": {k: v for p in self.inputs for k, v in hash_tree(p, self.root).items()},
-            "code": module_hashes(self.code),
+            "inputs": parts["inputs"],
+            "code": parts["code"],
             "versions": library_versions(),
             "git_commit": git_commit(self.root),
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
