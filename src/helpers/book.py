@@ -29,6 +29,7 @@ def vendor_js(root: Path | None = None, force: bool = False) -> Path:
     out = root / VENDOR_OUT
     stamp = out / ".packages.json"
     if not force and stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        shutil.copy2(root / "vendor" / "require-config.js", out / "require-config.js")  # ours: may have changed
         return out
     if shutil.which("npm") is None:
         raise RuntimeError("npm is not on PATH; install Node.js + npm (the book vendors its JavaScript with `npm pack`)")
@@ -89,7 +90,11 @@ def build_book(root: Path | None = None, strict: bool = True) -> Path:
         raise FileNotFoundError(f"_toc.yml lists pages that do not exist yet: {missing}; run `t2ibook run` first "
                                 "(executed notebooks are written to book/)")
     vendor_js(root)
-    command = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root), "--builder", "html"]
+    # Sphinx never overwrites an html_extra_path file already in the output, and copies none when no page is
+    # out of date: drop the old copy and rebuild every page (seconds for this book) so edits always arrive.
+    shutil.rmtree(root / "_build" / "html" / VENDOR_OUT.name, ignore_errors=True)
+    command = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(root),
+               "--builder", "html", "--all"]
     if strict:
         command += ["-W", "-n", "--keep-going"]
     result = subprocess.run(command, cwd=root, text=True, capture_output=True)
