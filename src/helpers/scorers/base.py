@@ -1,0 +1,123 @@
+"""What every scorer shares: fetching a weights file from a folder or the hub, and a weights identity."""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class ImageScorer(Protocol):
+    """Scores images (optionally against their prompts). `weights_id` names the weights for the score cache."""
+
+    name: str
+    weights_id: str
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray: ...
+
+
+def is_local(source: str | Path) -> bool:
+    return Path(source).exists()
+
+
+def fetch(source: str | Path, filename: str) -> Path:
+    """`filename` inside a local folder, or downloaded once from hub repo `source` (paper profile)."""
+    if is_local(source):
+        path = Path(source) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the folder {source} does not hold a {filename}")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(str(source), filename))
+
+
+def weights_id(source: str | Path, *files: Path) -> str:
+    """A short identity for the weights: the hub id, or a hash of the local files (so retrained weights differ)."""
+    if not is_local(source):
+        return str(source)
+    digest = hashlib.sha256()
+    for path in sorted(Path(f) for f in files):
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return f"{Path(source).name}@{digest.hexdigest()[:16]}"
+
+
+def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """Every image as RGB (scorers are trained on RGB; PNGs may carry alpha)."""
+    return [image.convert("RGB") for image in images]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def local_weight_files(source: str | Path) -> list[Path]:
+    """Every weights file under a local folder, sub-folders included (for `weights_id`); none for a hub id."""
+    if not is_local(source):
+        return []
+    return sorted(p for p in Path(source).rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def pooled(output):
+    """The tensor from `get_image_features` / `get_text_features` (transformers 5 wraps it in an output object)."""
+    return getattr(output, "pooler_output", output)
+
+
+# OpenAI CLIP's pixel statistics; ImageReward and HPS both normalise with them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def local_file(source: str | Path, filename: str) -> Path | None:
+    """`filename` in local folder `source` when it is there, else None (optional files never go to the hub)."""
+    path = Path(source) / filename
+    return path if is_local(source) and path.is_file() else None
+
+
+def normalize(pixels: "torch.Tensor", mean=CLIP_MEAN, std=CLIP_STD) -> "torch.Tensor":
+    """(B, 3, H, W) pixels in [0, 1] → normalised with per-channel mean and std."""
+    import torch
+
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def resize_center_crop(images: Sequence[Image.Image], size: int) -> "torch.Tensor":
+    """torchvision's Resize(size, bicubic) + CenterCrop(size) on PIL images: (B, 3, size, size) in [0, 1]."""
+    import torch
+
+    tensors = []
+    for image in rgb(images):
+        width, height = image.size
+        # torchvision truncates the long side (int(size * long / short)); match it rather than round()
+        new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BICUBIC)
+        left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+        tensors.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(tensors)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A torch checkpoint of plain tensors, read on the CPU without running pickled code."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def skip_weight_init():
+    """Build a model without random init (its weights are loaded right after; saves seconds on ViT-L/H)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: plain init, only slower
+        yield
+        return
+    with no_init_weights():
+        yield

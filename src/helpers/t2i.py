@@ -1,0 +1,617 @@
+"""T2I API calls made runnable: parse and validate the agent's text, then execute it with diffusers, cached.
+
+DiffAgent (Sec. 3.2.2) counts an API the executor cannot run as a *hallucination*; `validate` names the
+category of every such failure and never raises on model output. `Executor` turns a clean call into
+images: the checkpoint (a diffusers folder or a single file, SD 1.5 or SDXL), the LoRA on its base model,
+the A1111 sampler as a diffusers scheduler, seeds, batching, a pipeline cache and an image cache keyed by
+everything that decides the pixels, so no image is generated twice.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
+from .manifest import atomic_write_json, sha256_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunContext
+
+# The hallucination categories of DESIGN.md, in the order `validate` checks them (the first failure names it).
+CATEGORIES = ("unparseable", "unknown_model", "base_model_mismatch", "unknown_sampler", "bad_size",
+              "steps_out_of_range", "cfg_out_of_range")
+
+# A1111 sampler name -> (diffusers scheduler class, settings). Settings are always passed explicitly so a
+# base config with e.g. Karras sigmas switched on cannot leak into a sampler that should not use them.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler",
+                     {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {"use_karras_sigmas": False}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
+}
+assert set(SAMPLERS) == set(KNOWN_SAMPLERS), "api_call.KNOWN_SAMPLERS and t2i.SAMPLERS must name the same samplers"
+# Samplers whose noise comes from one Brownian tree per batch rather than per-image generators: run them one
+# image at a time with the tree seeded by the image's seed, so an image depends on its own seed only.
+PER_IMAGE_SAMPLERS = {"DPM++ SDE", "DPM++ SDE Karras"}
+BASE_MODEL_NAMES = {"SD 1.5": "Stable Diffusion v1.5", "SDXL 1.0": "Stable Diffusion XL 1.0"}
+
+
+# --------------------------------------------------------------------------------------------- catalog
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """One runnable model: what the API names, and which weights run it."""
+
+    name: str
+    type: str
+    base_model: str
+    model_version_id: int
+    model_id: int = 0
+    description: str = ""
+    lora_base_version_id: int | None = None
+    images: int = 0
+    is_base: bool = False
+
+
+class ModelCatalog:
+    """The models an API may name (from DABench), plus the two base models the baselines use."""
+
+    def __init__(self, models: Iterable[CatalogModel]):
+        self.models = list(models)
+        self.by_name: dict[str, list[CatalogModel]] = {}
+        for model in sorted(self.models, key=lambda m: (-m.images, m.model_version_id)):
+            self.by_name.setdefault(model.name, []).append(model)
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict]) -> "ModelCatalog":
+        """Every model version DABench uses, with how many demonstrations it has, and the base models."""
+        counts: Counter = Counter()
+        first: dict[int, dict] = {}
+        for record in records:
+            counts[record["model_version_id"]] += 1
+            first.setdefault(record["model_version_id"], record)
+        models = [CatalogModel(name=r["api"]["model"], type=r["api"]["type"], base_model=r["architecture"],
+                               model_version_id=version, model_id=r["model_id"],
+                               description=r["api"]["model_description"],
+                               lora_base_version_id=(r["lora_base"] or {}).get("model_version_id"),
+                               images=counts[version]) for version, r in first.items()]
+        bases = [CatalogModel(name=BASE_MODEL_NAMES[arch], type="Checkpoint", base_model=arch, model_version_id=0,
+                              description=f"The {arch} base model.", is_base=True) for arch in ARCHITECTURES]
+        return cls(bases + models)
+
+    @classmethod
+    def from_dabench(cls, path: Path) -> "ModelCatalog":
+        from .civitai import read_jsonl
+
+        return cls.from_records(read_jsonl(Path(path)))
+
+    def base(self, architecture: str) -> CatalogModel:
+        return self.lookup(BASE_MODEL_NAMES[architecture], architecture)
+
+    def lookup(self, name: str, base_model: str | None = None, model_type: str | None = None) -> CatalogModel | None:
+        """The model called `name` (on `base_model`, of `model_type` when given); most demonstrations wins a tie."""
+        candidates = [m for m in self.by_name.get(name, []) if base_model in (None, m.base_model)]
+        typed = [m for m in candidates if m.type == model_type]
+        return (typed or candidates or [None])[0]
+
+    def nearest(self, name: str, n: int = 3) -> list[str]:
+        return difflib.get_close_matches(str(name), list(self.by_name), n=n)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+@dataclass
+class Validation:
+    """The outcome of checking one agent output: a clean API call, or the hallucination category."""
+
+    category: str | None
+    api: dict[str, Any] | None
+    detail: str = ""
+    model: CatalogModel | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.category is None
+
+
+def extract_json(text: str) -> dict[str, Any]:
+    """The first JSON object in `text` (the agent may wrap it in prose or a code fence); ValueError if none."""
+    decoder = json.JSONDecoder()
+    position = text.find("{")
+    while position != -1:
+        try:
+            value, _ = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            position = text.find("{", position + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        position = text.find("{", position + 1)
+    raise ValueError("no JSON object in the text")
+
+
+def _as_int(value: Any, key: str, notes: list[str]) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} is a boolean")
+    if isinstance(value, str):
+        notes.append(f"{key} given as text {value!r}")
+        value = float(value.strip())
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{key}={value!r} is not a whole number")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"{key}={value!r} is not a number")
+    return value
+
+
+def _as_float(value: Any, key: str, notes: list[str]) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} is a boolean")
+    if isinstance(value, str):
+        notes.append(f"{key} given as text {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{key}={value!r} is not finite")
+    return number
+
+
+def parse_api(text: str | dict) -> tuple[dict[str, Any], list[str]]:
+    """The API fields read from the agent's text, with numbers coerced; ValueError says what is missing or wrong."""
+    raw = dict(text) if isinstance(text, dict) else extract_json(str(text))
+    notes: list[str] = []
+    missing = [key for key in ("model", "width", "height", "sampling_method", "sampling_steps", "cfg_scale")
+               if key not in raw]
+    if missing:
+        raise ValueError(f"missing fields {missing}")
+    api = {key: raw.get(key) for key in API_FIELDS}
+    for key in ("model", "sampling_method"):
+        if not isinstance(api[key], str) or not api[key].strip():
+            raise ValueError(f"{key}={api[key]!r} is not a name")
+        api[key] = api[key].strip()
+    for key in ("width", "height", "sampling_steps"):
+        api[key] = _as_int(api[key], key, notes)
+    api["cfg_scale"] = _as_float(api["cfg_scale"], "cfg_scale", notes)
+    return api, notes
+
+
+def validate(output: str | dict, catalog: ModelCatalog) -> Validation:
+    """Check one agent output; returns the clean, complete API call or the first hallucination category."""
+    try:
+        api, notes = parse_api(output)
+    except (ValueError, TypeError, OverflowError) as error:
+        return Validation("unparseable", None, str(error))
+    named = catalog.lookup(api["model"])
+    if named is None:
+        close = catalog.nearest(api["model"])
+        return Validation("unknown_model", api, f"model {api['model']!r} is not in the catalog"
+                          + (f"; close names: {close}" if close else ""), notes=notes)
+    if api.get("base_model") is not None:
+        model = catalog.lookup(api["model"], api["base_model"], api.get("type"))
+        if model is None:
+            bases = sorted({m.base_model for m in catalog.by_name[api["model"]]})
+            return Validation("base_model_mismatch", api, f"{api['model']!r} runs on {bases}, not "
+                              f"{api['base_model']!r}", named, notes)
+    else:
+        model = catalog.lookup(api["model"], model_type=api.get("type"))
+        notes.append("base_model missing; taken from the catalog")
+    if api["sampling_method"] not in SAMPLERS:
+        close = difflib.get_close_matches(api["sampling_method"], list(SAMPLERS), n=2)
+        return Validation("unknown_sampler", api, f"sampler {api['sampling_method']!r} is not known"
+                          + (f"; close: {close}" if close else ""), model, notes)
+    for side in ("width", "height"):
+        if not SIZE_RANGE[0] <= api[side] <= SIZE_RANGE[1] or api[side] % 8:
+            return Validation("bad_size", api, f"{side}={api[side]} is not a multiple of 8 in "
+                              f"{SIZE_RANGE[0]}–{SIZE_RANGE[1]}", model, notes)
+    if not STEPS_RANGE[0] <= api["sampling_steps"] <= STEPS_RANGE[1]:
+        return Validation("steps_out_of_range", api, f"sampling_steps={api['sampling_steps']} is outside "
+                          f"{STEPS_RANGE[0]}–{STEPS_RANGE[1]}", model, notes)
+    if not CFG_RANGE[0] <= api["cfg_scale"] <= CFG_RANGE[1]:
+        return Validation("cfg_out_of_range", api, f"cfg_scale={api['cfg_scale']} is outside "
+                          f"{CFG_RANGE[0]}–{CFG_RANGE[1]}", model, notes)
+    if api.get("type") not in (None, model.type):
+        notes.append(f"type {api['type']!r} corrected to the catalog's {model.type!r}")
+    clean = {**api, "type": model.type, "base_model": model.base_model, "model_description": model.description}
+    return Validation(None, clean, "", model, notes)
+
+
+def hallucination_table(validations: Sequence[Validation]):
+    """Count and rate of each category (and of clean calls) over a batch of validations."""
+    import pandas as pd
+
+    counts = Counter(v.category or "ok" for v in validations)
+    rows = [{"category": c, "count": counts.get(c, 0), "rate": counts.get(c, 0) / max(len(validations), 1)}
+            for c in (*CATEGORIES, "ok")]
+    return pd.DataFrame(rows).set_index("category")
+
+
+def default_api(model: CatalogModel, width: int | None = None, height: int | None = None) -> dict[str, Any]:
+    """`model` with the default parameters {Euler a, 20 steps, cfg 7} at its architecture's native size."""
+    native = 1024 if model.base_model == "SDXL 1.0" else 512
+    return {"model": model.name, "type": model.type, "base_model": model.base_model, "width": width or native,
+            "height": height or native, **DEFAULT_PARAMETERS, "model_description": model.description}
+
+
+# ------------------------------------------------------------------------------------------ schedulers
+
+def make_scheduler(sampler: str, base_config: dict[str, Any]):
+    """The diffusers scheduler for an A1111 sampler name, built on the checkpoint's own scheduler config."""
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    class_name, settings = SAMPLERS[sampler]
+    return getattr(diffusers, class_name).from_config(dict(base_config), **settings)
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights are (`folder` or single `file`) and an id that changes when they do."""
+
+    path: str
+    kind: str  # "folder" | "file" | "hub"
+    weights_id: str
+
+
+class TinyWeights:
+    """Tiny profile: every catalog model maps to its own tiny checkpoint (or LoRA) on disk, built when first used."""
+
+    def __init__(self, ctx: "RunContext"):
+        self.ctx = ctx
+        self._known: dict[tuple, Weights] = {}  # checked once per run, not once per request
+
+    def base(self, architecture: str) -> Weights:
+        from .models import resolve
+
+        if ("base", architecture) not in self._known:
+            role = "t2i_pipeline_xl" if architecture == "SDXL 1.0" else "t2i_pipeline"
+            folder = Path(resolve(role, self.ctx))
+            self._known["base", architecture] = Weights(str(folder), "folder", _folder_id(folder))
+        return self._known["base", architecture]
+
+    def checkpoint(self, model: CatalogModel) -> Weights:
+        if model.is_base:
+            return self.base(model.base_model)
+        return self._build("checkpoints", model.model_version_id, model.base_model, "build_tiny_checkpoint")
+
+    def lora(self, model: CatalogModel) -> Weights:
+        return self._build("loras", model.model_version_id, model.base_model, "build_tiny_lora")
+
+    def _build(self, kind: str, version: int, architecture: str, builder: str) -> Weights:
+        from . import models
+        from .manifest import Stage
+
+        if (kind, version) in self._known:
+            return self._known[kind, version]
+        base = Path(self.base(architecture).path)
+        folder = self.ctx.runs_dir / "models" / kind / str(version)
+        Stage(folder, name=f"models/{kind}/{version}", params={"version": version, "base": base.name},
+              inputs=[base / "unet"], code=["helpers.models"], root=self.ctx.root, profile=self.ctx.profile
+              ).run(getattr(models, builder), base, seed=self.ctx.seed * 1_000_003 + version)
+        self._known[kind, version] = Weights(str(folder), "folder", _folder_id(folder))
+        return self._known[kind, version]
+
+
+class CivitaiWeights(TinyWeights):
+    """Paper profile: checkpoints and LoRAs downloaded from Civitai by version id (token from the environment)."""
+
+    DOWNLOAD = "https://civitai.com/api/download/models/{version}"
+
+    def __init__(self, ctx: "RunContext", cache_dir: Path | None = None, url: str | None = None):
+        super().__init__(ctx)
+        self.cache_dir = Path(cache_dir or os.environ.get("T2IBOOK_WEIGHTS_CACHE", ctx.runs_dir / "weights"))
+        self.url = url or self.DOWNLOAD
+
+    def base(self, architecture: str) -> Weights:
+        from .models import resolve
+
+        role = "t2i_pipeline_xl" if architecture == "SDXL 1.0" else "t2i_pipeline"
+        source = resolve(role, self.ctx)
+        return Weights(source, "folder" if Path(source).exists() else "hub", source)
+
+    def checkpoint(self, model: CatalogModel) -> Weights:
+        return self.base(model.base_model) if model.is_base else self._download(model.model_version_id)
+
+    def lora(self, model: CatalogModel) -> Weights:
+        return self._download(model.model_version_id)
+
+    def _download(self, version: int) -> Weights:
+        import requests
+
+        target = self.cache_dir / f"{version}.safetensors"
+        if not target.exists():
+            headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
+            partial = target.with_suffix(".part")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with requests.get(self.url.format(version=version), headers=headers, stream=True, timeout=60) as reply:
+                if reply.status_code in (401, 403):
+                    raise PermissionError(f"Civitai refused model version {version} ({reply.status_code}); set "
+                                          "CIVITAI_API_TOKEN to a token that may download it")
+                reply.raise_for_status()
+                with open(partial, "wb") as handle:
+                    for chunk in reply.iter_content(1 << 20):
+                        handle.write(chunk)
+            partial.rename(target)  # only a complete download gets the real name
+        return Weights(str(target), "file", f"civitai:{version}")
+
+
+def _folder_id(folder: Path) -> str:
+    from .manifest import read_manifest
+
+    manifest = read_manifest(folder) or {}
+    return f"{folder.name}@{manifest.get('fingerprint', 'unversioned')[:16]}"
+
+
+def weights_store(ctx: "RunContext"):
+    """Tiny and small profiles run tiny catalog weights; the paper profile downloads the real ones."""
+    return CivitaiWeights(ctx) if ctx.profile == "paper" else TinyWeights(ctx)
+
+
+# ------------------------------------------------------------------------------------------ image cache
+
+@dataclass(frozen=True)
+class Request:
+    """One image to make: a clean API call, the instruction, and a seed."""
+
+    api: dict[str, Any]
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+
+
+class ImageCache:
+    """PNG per key under `root/images/`, plus an append-only index; key = hash(api, prompts, seed, weights, size)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(request: Request, weights_id: str, size: tuple[int, int]) -> str:
+        api = {k: request.api.get(k) for k in API_FIELDS if k != "model_description"}
+        return sha256_json({"api": api, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+                            "seed": request.seed, "weights": weights_id, "size": list(size)})
+
+    def path(self, key: str) -> Path:
+        return self.root / "images" / key[:2] / f"{key}.png"
+
+    def get(self, key: str) -> Image.Image | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            return image.copy()
+
+    def put(self, key: str, image: Image.Image, meta: dict[str, Any]) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part.png")
+        image.save(partial)
+        os.replace(partial, path)  # a crash leaves no half-written PNG under the real name
+        with open(self.root / "index.jsonl", "a") as index:
+            index.write(json.dumps({"key": key, **meta}, sort_keys=True) + "\n")
+        return path
+
+    def __len__(self) -> int:
+        return sum(1 for _ in (self.root / "images").rglob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------- executor
+
+@dataclass
+class ExecutorConfig:
+    """How the executor renders. `max_side` scales sizes down (tiny models draw at 32–64 px), keeping aspect."""
+
+    max_side: int | None = None
+    batch_size: int = 8
+    max_pipelines: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.max_side is not None and (self.max_side < 16 or self.max_side % 8):
+            raise ValueError(f"max_side={self.max_side} must be a multiple of 8, at least 16 (or None for native)")
+
+
+@dataclass
+class Generated:
+    """An image for a request, with its cache key and whether it came from the cache."""
+
+    request: Request
+    image: Image.Image
+    key: str
+    cached: bool
+    weights_id: str
+    size: tuple[int, int]
+
+
+def render_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """The size actually drawn: native, or scaled so the long side is `max_side`, each side a multiple of 8."""
+    if max_side is None:
+        return width, height
+    scale = max_side / max(width, height)
+    return tuple(max(8, int(round(side * scale / 8)) * 8) for side in (width, height))
+
+
+class Executor:
+    """API call → images through diffusers, with pipelines cached per checkpoint and images cached per key."""
+
+    def __init__(self, catalog: ModelCatalog, weights, cache: ImageCache, config: ExecutorConfig | None = None):
+        self.catalog, self.weights, self.cache = catalog, weights, cache
+        self.config = config or ExecutorConfig()
+        self.pipelines: OrderedDict[str, Any] = OrderedDict()
+        self.stats = Counter()
+
+    @classmethod
+    def for_run(cls, ctx: "RunContext", catalog: ModelCatalog, **config) -> "Executor":
+        """The executor a notebook uses: profile's weights, the run's shared image cache, its device."""
+        settings = {"device": ctx.device, "dtype": str(ctx.dtype).removeprefix("torch."), **config}
+        return cls(catalog, weights_store(ctx), ImageCache(ctx.runs_dir / "image_cache"), ExecutorConfig(**settings))
+
+    # -- weights and pipelines
+    def plan(self, api: dict[str, Any]) -> tuple[Weights, Weights | None]:
+        """(checkpoint weights, LoRA weights or None) that run `api`."""
+        model = self.catalog.lookup(api["model"], api.get("base_model"), api.get("type"))
+        if model is None:
+            raise ValueError(f"model {api['model']!r} ({api.get('base_model')}) is not in the catalog; validate the "
+                             "API call first (helpers.t2i.validate)")
+        if model.type != "LORA":
+            return self.weights.checkpoint(model), None
+        base = next((m for m in self.catalog.models if m.model_version_id == model.lora_base_version_id), None)
+        base = base or CatalogModel(name=f"base of {model.name}", type="Checkpoint", base_model=model.base_model,
+                                    model_version_id=model.lora_base_version_id or 0,
+                                    is_base=model.lora_base_version_id is None)
+        return self.weights.checkpoint(base), self.weights.lora(model)
+
+    def pipeline(self, checkpoint: Weights, architecture: str):
+        """The pipeline for a checkpoint, loaded once and kept (least recently used ones are dropped)."""
+        if checkpoint.weights_id in self.pipelines:
+            self.pipelines.move_to_end(checkpoint.weights_id)
+            return self.pipelines[checkpoint.weights_id]
+        pipeline = load_pipeline(checkpoint, architecture, self.config.device, getattr(torch, self.config.dtype))
+        self.stats["pipelines_loaded"] += 1
+        self.pipelines[checkpoint.weights_id] = pipeline
+        while len(self.pipelines) > self.config.max_pipelines:
+            self.pipelines.popitem(last=False)
+        return pipeline
+
+    def _with_lora(self, pipeline, lora: Weights | None):
+        """Switch the pipeline to this LoRA alone (loading it once as a named adapter), or to no LoRA."""
+        if lora is None:
+            if getattr(pipeline, "_t2i_loras", None):
+                pipeline.disable_lora()
+            return
+        loaded = pipeline.__dict__.setdefault("_t2i_loras", set())
+        name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
+        if name not in loaded:
+            path = Path(lora.path)
+            if lora.kind == "file":
+                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            else:
+                pipeline.load_lora_weights(str(path), adapter_name=name)
+            loaded.add(name)
+        pipeline.enable_lora()
+        pipeline.set_adapters([name], adapter_weights=[1.0])
+
+    # -- generation
+    def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Generated]:
+        """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings."""
+        from tqdm.auto import tqdm
+
+        planned, todo = [], {}
+        for index, request in enumerate(requests):
+            checkpoint, lora = self.plan(request.api)
+            weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
+            size = render_size(request.api["width"], request.api["height"], self.config.max_side)
+            key = self.cache.key(request, weights_id, size)
+            planned.append((request, key, weights_id, size))
+            image = self.cache.get(key)
+            if image is not None:
+                self.stats["cache_hits"] += 1
+                continue
+            group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"],
+                     request.api["sampling_steps"], float(request.api["cfg_scale"]), size)
+            todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
+        drawn: set[str] = set()
+        bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)
+        for group, keys in todo.items():
+            for batch in self._batches(group, list(keys.items())):
+                drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
+                bar.update(len(batch))
+        bar.close()
+        return [Generated(request, self.cache.get(key), key, key not in drawn, weights_id, size)
+                for request, key, weights_id, size in planned]
+
+    def _batches(self, group, items):
+        size = 1 if group[3] in PER_IMAGE_SAMPLERS else self.config.batch_size
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
+    def _draw(self, group, batch) -> list[str]:
+        checkpoint, lora, architecture, sampler, steps, cfg, (width, height) = group
+        pipeline = self.pipeline(checkpoint, architecture)
+        self._with_lora(pipeline, lora)
+        scheduler = make_scheduler(sampler, pipeline.scheduler.config)
+        if sampler in PER_IMAGE_SAMPLERS:
+            scheduler.register_to_config(noise_sampler_seed=batch[0][1][0].seed)
+            scheduler.noise_sampler_seed = batch[0][1][0].seed
+        pipeline.scheduler = scheduler
+        requests = [planned[0] for _, planned in batch]
+        generators = [torch.Generator(self.config.device).manual_seed(r.seed) for r in requests]
+        with torch.inference_mode():
+            images = pipeline(prompt=[r.prompt for r in requests],
+                              negative_prompt=[r.negative_prompt for r in requests], num_inference_steps=steps,
+                              guidance_scale=cfg, width=width, height=height, generator=generators).images
+        self.stats["generated"] += len(images)
+        self.stats["batches"] += 1
+        for (key, (request, _, weights_id, size)), image in zip(batch, images):
+            self.cache.put(key, image, {"model": request.api["model"], "weights": weights_id, "seed": request.seed,
+                                        "prompt": request.prompt, "size": list(size), "sampler": sampler})
+        return [key for key, _ in batch]
+
+
+def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A text-to-image pipeline from a diffusers folder / hub id, or a single .safetensors/.ckpt file."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if architecture == "SDXL 1.0" else StableDiffusionPipeline
+    extra = {"add_watermarker": False} if architecture == "SDXL 1.0" else {"safety_checker": None,
+                                                                          "requires_safety_checker": False}
+    if checkpoint.kind == "file":
+        pipeline = pipeline_class.from_single_file(checkpoint.path, dtype=dtype, **extra)
+    else:
+        pipeline = DiffusionPipeline.from_pretrained(checkpoint.path, dtype=dtype, **extra)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def request_table(results: Sequence[Generated]):
+    """One row per generated image: model, sampler, steps, cfg, size drawn, seed, cached, key."""
+    import pandas as pd
+
+    return pd.DataFrame([{"model": g.request.api["model"], "type": g.request.api["type"],
+                          "base_model": g.request.api["base_model"], "sampler": g.request.api["sampling_method"],
+                          "steps": g.request.api["sampling_steps"], "cfg": g.request.api["cfg_scale"],
+                          "size": f"{g.size[0]}×{g.size[1]}", "seed": g.request.seed, "cached": g.cached,
+                          "key": g.key[:12]} for g in results])
+
+
+def as_dict(validation: Validation) -> dict[str, Any]:
+    """A validation as a plain dict (for JSON lines)."""
+    row = asdict(validation)
+    row["model"] = validation.model.name if validation.model else None
+    return row

@@ -1,0 +1,282 @@
+import http.server
+import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import config, t2i
+
+
+def _record(name, kind, arch, version, lora_base=None, images=1):
+    return {"api": {"model": name, "type": kind, "model_description": f"{name} draws things."}, "architecture": arch,
+            "model_id": version // 10, "model_version_id": version,
+            "lora_base": {"model_id": 1, "model_version_id": lora_base, "model": "AlphaMix"} if lora_base else None}
+
+
+RECORDS = [_record("AlphaMix", "Checkpoint", "SD 1.5", 11), _record("AlphaMix", "Checkpoint", "SD 1.5", 11),
+           _record("InkStyle", "LORA", "SD 1.5", 21, lora_base=11), _record("BetaXL", "Checkpoint", "SDXL 1.0", 31),
+           _record("Twin", "Checkpoint", "SD 1.5", 41), _record("Twin", "Checkpoint", "SDXL 1.0", 42)]
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return t2i.ModelCatalog.from_records(RECORDS)
+
+
+@pytest.fixture(scope="module")
+def run_ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    (root / "notebooks").mkdir()
+    import shutil
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", root / "configs")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("T2IBOOK_ROOT", str(root))
+        patch.delenv("T2IBOOK_FORCE", raising=False)
+        yield config.setup("tiny", 0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def executor(run_ctx, catalog):
+    return t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=4)
+
+
+def api(model="AlphaMix", base="SD 1.5", kind="Checkpoint", **overrides):
+    call = {"model": model, "type": kind, "base_model": base, "width": 512, "height": 768, "sampling_method": "Euler a",
+            "sampling_steps": 4, "cfg_scale": 7.0, "model_description": "x"}
+    return {**call, **overrides}
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+@pytest.mark.parametrize("output, category", [
+    ("Sure! Here it is: ```json\n" + json.dumps(api()) + "\n```", None),
+    ('{"model": "AlphaMix", "width": 512', "unparseable"),
+    ("no json at all", "unparseable"),
+    (json.dumps({k: v for k, v in api().items() if k != "sampling_steps"}), "unparseable"),
+    (json.dumps(api(width="wide")), "unparseable"),
+    (json.dumps(api(model="GammaMix")), "unknown_model"),
+    (json.dumps(api(base="SDXL 1.0")), "base_model_mismatch"),
+    (json.dumps(api(sampling_method="Euler z")), "unknown_sampler"),
+    (json.dumps(api(width=500)), "bad_size"),
+    (json.dumps(api(height=4096)), "bad_size"),
+    (json.dumps(api(sampling_steps=0)), "steps_out_of_range"),
+    (json.dumps(api(cfg_scale=31)), "cfg_out_of_range"),
+])
+def test_validate_names_the_first_failure(output, category, catalog):
+    result = t2i.validate(output, catalog)
+    assert result.category == category, result.detail
+    assert result.ok == (category is None)
+
+
+def test_validate_rebuilds_the_call_from_the_catalog(catalog):
+    result = t2i.validate({**api(kind="LORA", width="512", sampling_steps=20.0), "model_description": "made up"},
+                          catalog)
+    assert result.ok
+    assert result.api["type"] == "Checkpoint" and result.api["width"] == 512 and result.api["sampling_steps"] == 20
+    assert result.api["model_description"] == "AlphaMix draws things."
+    assert any("corrected" in note for note in result.notes) and any("as text" in note for note in result.notes)
+    twin = t2i.validate(api(model="Twin", base="SDXL 1.0"), catalog)
+    assert twin.ok and twin.model.model_version_id == 42  # same name on two architectures: the named one
+
+
+def test_unknown_model_suggests_close_names(catalog):
+    assert "AlphaMix" in t2i.validate(api(model="AlphaMx"), catalog).detail
+
+
+def test_200_mixed_outputs_are_classified_without_raising(catalog):
+    rng = random.Random(0)
+    breakers = {
+        "unparseable": lambda t: t[: rng.randint(0, len(t) - 2)],
+        "unknown_model": lambda t: t.replace('"AlphaMix"', '"AlphaMix Ultra"'),
+        "base_model_mismatch": lambda t: t.replace('"SD 1.5"', '"SDXL 1.0"'),
+        "unknown_sampler": lambda t: t.replace('"Euler a"', '"Euler b"'),
+        "bad_size": lambda t: t.replace('"width": 512', '"width": 513'),
+        "steps_out_of_range": lambda t: t.replace('"sampling_steps": 4', '"sampling_steps": 400'),
+        "cfg_out_of_range": lambda t: t.replace('"cfg_scale": 7.0', '"cfg_scale": -3'),
+    }
+    planted, outputs = [], []
+    for _ in range(200):
+        text = json.dumps(api())
+        category = rng.choice([None, *breakers])
+        outputs.append(breakers[category](text) if category else text)
+        planted.append(category)
+    outputs += ["", "null", "[1, 2]", '{"model": null}', "{" * 50, '{"cfg_scale": NaN}']
+    planted += ["unparseable"] * 6
+    results = [t2i.validate(o, catalog) for o in outputs]
+    assert [r.category for r in results] == planted
+    assert all(r.detail for r in results if not r.ok)
+    table = t2i.hallucination_table(results)
+    assert table["count"].sum() == len(outputs) and table.loc["ok", "count"] == planted.count(None)
+
+
+# ------------------------------------------------------------------------------------------ schedulers
+
+# Written out independently of t2i.SAMPLERS: the diffusers class and settings each A1111 name must get.
+EXPECTED = {
+    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                 "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {"use_karras_sigmas": False}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {"use_karras_sigmas": False}),
+}
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "skip_prk_steps": True,
+                  "steps_offset": 1, "set_alpha_to_one": False, "use_karras_sigmas": True}
+
+
+@pytest.mark.parametrize("sampler", sorted(EXPECTED))
+def test_every_sampler_maps_to_its_scheduler(sampler):
+    scheduler = t2i.make_scheduler(sampler, SD15_SCHEDULER)
+    class_name, settings = EXPECTED[sampler]
+    assert type(scheduler).__name__ == class_name
+    for key, value in settings.items():
+        assert scheduler.config[key] == value, (sampler, key)
+    assert scheduler.config["beta_schedule"] == "scaled_linear" and scheduler.config["beta_end"] == 0.012
+
+
+def test_expected_table_covers_every_known_sampler():
+    from helpers.api_call import KNOWN_SAMPLERS
+
+    assert set(EXPECTED) == set(KNOWN_SAMPLERS)
+
+
+def test_unknown_sampler_error_lists_the_known_names():
+    with pytest.raises(ValueError, match=r"sampler 'Euler z' is not one of: Euler, Euler a, DDIM"):
+        t2i.make_scheduler("Euler z", SD15_SCHEDULER)
+
+
+def test_render_size_keeps_aspect_and_multiples_of_8():
+    assert t2i.render_size(512, 768, None) == (512, 768)
+    assert t2i.render_size(512, 768, 64) == (40, 64)
+    assert t2i.render_size(1216, 832, 64) == (64, 40)  # 43.8 rounds to 40
+    assert t2i.render_size(512, 2048, 32) == (8, 32)
+
+
+def test_default_api_uses_native_size_and_default_parameters(catalog):
+    call = t2i.default_api(catalog.lookup("BetaXL"))
+    assert (call["width"], call["sampling_method"], call["sampling_steps"], call["cfg_scale"]) == (1024, "Euler a", 20, 7.0)
+    assert t2i.validate(call, catalog).ok and t2i.validate(t2i.default_api(catalog.base("SD 1.5")), catalog).ok
+
+
+# ------------------------------------------------------------------------------------------- executor
+
+def _pixels(generated):
+    return np.asarray(generated.image, dtype=np.int16)
+
+
+def test_cache_hit_generates_nothing(executor):
+    requests = [t2i.Request(api(), "a red fox in snow", "blurry", seed) for seed in (1, 2)]
+    first = executor.generate(requests + requests[:1], progress=False)  # the repeat is drawn once
+    drawn = executor.stats["generated"]
+    assert [g.cached for g in first] == [False, False, False] and first[0].key == first[2].key
+    again = executor.generate(requests, progress=False)
+    assert executor.stats["generated"] == drawn
+    assert all(g.cached for g in again)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(first, again))
+    assert first[0].image.size == (24, 32)  # 512×768 drawn at max_side 32
+    assert not np.array_equal(_pixels(first[0]), _pixels(first[1]))  # seeds matter
+
+
+def test_a_lora_changes_its_base_models_output(executor):
+    prompt, negative = "an ink drawing of a heron", ""
+    base_before = executor.generate([t2i.Request(api(), prompt, negative, 7)], progress=False)[0]
+    with_lora = executor.generate([t2i.Request(api("InkStyle", kind="LORA"), prompt, negative, 7)], progress=False)[0]
+    assert Path(executor.plan(api("InkStyle", kind="LORA"))[0].path).name == "11"  # runs on its base checkpoint
+    assert not np.array_equal(_pixels(base_before), _pixels(with_lora))
+    executor.cache.path(base_before.key).unlink()  # draw the base again, after the LoRA was loaded
+    base_after = executor.generate([t2i.Request(api(), prompt, negative, 7)], progress=False)[0]
+    assert not base_after.cached and np.array_equal(_pixels(base_before), _pixels(base_after))
+
+
+def test_each_catalog_model_has_its_own_weights_and_sdxl_runs(executor):
+    requests = [t2i.Request(api(m, b), "a lighthouse", "", 3) for m, b in
+                [("AlphaMix", "SD 1.5"), ("Twin", "SD 1.5"), ("BetaXL", "SDXL 1.0"), ("Twin", "SDXL 1.0")]]
+    out = executor.generate(requests, progress=False)
+    assert len({g.weights_id for g in out}) == 4
+    assert not np.array_equal(_pixels(out[0]), _pixels(out[1]))
+    assert out[2].image.size == (24, 32)
+
+
+def test_batched_images_equal_one_at_a_time(executor, run_ctx, catalog):
+    requests = [t2i.Request(api(sampling_method=s), "a bowl of ramen", "", 5) for s in ("DPM++ 2M Karras",)] * 1
+    requests += [t2i.Request(api(sampling_method="DPM++ 2M Karras"), f"a bowl of ramen {i}", "", 5 + i)
+                 for i in range(1, 4)]
+    batched = executor.generate(requests, progress=False)
+    single = t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=1)
+    single.cache = t2i.ImageCache(run_ctx.runs_dir / "other_cache")
+    alone = single.generate(requests, progress=False)
+    for a, b in zip(batched, alone):
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 2  # float summation order only
+
+
+def test_sde_sampler_images_depend_on_their_own_seed_only(executor):
+    call = api(sampling_method="DPM++ SDE Karras")
+    pair = executor.generate([t2i.Request(call, "a kite", "", 1), t2i.Request(call, "a kite", "", 2)], progress=False)
+    executor.cache.path(pair[0].key).unlink()
+    alone = executor.generate([t2i.Request(call, "a kite", "", 1)], progress=False)[0]
+    assert not alone.cached and np.array_equal(_pixels(alone), _pixels(pair[0]))
+
+
+def test_unvalidated_call_is_refused_with_a_hint(executor):
+    with pytest.raises(ValueError, match="validate the API call first"):
+        executor.plan(api(model="Nope"))
+
+
+def test_paper_weights_download_a_single_file_lora(run_ctx, tmp_path, monkeypatch):
+    """CivitaiWeights fetches by version id with the token as a header, then the file loads as a LoRA."""
+    from helpers import models
+
+    lora_folder = tmp_path / "lora"
+    base = Path(t2i.TinyWeights(run_ctx).base("SD 1.5").path)
+    models.build_tiny_lora(lora_folder, base, seed=3)
+    payload = (lora_folder / "pytorch_lora_weights.safetensors").read_bytes()
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CIVITAI_API_TOKEN", "test-token-123")
+    try:
+        store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights",
+                                   url=f"http://127.0.0.1:{server.server_port}/api/download/models/{{version}}")
+        model = t2i.CatalogModel("InkStyle", "LORA", "SD 1.5", 21, lora_base_version_id=11)
+        weights = store.lora(model)
+        store.lora(model)  # second call: already on disk
+    finally:
+        server.shutdown()
+    assert seen == [("/api/download/models/21", "Bearer test-token-123")]
+    assert weights.kind == "file" and Path(weights.path).read_bytes() == payload
+    pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+    executor = t2i.Executor(t2i.ModelCatalog([]), store, t2i.ImageCache(tmp_path / "cache"))
+    executor._with_lora(pipeline, weights)
+    assert pipeline.get_list_adapters()["unet"] == ["lora_civitai_21"]
