@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import scoring
+
+
+def test_unified_metric_fixed_matches_hand_worked_values():
+    # clip 75/100 = .75, hps (.27-.20)/.10 = .7, image_reward (.1+.5)/1 = .6 → mean .68333
+    assert scoring.unified_metric({"clip": 75, "hps": 0.27, "image_reward": 0.1}) == pytest.approx(68.3333333)
+    # fid 20 over [0, 100] = .2, flipped to .8 → mean of .75 .7 .6 .8 = .7125
+    assert scoring.unified_metric({"clip": 75, "hps": 0.27, "image_reward": 0.1, "fid": 20}) == pytest.approx(71.25)
+
+
+def test_unified_metric_fixed_arrays_broadcast_a_set_level_fid():
+    unified = scoring.unified_metric({"clip": [50, 100], "hps": [0.2, 0.3], "image_reward": [-0.5, 0.5], "fid": 50.0})
+    np.testing.assert_allclose(unified, [25.0, 87.5])  # (.5+0+0+.5)/4 and (1+1+1+.5)/4
+
+
+def test_unified_metric_pooled_matches_hand_worked_values():
+    scores = {"clip": [60, 80, 70], "hps": [0.25, 0.21, 0.29], "image_reward": [1.0, -1.0, 0.0]}
+    # normalised: clip 0, 1, .5; hps .5, 0, 1; image_reward 1, 0, .5
+    np.testing.assert_allclose(scoring.unified_metric(scores, mode="pooled"), [50.0, 100 / 3, 200 / 3])
+
+
+def test_unified_metric_pooled_constant_metric_counts_half_and_ranges_override():
+    np.testing.assert_allclose(scoring.unified_metric({"clip": [10, 20], "hps": [0.25, 0.25]}, "pooled"), [25, 75])
+    assert scoring.unified_metric({"clip": 30}, ranges={"clip": (20, 40)}) == pytest.approx(50.0)
+    assert scoring.unified_metric({"clip": 120}) == pytest.approx(120.0)  # outside the range: extends, no clamp
+
+
+@pytest.mark.parametrize("scores, mode, message", [
+    ({"pickscore": 1.0}, "fixed", "no normalisation range"),
+    ({"clip": 1.0}, "mean", "mode='mean'"),
+    ({}, "fixed", "scores is empty"),
+    ({"clip": [1.0, float("nan")]}, "fixed", "non-finite"),
+])
+def test_unified_metric_errors_name_the_problem(scores, mode, message):
+    with pytest.raises(ValueError, match=message):
+        scoring.unified_metric(scores, mode)
+
+
+def test_clip_score_and_weighted_score():
+    np.testing.assert_allclose(scoring.clip_score([0.3, -0.2]), [75.0, 0.0])  # 100 · 2.5 · max(cos, 0)
+    assert scoring.clip_score(0.3, weight=1.0, scale=scoring.AGFSYNC_CLIP_GAMMA) == pytest.approx(30.0)
+    assert scoring.weighted_score(80, 30, 60) == pytest.approx(0.35 * 80 + 0.55 * 30 + 0.10 * 60)
+    np.testing.assert_allclose(scoring.weighted_score([100, 0], [0, 100], [0, 0], weights=(0, 0.85, 0.15)), [0, 85])
+    with pytest.raises(ValueError, match="summing to 1"):
+        scoring.weighted_score(1, 1, 1, weights=(0.5, 0.5, 0.5))
+
+
+def test_score_cache_survives_a_torn_last_line(tmp_path):
+    cache = scoring.ScoreCache(tmp_path / "scores.jsonl")
+    cache.put_many([("k1", "clip", "w", 70.0), ("k2", "clip", "w", 60.0)])
+    with open(tmp_path / "scores.jsonl", "a") as handle:
+        handle.write('{"image": "k3", "sco')  # a crash mid-write
+    reread = scoring.ScoreCache(tmp_path / "scores.jsonl")
+    assert reread.get("k1", "clip", "w") == 70.0 and reread.get("k3", "clip", "w") is None
+    assert reread.get("k1", "clip", "other-weights") is None
+
+
+def test_scoring_run_scores_each_image_once(tiny_ctx):
+    from helpers.t2i import Generated, Request
+
+    images = [Image.new("RGB", (32, 32), color) for color in ("red", "blue")]
+    generated = [Generated(Request({}, prompt, "", 0), image, f"key{i}", False, "w", (32, 32))
+                 for i, (prompt, image) in enumerate(zip(["a red square", "a blue square"], images))]
+    run = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    first = run.score(generated)
+    assert run.computed == 2 and run.reused == 0
+    assert np.all(np.isfinite(first["clip"])) and first["clip"].between(0, 250).all()
+    cosines = run.scorers["clip"].cosine(images, ["a red square", "a blue square"])
+    np.testing.assert_allclose(first["clip"], 250 * np.maximum(cosines, 0))
+    again = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).score(generated)  # a new process, same cache
+    np.testing.assert_allclose(again["clip"], first["clip"])
+    rows = [json.loads(line) for line in (tiny_ctx.runs_dir / "image_cache" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+
+
+def test_normalisation_sensitivity_reports_rank_agreement():
+    import pandas as pd
+
+    table = pd.DataFrame({"model": ["a", "a", "b", "b"], "clip": [80, 70, 60, 65], "hps": [0.21, 0.22, 0.29, 0.28],
+                          "image_reward": [0.0, 0.1, 0.0, 0.1]})
+    means, tau = scoring.normalisation_sensitivity(table, {"wide hps": {"hps": (0.0, 1.0)}})
+    assert tau["default"] == pytest.approx(1.0)
+    # with HPS over [0.20, 0.30], b wins; over [0, 1] HPS barely moves and CLIP decides: a wins
+    assert means["default"].idxmax() == "b" and means["wide hps"].idxmax() == "a" and tau["wide hps"] < 0
