@@ -117,9 +117,10 @@ def test_small_profile_agent_converts_from_the_pypi_gguf(tmp_path):
     assert reply["new_tokens"] > 0 and reply["reply"].strip()
 
 
-def test_roles_whose_tiny_model_is_not_built_yet_say_so(tiny_ctx):
-    with pytest.raises(KeyError, match="no tiny builder 'image-reward' yet"):
-        models.resolve("image_reward", tiny_ctx)
+def test_a_recipe_naming_an_unknown_tiny_model_says_which_exist(tiny_ctx):
+    tiny_ctx.recipe.models["hps"] = "tiny:hps-v3"
+    with pytest.raises(KeyError, match="no tiny builder 'hps-v3' yet; built so far: llama"):
+        models.resolve("hps", tiny_ctx)
 
 
 def test_packaged_pipelines_resolve_to_their_import_name(tiny_ctx):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .scorers.base import rgb, weights_id
+from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -88,8 +88,7 @@ class ClipScorer:
 
         self.model, self.processor = load_clip(source, device, dtype)
         self.device, self.batch_size = device, batch_size
-        local = Path(source)
-        self.weights_id = weights_id(source, *sorted(local.glob("*.safetensors"))) if local.exists() else source
+        self.weights_id = weights_id(source, *local_weight_files(source))
 
     @torch.no_grad()
     def cosine(self, images, prompts: Sequence[str]) -> np.ndarray:
@@ -101,17 +100,12 @@ class ClipScorer:
                                    padding=True, truncation=True).to(self.device)
             image = self.model.get_image_features(pixel_values=batch["pixel_values"])
             text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            image, text = (_features(x) for x in (image, text))
+            image, text = pooled(image), pooled(text)
             out.append(torch.nn.functional.cosine_similarity(image.float(), text.float()).cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
     def score(self, images, prompts: Sequence[str]) -> np.ndarray:
         return clip_score(self.cosine(images, prompts))
-
-
-def _features(output) -> torch.Tensor:
-    """Projected features whether transformers returns a tensor or an output object holding them."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 # ------------------------------------------------------------------------------------------ score cache
@@ -218,3 +212,104 @@ def normalisation_sensitivity(table, variants: Mapping[str, Mapping[str, tuple[f
     ranks = frame.rank(ascending=False)
     tau = {label: kendalltau(ranks["default"], ranks[label]).statistic for label in frame}
     return frame, pd.Series(tau, name="kendall_tau_vs_default")
+
+
+# ------------------------------------------------------------------------------------ stage 05 (notebook)
+
+def stability_by_k(table, group: str = "api_id", value: str = "unified", seed_column: str = "seed_index"):
+    """How the mean over the first k seeds approaches the mean over all seeds, per k (error, spread, rank τ)."""
+    import pandas as pd
+    from scipy.stats import kendalltau
+
+    full = table.groupby(group)[value].mean()
+    rows = []
+    for k in range(1, int(table[seed_column].max()) + 2):
+        first_k = table[table[seed_column] < k].groupby(group)[value]
+        means = first_k.mean().reindex(full.index)
+        rows.append({"k": k, "mean_abs_gap_to_all_seeds": float((means - full).abs().mean()),
+                     "seed_std": float(first_k.std().mean()) if k > 1 else float("nan"),
+                     "kendall_tau_vs_all_seeds": float(kendalltau(means, full).statistic)})
+    return pd.DataFrame(rows).set_index("k")
+
+
+def plot_stability(stability):
+    """Two panels: the gap to the all-seed mean, and the rank agreement, against k images per API."""
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    stability["mean_abs_gap_to_all_seeds"].plot(ax=left, marker="o")
+    left.set(xlabel="k images per API", ylabel="|mean of k − mean of all|", title="Unified score vs k")
+    stability["kendall_tau_vs_all_seeds"].plot(ax=right, marker="o", color="tab:green")
+    right.set(xlabel="k images per API", ylabel="Kendall τ", title="Ranking of APIs vs k", ylim=(-1.05, 1.05))
+    figure.tight_layout()
+    return figure
+
+
+SENSITIVITY_VARIANTS = {"HPS over [0.15, 0.35]": {"hps": (0.15, 0.35)},
+                        "ImageReward over [-2, 2]": {"image_reward": (-2.0, 2.0)},
+                        "CLIP over [50, 100]": {"clip": (50.0, 100.0)}}
+
+
+def pick_showcase(records: Sequence[dict], count: int, seed: int = 0) -> list[dict]:
+    """`count` test-split records covering both architectures and both model types where the split allows."""
+    import random
+
+    pool = [r for r in records if r["split"] == "test"] or list(records)
+    rng = random.Random(seed)
+    kinds: dict[tuple, list] = {}
+    for record in pool:
+        kinds.setdefault((record["architecture"], record["api"]["type"]), []).append(record)
+    picked = []
+    while len(picked) < min(count, len(pool)):
+        for kind in sorted(kinds):
+            left = [r for r in kinds[kind] if r not in picked]
+            if left and len(picked) < count:
+                picked.append(rng.choice(left))
+    return picked
+
+
+def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: int, num_seeds: int,
+                 max_side: int | None, batch_size: int, scorer_names: Sequence[str],
+                 num_outputs: int) -> dict[str, Any]:
+    """Stage 05: validate a mixed batch, run DABench APIs and their defaults over seeds, score, write tables."""
+    import pandas as pd
+
+    from . import t2i
+    from .civitai import read_jsonl
+
+    folder = Path(folder)
+    records = read_jsonl(Path(dabench_path))
+    catalog = t2i.ModelCatalog.from_records(records)
+    planted = t2i.planted_failures(records, num_outputs, ctx.seed)
+    checks = [t2i.validate(text, catalog) for text, _ in planted]
+    pd.DataFrame([{"planted": p or "ok", "found": v.category or "ok", "detail": v.detail, "output": text[:90]}
+                  for (text, p), v in zip(planted, checks)]).to_csv(folder / "validation.csv", index=False)
+    requests, rows = [], []
+    for api_id, record in enumerate(pick_showcase(records, num_apis, ctx.seed)):
+        checked = t2i.validate(record["api"], catalog)
+        calls = {"api": checked.api, "default": t2i.default_api(checked.model, record["api"]["width"],
+                                                                record["api"]["height"])}
+        for variant, call in calls.items():
+            for seed_index in range(num_seeds):
+                seed = ((record["seed"] or 0) + seed_index) % 2**32
+                requests.append(t2i.Request(call, record["instruction"]["prompt"],
+                                            record["instruction"]["negative_prompt"], seed))
+                rows.append({"api_id": api_id, "record": record["id"], "variant": variant, "seed_index": seed_index,
+                             "seed": seed, "model": call["model"], "type": call["type"],
+                             "base_model": call["base_model"], "sampler": call["sampling_method"],
+                             "steps": call["sampling_steps"], "cfg": call["cfg_scale"],
+                             "size": f"{call['width']}×{call['height']}", "prompt": record["instruction"]["prompt"]})
+    executor = t2i.Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    generated = executor.generate(requests)
+    scorer = ScoringRun.for_run(ctx, scorer_names)
+    scores = scorer.score(generated).drop(columns=["prompt"])
+    table = pd.concat([pd.DataFrame(rows), scores], axis=1)
+    table.to_csv(folder / "scores.csv", index=False)
+    api_rows = table[table["variant"] == "api"]
+    stability_by_k(api_rows).to_csv(folder / "stability.csv")
+    means, tau = normalisation_sensitivity(api_rows.assign(api=api_rows["api_id"]), SENSITIVITY_VARIANTS, by="api")
+    means.to_csv(folder / "sensitivity_means.csv")
+    tau.to_csv(folder / "sensitivity_tau.csv")
+    return {"outputs_checked": len(checks), "hallucinations": sum(not v.ok for v in checks), "apis": num_apis,
+            "images": len(generated), "images_drawn": executor.stats["generated"],
+            "scores_computed": scorer.computed, "scores_reused": scorer.reused}

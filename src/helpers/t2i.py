@@ -519,11 +519,18 @@ class Executor:
         loaded = pipeline.__dict__.setdefault("_t2i_loras", set())
         name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
         if name not in loaded:
+            from diffusers.utils import logging as diffusers_logging
+
             path = Path(lora.path)
-            if lora.kind == "file":
-                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            else:
-                pipeline.load_lora_weights(str(path), adapter_name=name)
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # Civitai LoRAs often train the UNet only: not worth a warning
+            try:
+                if lora.kind == "file":
+                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                else:
+                    pipeline.load_lora_weights(str(path), adapter_name=name)
+            finally:
+                diffusers_logging.set_verbosity(level)
             loaded.add(name)
         pipeline.enable_lora()
         pipeline.set_adapters([name], adapter_weights=[1.0])
@@ -615,3 +622,28 @@ def as_dict(validation: Validation) -> dict[str, Any]:
     row = asdict(validation)
     row["model"] = validation.model.name if validation.model else None
     return row
+
+
+def planted_failures(records: Sequence[dict], count: int, seed: int = 0) -> list[tuple[str, str | None]]:
+    """`count` agent-like outputs built from real API calls, each clean or broken in one known way (for demos)."""
+    import random
+
+    rng = random.Random(seed)
+    breakers = {
+        "unparseable": lambda call: json.dumps(call)[: rng.randint(1, 40)],
+        "unknown_model": lambda call: json.dumps({**call, "model": call["model"] + " Turbo XL"}),
+        "base_model_mismatch": lambda call: json.dumps(
+            {**call, "base_model": "SDXL 1.0" if call["base_model"] == "SD 1.5" else "SD 1.5"}),
+        "unknown_sampler": lambda call: json.dumps({**call, "sampling_method": rng.choice(["Euler b", "DPM 3M",
+                                                                                          "karras"])}),
+        "bad_size": lambda call: json.dumps({**call, "width": rng.choice([500, 4096, 100])}),
+        "steps_out_of_range": lambda call: json.dumps({**call, "sampling_steps": rng.choice([0, 500])}),
+        "cfg_out_of_range": lambda call: json.dumps({**call, "cfg_scale": rng.choice([0.0, 45.0])}),
+    }
+    outputs = []
+    for _ in range(count):
+        call = dict(rng.choice(records)["api"])
+        category = rng.choice([None, None, *breakers])  # about a quarter clean
+        text = json.dumps(call) if category is None else breakers[category](call)
+        outputs.append((f"Here is the API call: {text}", category))
+    return outputs

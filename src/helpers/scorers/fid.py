@@ -1,0 +1,83 @@
+"""Fréchet distance between real and generated images with torchmetrics' `FrechetInceptionDistance`.
+
+Paper profile: the standard Inception-v3 pool features (2048-d; needs `torch-fidelity`, which downloads the
+Inception weights once). Offline: CLIP image embeddings from a local CLIP folder. The two are different metrics
+on different scales; a table says which features it used.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .base import pooled
+
+INCEPTION = "inception"
+
+
+class ClipFeatureExtractor(nn.Module):
+    """CLIP image embeddings as FID features; takes uint8 (N, 3, H, W) tensors, as torchmetrics passes them."""
+
+    def __init__(self, source: str | Path, device: str = "cpu"):
+        super().__init__()
+        from ..models import load_clip
+
+        self.clip, processor = load_clip(str(source), device)
+        image_processor = processor.image_processor
+        crop = getattr(image_processor, "crop_size", None) or image_processor.size
+        self.size = (crop["height"], crop["width"]) if "height" in crop else (crop["shortest_edge"],) * 2
+        self.register_buffer("mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1).to(device))
+        self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1).to(device))
+        self.num_features = int(self.clip.config.projection_dim)  # torchmetrics reads this to size its statistics
+
+    def train(self, mode: bool = True) -> "ClipFeatureExtractor":
+        # torchmetrics' Metric starts in training mode and would switch CLIP's dropout on; features stay eval-mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images in [0, 255], got {images.dtype}; convert with (x * 255).byte()")
+        pixels = images.to(self.mean.device, torch.float32) / 255
+        # resize the whole image (no crop) so every pixel counts, as Inception's FID resize does
+        pixels = nn.functional.interpolate(pixels, size=self.size, mode="bicubic", antialias=True).clamp(0, 1)
+        pixels = ((pixels - self.mean) / self.std).to(self.clip.dtype)
+        return pooled(self.clip.get_image_features(pixel_values=pixels)).float()
+
+
+def fid_metric(feature: str | Path = INCEPTION, device: str = "cpu"):
+    """A torchmetrics FrechetInceptionDistance on Inception-v3 (2048-d) or on the CLIP at path/hub id `feature`."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if str(feature) != INCEPTION:
+        return FrechetInceptionDistance(feature=ClipFeatureExtractor(feature, device)).to(device)
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ModuleNotFoundError("feature='inception' needs the Inception-v3 weights from torch-fidelity: run "
+                                  "`pip install torch-fidelity`, or pass a CLIP folder as `feature` to work offline")
+    return FrechetInceptionDistance(feature=2048).to(device)
+
+
+def as_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """RGB images resized to size × size, as one uint8 (N, 3, size, size) tensor."""
+    arrays = [np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def fid_score(real_images: Sequence[Image.Image], generated_images: Sequence[Image.Image],
+              feature: str | Path = INCEPTION, batch_size: int = 32, device: str = "cpu",
+              image_size: int = 299) -> float:
+    """FID between two image sets (each ≥ 2 images), on Inception-v3 features or those of a CLIP `feature`."""
+    for side, images in (("real_images", real_images), ("generated_images", generated_images)):
+        if len(images) < 2:
+            raise ValueError(f"FID needs at least 2 images per set (a covariance), got {len(images)} {side}; "
+                             "pass more images")
+    metric = fid_metric(feature, device)
+    for real, images in ((True, real_images), (False, generated_images)):
+        for start in range(0, len(images), batch_size):
+            metric.update(as_uint8(images[start:start + batch_size], image_size).to(device), real=real)
+    return float(metric.compute())

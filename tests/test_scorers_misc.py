@@ -1,0 +1,277 @@
+"""LAION aesthetic, BLIP-2 VQA, FID and BERTScore: tiny builders round-trip through the paper loaders."""
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from helpers.scorers import aesthetic, bertscore, fid, vqa
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _noise_images(count: int, seed: int = 0, size=(40, 48)) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------ aesthetic
+
+@pytest.fixture(scope="module")
+def aesthetic_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("aesthetic")
+    aesthetic.build_tiny_aesthetic(folder, seed=0)
+    return folder
+
+
+def test_tiny_aesthetic_is_deterministic_per_seed(aesthetic_folder, tmp_path):
+    facts = aesthetic.build_tiny_aesthetic(tmp_path / "again", seed=0)
+    assert facts["embedding_size"] == 32
+    for name in (aesthetic.MLP_FILE, "clip/model.safetensors"):
+        assert _sha(tmp_path / "again" / name) == _sha(aesthetic_folder / name)
+    assert "random" in (aesthetic_folder / "README.md").read_text().lower()
+
+
+def test_aesthetic_loader_keeps_the_saved_mlp_and_scores_like_a_hand_computation(aesthetic_folder):
+    scorer = aesthetic.load_aesthetic(aesthetic_folder)
+    saved = torch.load(aesthetic_folder / aesthetic.MLP_FILE, weights_only=True)
+    assert set(saved) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    for key, tensor in scorer.mlp.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+    images = _noise_images(3)
+    scores = scorer.score(images, ["ignored"] * 3, batch_size=2)
+    assert scores.shape == (3,) and np.isfinite(scores).all()
+    np.testing.assert_array_equal(scores, scorer.score(images))  # batching and repetition change nothing
+
+    with torch.no_grad():  # by hand: CLIP image features, L2 norm, then the five linear layers (no activations)
+        pixels = scorer.processor(images=images, return_tensors="pt")["pixel_values"]
+        x = scorer.clip.get_image_features(pixel_values=pixels).pooler_output
+        x = x / x.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ saved[f"layers.{i}.weight"].T + saved[f"layers.{i}.bias"]
+    np.testing.assert_allclose(scores, x[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+    assert scorer.name == "aesthetic" and scorer.weights_id.startswith(f"{aesthetic_folder.name}@")
+
+
+def test_aesthetic_names_a_missing_mlp_file(aesthetic_folder):
+    with pytest.raises(FileNotFoundError, match="sac\\+logos\\+ava1-l14-linearMSE.pth"):
+        aesthetic.load_aesthetic(aesthetic_folder / "clip")
+
+
+# ------------------------------------------------------------------------------------------------------ VQA
+
+@pytest.fixture(scope="module")
+def vqa_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vqa")
+    vqa.build_tiny_vqa(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vqa_scorer(vqa_folder):
+    return vqa.load_vqa(vqa_folder)
+
+
+QUESTIONS = ["is there a cat?", "is the sky blue in this picture of a castle at sunset?", "red?"]
+
+
+def test_tiny_vqa_is_deterministic_and_inserts_image_tokens(vqa_folder, vqa_scorer, tmp_path):
+    facts = vqa.build_tiny_vqa(tmp_path / "again", seed=0)
+    assert _sha(tmp_path / "again" / "model.safetensors") == _sha(vqa_folder / "model.safetensors")
+    assert "random" in (vqa_folder / "README.md").read_text().lower()
+    model, processor = vqa_scorer.model, vqa_scorer.processor
+    ids = processor(images=_noise_images(1), text=["Question: red? Answer:"], return_tensors="pt")["input_ids"][0]
+    assert (ids == model.config.image_token_index).sum() == facts["num_query_tokens"] == model.config.num_query_tokens
+
+
+def test_vqa_yes_probability_is_a_batched_deterministic_probability(vqa_scorer):
+    images = _noise_images(3)
+    probability = vqa_scorer.yes_probability(images, QUESTIONS)
+    assert probability.shape == (3,) and ((probability >= 0) & (probability <= 1)).all()
+    np.testing.assert_array_equal(probability, vqa_scorer.yes_probability(images, QUESTIONS))
+    one_by_one = [vqa_scorer.yes_probability([image], [q])[0] for image, q in zip(images, QUESTIONS)]
+    np.testing.assert_allclose(probability, one_by_one, atol=1e-5)  # padding does not change an answer
+    answers = vqa_scorer.answers(images, QUESTIONS)
+    assert answers == [bool(p > 0.5) for p in probability] and all(type(a) is bool for a in answers)
+    assert vqa_scorer.name == "vqa" and "@" in vqa_scorer.weights_id
+    with pytest.raises(ValueError, match="one image per question"):
+        vqa_scorer.yes_probability(images, QUESTIONS[:2])
+
+
+def test_vqa_score_is_100_times_the_share_of_yes(vqa_scorer, monkeypatch):
+    image, seen = _noise_images(1)[0], {}
+
+    def fake_yes_probability(images, questions):
+        seen["images"], seen["questions"] = images, questions
+        return np.array([0.9, 0.2, 0.7, 0.5])  # yes, no, yes, no (0.5 is not a yes)
+
+    monkeypatch.setattr(vqa_scorer, "yes_probability", fake_yes_probability)
+    assert vqa_scorer.vqa_score(image, ["a?", "b?", "c?", "d?"]) == 50.0
+    assert seen["images"] == [image] * 4 and seen["questions"] == ["a?", "b?", "c?", "d?"]
+    with pytest.raises(ValueError, match="at least one question"):
+        vqa_scorer.vqa_score(image, [])
+
+
+def test_answer_tokens_drop_the_space_both_words_start_with(vqa_scorer):
+    tokenizer = vqa_scorer.processor.tokenizer
+    # the tiny byte BPE has no whole-word "yes": " yes" starts with "Ġ" like " no", so only "y" vs "n" is left
+    assert tokenizer.convert_ids_to_tokens(vqa_scorer.yes_ids) == ["y"]
+    assert tokenizer.convert_ids_to_tokens(vqa_scorer.no_ids) == ["n"]
+    tokenizer.padding_side = "right"  # as OPT's tokenizer ships
+    assert vqa.VqaScorer(vqa_scorer.model, vqa_scorer.processor, "x").processor.tokenizer.padding_side == "left"
+
+
+def _build_tiny_t5_blip2(folder: Path) -> None:
+    """BLIP-2 with an encoder-decoder (T5) text model and a sentencepiece-style ("▁yes") tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
+                              PreTrainedTokenizerFast)
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    corpus = ["question answer is there a cat dog red blue sky the in picture of castle sunset", "yes no"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, show_progress=False,
+                                                            special_tokens=["<pad>", "</s>", "<unk>"]))
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, num_query_tokens=4)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config = Blip2Config(vision_config=dict(image_size=32, patch_size=8, **small),
+                         qformer_config=dict(vocab_size=len(tokenizer), **small),
+                         text_config=dict(model_type="t5", vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                                          num_layers=1, num_decoder_layers=1, num_heads=4, pad_token_id=0,
+                                          eos_token_id=1, decoder_start_token_id=0),
+                         num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_vqa_works_with_an_encoder_decoder_text_model_like_flan_t5(tmp_path):
+    _build_tiny_t5_blip2(tmp_path)
+    scorer = vqa.load_vqa(tmp_path)
+    assert scorer.model.config.is_encoder_decoder
+    tokenizer = scorer.processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(scorer.yes_ids) == ["▁yes"]
+    assert tokenizer.convert_ids_to_tokens(scorer.no_ids) == ["▁no"]
+    images = _noise_images(3)
+    probability = scorer.yes_probability(images, QUESTIONS)
+    assert probability.shape == (3,) and ((probability >= 0) & (probability <= 1)).all()
+    one_by_one = [scorer.yes_probability([image], [q])[0] for image, q in zip(images, QUESTIONS)]
+    np.testing.assert_allclose(probability, one_by_one, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------ FID
+
+def _frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """Independent oracle: ‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½) with scipy's matrix square root."""
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    sigma1, sigma2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * root))
+
+
+def test_fid_on_clip_features_is_zero_for_equal_sets_and_grows_with_a_shift(aesthetic_folder):
+    clip = aesthetic_folder / "clip"
+    real = _noise_images(8, seed=1)
+    brightened = [Image.fromarray((np.asarray(image) // 4 + 180).astype(np.uint8)) for image in real]
+    same = fid.fid_score(real, real, feature=clip, batch_size=3)
+    half = fid.fid_score(real, real[4:] + brightened[:4], feature=clip)
+    shifted = fid.fid_score(real, brightened, feature=clip)
+    assert abs(same) < 1e-4 and 0 < half < shifted
+
+
+def test_fid_matches_an_independent_frechet_distance(aesthetic_folder):
+    real, fake = _noise_images(6, seed=2), _noise_images(5, seed=3, size=(30, 30))
+    extractor = fid.ClipFeatureExtractor(aesthetic_folder / "clip")
+    assert extractor.num_features == 32
+    features = [extractor(fid.as_uint8(images, 299)).double().numpy() for images in (real, fake)]
+    assert features[0].shape == (6, 32)
+    expected = _frechet_distance(*features)
+    assert math.isclose(fid.fid_score(real, fake, feature=aesthetic_folder / "clip"), expected, rel_tol=1e-3)
+
+
+def test_fid_errors_name_the_fix(aesthetic_folder):
+    with pytest.raises(ValueError, match="at least 2 images per set.*1 generated_images"):
+        fid.fid_score(_noise_images(3), _noise_images(1), feature=aesthetic_folder / "clip")
+    with pytest.raises(TypeError, match="uint8"):
+        fid.ClipFeatureExtractor(aesthetic_folder / "clip")(torch.rand(2, 3, 32, 32))
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
+            fid.fid_score(_noise_images(2), _noise_images(2))
+
+
+# ------------------------------------------------------------------------------------------------ BERTScore
+
+def test_greedy_match_on_a_hand_worked_example():
+    candidate = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    reference = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # not unit length: cosine normalises
+    # cosines: row 0 → (1, 0), row 1 → (0, 1), row 2 → (1/√2, 1/√2)
+    precision, recall, f1 = bertscore.greedy_match(candidate, reference)
+    assert precision == pytest.approx((2 + 1 / math.sqrt(2)) / 3)  # row maxima 1, 1, 1/√2
+    assert recall == pytest.approx(1.0)  # column maxima 1, 1
+    assert f1 == pytest.approx(2 * precision / (precision + 1))
+    # a token that does not count (as [CLS]/[SEP]) can still be matched but is not averaged over
+    assert bertscore.greedy_match(candidate, reference, torch.tensor([True, True, False]))[0] == pytest.approx(1.0)
+    two = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [-1.0, 1.0]])
+    assert bertscore.greedy_match(*two) == pytest.approx((1 / math.sqrt(2),) * 3)  # every maximum is 1/√2
+    assert bertscore.greedy_match(torch.zeros(0, 2), reference) == (0.0, 0.0, 0.0)
+    assert bertscore.f1(0.0, 0.0) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bert_scorer():
+    return bertscore.BertScorer()
+
+
+CANDIDATES = ["a cat sits on a mat", "a photo of a red sports car at sunset, highly detailed", "hello world"]
+REFERENCES = ["a cat is on the mat", "an oil painting of a dragon", "goodbye moon"]
+
+
+def test_bertscore_identical_paraphrase_and_unrelated(bert_scorer):
+    same = bert_scorer.score(CANDIDATES, CANDIDATES)
+    for key in ("precision", "recall", "f1"):
+        np.testing.assert_allclose(same[key], 1.0, atol=1e-5)
+    paraphrase = bert_scorer.score(["a photo of a cat sleeping on a sofa"], ["a picture of a cat asleep on a couch"])
+    unrelated = bert_scorer.score(["a photo of a cat sleeping on a sofa"], ["the stock market fell sharply today"])
+    assert paraphrase["f1"][0] > unrelated["f1"][0] + 0.2
+    strict = bertscore.BertScorer(match_special_tokens=False).score(CANDIDATES, REFERENCES)
+    default = bert_scorer.score(CANDIDATES, REFERENCES)
+    assert (strict["recall"] <= default["recall"] + 1e-6).all()  # fewer match targets never raise a maximum
+
+
+def test_pairwise_f1_equals_scoring_every_pair(bert_scorer):
+    texts = [*CANDIDATES, *REFERENCES, ""]
+    matrix = bert_scorer.pairwise_f1(texts, batch_size=4)
+    assert matrix.shape == (7, 7)
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-6)
+    np.testing.assert_allclose(np.diag(matrix)[:6], 1.0, atol=1e-5)
+    assert (matrix[6] == 0).all()  # the empty text matches nothing
+    pairs = bert_scorer.score([a for a in texts for _ in texts], [b for _ in texts for b in texts])
+    np.testing.assert_allclose(matrix, pairs["f1"].reshape(7, 7), atol=1e-5)
+
+
+def test_bertscore_matches_the_bert_score_package(bert_scorer):
+    bert_score = pytest.importorskip("bert_score")
+    from helpers.models import minilm_path
+
+    for num_layers, scorer in ((6, bert_scorer), (3, bertscore.BertScorer(num_layers=3))):
+        expected = bert_score.score(CANDIDATES, REFERENCES, model_type=str(minilm_path()), num_layers=num_layers)
+        ours = scorer.score(CANDIDATES, REFERENCES)
+        for key, column in zip(("precision", "recall", "f1"), expected):
+            np.testing.assert_allclose(ours[key], column.numpy(), atol=1e-5, err_msg=f"{key}, layer {num_layers}")
+
+
+def test_bertscore_rejects_a_layer_the_model_lacks():
+    with pytest.raises(ValueError, match="num_layers=7 .* layers 1..6"):
+        bertscore.BertScorer(num_layers=7)
