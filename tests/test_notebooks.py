@@ -37,6 +37,10 @@ def test_parameters_cell_holds_only_typed_literals_with_comments(path):
     for line in cell.source.splitlines():
         assert "  # " in line, f"{path.name}: parameter line without a trailing comment: {line!r}"
     assert set(config.COMMON_PARAMETERS) <= set(names)
+    import papermill
+
+    # papermill's own parser is stricter than Python's (e.g. an '=' inside a comment hides the parameter)
+    assert list(papermill.inspect_notebook(str(path))) == names, f"{path.name}: papermill cannot read every parameter"
 
 
 @pytest.mark.parametrize("profile", config.PROFILES)

@@ -233,18 +233,25 @@ def _tiny_clip_text_config(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
                 pad_token_id=tokenizer.pad_token_id)
 
 
+def _tiny_vae(resolution: int, seed: int):
+    """A two-level VAE (latents at half the image size) shared by the tiny SD and SDXL pipelines."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         sample_size=resolution)
+
+
 def build_tiny_stable_diffusion(folder: Path, seed: int = 0, resolution: int = 64) -> dict[str, Any]:
     """SD-1.5-shaped pipeline (UNet, VAE, CLIP text encoder, tokenizer, scheduler) that runs at 32–64 px."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = train_clip_tokenizer(seed=seed)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_text_config(tokenizer)))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=resolution)
+    vae = _tiny_vae(resolution, seed + 1)
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=resolution // 2,
                                 in_channels=4, out_channels=4, cross_attention_dim=32, attention_head_dim=8,
@@ -264,17 +271,14 @@ def build_tiny_stable_diffusion(folder: Path, seed: int = 0, resolution: int = 6
 
 def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int = 64) -> dict[str, Any]:
     """SDXL-shaped pipeline (two text encoders, text-time conditioning) that runs at 32–64 px."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = train_clip_tokenizer(seed=seed)
     text_config = CLIPTextConfig(**_tiny_clip_text_config(tokenizer), hidden_act="gelu")
     torch.manual_seed(seed)
     text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=resolution)
+    vae = _tiny_vae(resolution, seed + 1)
     torch.manual_seed(seed + 2)
     # SDXL's micro-conditioning: 6 size/crop numbers embedded at 8 dims each, plus the pooled text embedding
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=resolution // 2,

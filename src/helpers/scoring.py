@@ -313,3 +313,31 @@ def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: 
     return {"outputs_checked": len(checks), "hallucinations": sum(not v.ok for v in checks), "apis": num_apis,
             "images": len(generated), "images_drawn": executor.stats["generated"],
             "scores_computed": scorer.computed, "scores_reused": scorer.reused}
+
+
+SCORERS = (  # name, registry role, loader, output in raw units, what the paper profile loads
+    ("clip", "clip", "helpers.scoring.ClipScorer", "100 · 2.5 · max(cos, 0)", "transformers CLIPModel"),
+    ("image_reward", "image_reward", "helpers.scorers.image_reward.load_image_reward",
+     "(r − 0.1672) / 1.0333", "ImageReward.pt, official keys mapped onto transformers BLIP parts"),
+    ("hps", "hps", "helpers.scorers.hps.load_hps", "raw cosine", "HPS_v2.1_compressed.pt, OpenCLIP keys mapped"),
+    ("aesthetic", "aesthetic", "helpers.scorers.aesthetic.load_aesthetic", "LAION scale (≈1–10)",
+     "sac+logos+ava1-l14-linearMSE.pth on CLIP ViT-L/14"),
+    ("vqa", "vqa", "helpers.scorers.vqa.load_vqa", "P(yes); score = 100 · share of yes",
+     "Blip2ForConditionalGeneration"),
+    ("fid", "clip", "helpers.scorers.fid.fid_score", "FID (set level)", "Inception v3 via torch-fidelity"),
+    ("bertscore", "text_similarity", "helpers.scorers.bertscore.BertScorer", "F1 of greedy token matches",
+     "all-MiniLM-L6-v2 (real weights in every profile)"),
+)
+
+
+def scorer_table(profile: str):
+    """Each scorer: the model this profile uses, the one the paper profile loads, the loader both go through."""
+    import pandas as pd
+
+    from .models import REGISTRY
+
+    rows = [{"scorer": name, "this run": REGISTRY[role].for_profile(profile) if name != "fid" or profile == "paper"
+             else f"{REGISTRY[role].for_profile(profile)} image features", "paper profile": REGISTRY[role].paper
+             if name != "fid" else "Inception v3 (2048-d pool features)", "loader": loader, "units": units,
+             "official weights": official} for name, role, loader, units, official in SCORERS]
+    return pd.DataFrame(rows).set_index("scorer")

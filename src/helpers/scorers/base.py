@@ -121,3 +121,17 @@ def skip_weight_init():
         return
     with no_init_weights():
         yield
+
+
+def load_checked(model, mapped: dict, original_name, what: str, missing_hint: str, shape_hint: str) -> None:
+    """`model.load_state_dict(mapped)` after checks whose errors name keys as the original checkpoint spells them."""
+    expected = model.state_dict()
+    missing = sorted({original_name(key) for key in expected if key not in mapped})
+    if missing:
+        raise KeyError(f"the {what} lacks {len(missing)} needed keys, e.g. {missing[:3]}; {missing_hint}")
+    misshapen = [f"{original_name(key)}: {tuple(mapped[key].shape)} ≠ {tuple(value.shape)}"
+                 for key, value in expected.items() if mapped[key].shape != value.shape]
+    if misshapen:
+        raise ValueError(f"{what} does not fit the configured architecture ({len(misshapen)} keys): "
+                         f"{misshapen[:3]}; {shape_hint}")
+    model.load_state_dict(mapped, strict=True)

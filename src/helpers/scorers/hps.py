@@ -149,17 +149,9 @@ def clip_config(open_clip_config: dict[str, Any], tokenizer):
 
 def load_open_clip_state_dict(model, state_dict: dict[str, torch.Tensor]) -> None:
     """Load an OpenCLIP state dict into a `CLIPModel`; errors name the OpenCLIP keys that are missing or misshapen."""
-    mapped, expected = open_clip_to_transformers(state_dict), model.state_dict()
-    missing = sorted({open_clip_name(key) for key in expected if key not in mapped})
-    if missing:
-        raise KeyError(f"the HPS checkpoint lacks {len(missing)} OpenCLIP keys, e.g. {missing[:3]}; is it an "
-                       f"OpenCLIP state dict such as {CHECKPOINT}?")
-    misshapen = [f"{open_clip_name(key)}: {tuple(mapped[key].shape)} ≠ {tuple(value.shape)}"
-                 for key, value in expected.items() if mapped[key].shape != value.shape]
-    if misshapen:
-        raise ValueError(f"HPS weights do not fit the configured architecture ({len(misshapen)} keys): "
-                         f"{misshapen[:3]}; check {OPEN_CLIP_CONFIG_FILE} against the checkpoint")
-    model.load_state_dict(mapped, strict=True)
+    base.load_checked(model, open_clip_to_transformers(state_dict), open_clip_name, "HPS checkpoint",
+                      f"is it an OpenCLIP state dict such as {CHECKPOINT}?",
+                      f"check {OPEN_CLIP_CONFIG_FILE} against the checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------ scorer

@@ -171,17 +171,9 @@ class ImageRewardModel(nn.Module):
 def load_official_state_dict(model: ImageRewardModel, state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Map and load an official state dict into `model`; returns the ignored keys, fails on missing or misshapen."""
     mapped, ignored = official_to_transformers(state_dict)
-    expected = model.state_dict()
-    missing = [_official(key) for key in expected if key not in mapped]
-    if missing:
-        raise KeyError(f"the ImageReward state dict lacks {len(missing)} needed keys, e.g. {missing[:3]}; is it "
-                       f"the official {WEIGHTS_FILE} (or a tiny one from build_tiny_image_reward)?")
-    misshapen = [f"{_official(key)}: {tuple(mapped[key].shape)} ≠ {tuple(value.shape)}"
-                 for key, value in expected.items() if mapped[key].shape != value.shape]
-    if misshapen:
-        raise ValueError(f"ImageReward weights do not fit the configured architecture ({len(misshapen)} keys): "
-                         f"{misshapen[:3]}; check {MED_CONFIG_FILE} and {VISION_CONFIG_FILE} against the weights")
-    model.load_state_dict(mapped, strict=True)
+    base.load_checked(model, mapped, _official, "ImageReward state dict",
+                      f"is it the official {WEIGHTS_FILE} (or a tiny one from build_tiny_image_reward)?",
+                      f"check {MED_CONFIG_FILE} and {VISION_CONFIG_FILE} against the weights")
     return ignored
 
 
@@ -268,20 +260,25 @@ TINY_INIT_STD = 0.1
 
 
 def train_bert_tokenizer(vocab_size: int = 1000, seed: int = 0):
-    """A BERT WordPiece tokenizer (lower-cased) trained locally on generated prompts, with BLIP's two tokens."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A BERT WordPiece vocabulary (lower-cased) built from generated prompts, with BLIP's two tokens.
+
+    Built by counting rather than with the `tokenizers` WordPiece trainer, whose tie-breaking between
+    equally frequent pieces changes from run to run; this one is the same file for the same seed.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
     from ..models import tokenizer_corpus
 
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    backend.train_from_iterator([line for line in tokenizer_corpus(seed=seed) if not line.startswith("{")],
-                                trainer=trainer)
-    return add_blip_tokens(BertTokenizer(vocab=backend.get_vocab()))
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for line in tokenizer_corpus(seed=seed) if not line.startswith("{")
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    characters = sorted({c for word in words for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters)]
+    vocab += [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
+    return add_blip_tokens(BertTokenizer(vocab={token: i for i, token in enumerate(vocab[:vocab_size])}))
 
 
 def build_tiny_image_reward(folder: Path, seed: int = 0) -> dict[str, Any]:
