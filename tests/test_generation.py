@@ -1,0 +1,172 @@
+"""Beam search, diverse beam search and sampling: hand-worked fakes, a brute-force oracle and transformers' own."""
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import generation, models
+
+# fixed next-token probabilities for the fake model: ln(0.5 / 0.3) = 0.51 is the penalty at which a second group
+# stops following the first group's token 0 and takes token 1
+PROBS = [0.5, 0.3, 0.1, 0.06, 0.04]
+
+
+class TableLM(torch.nn.Module):
+    """Next-token logits from a [position, last token, vocab] table; keeps no KV cache."""
+
+    def __init__(self, logits_table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", logits_table)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        return SimpleNamespace(logits=self.table[position_ids, input_ids], past_key_values=None)
+
+
+def fixed_lm(probs=PROBS) -> TableLM:
+    """Same next-token distribution whatever came before."""
+    return TableLM(torch.tensor(probs).log().expand(8, len(probs), -1).clone())
+
+
+def new_tokens(model, prompt, **options) -> list[list[int]]:
+    sequences = generation.diverse_beam_search(model, torch.tensor(prompt), **options)
+    assert sequences[:, :len(prompt)].tolist() == [prompt] * len(sequences)
+    return sequences[:, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generation") / "llm"
+    models.build_tiny_llama(folder, seed=0)
+    return models.load_causal_lm(str(folder))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_llm):
+    _, tokenizer = tiny_llm
+    return torch.tensor([generation.chat_prompt(tokenizer, "oil painting of a robot at night")])
+
+
+# ------------------------------------------------------------------------------------------- hand-worked
+
+@pytest.mark.parametrize("penalty, second_group_token", [(0.0, 0), (0.4, 0), (0.6, 1)])
+def test_second_group_leaves_the_first_groups_token_once_the_penalty_outweighs_the_gap(penalty, second_group_token):
+    # group 2 scores token 0 as ln 0.5 - penalty and token 1 as ln 0.3: it moves to token 1 once penalty > 0.51
+    rows = new_tokens(fixed_lm(), [4], num_beams=2, num_beam_groups=2, diversity_penalty=penalty, max_new_tokens=1)
+    assert rows == [[0], [second_group_token]]
+
+
+def test_every_group_takes_the_best_token_no_earlier_group_took_when_the_penalty_is_huge():
+    rows = new_tokens(fixed_lm(), [4], num_beams=5, num_beam_groups=5, diversity_penalty=100.0, max_new_tokens=2)
+    assert rows == [[0, 0], [1, 1], [2, 2], [3, 3], [4, 4]]
+
+
+def test_hypotheses_of_all_groups_are_ranked_together_by_penalised_score():
+    # group 1 takes 0 (ln .5 = -0.69) and 1 (ln .3 = -1.20); group 2, penalised 0.3 on both, takes 0 (-0.99) and
+    # 1 (-1.50) rather than 2 (ln .1 = -2.30); one ranking over both groups interleaves them (not g1, g1, g2, g2)
+    rows = new_tokens(fixed_lm(), [4], num_beams=4, num_beam_groups=2, diversity_penalty=0.3, max_new_tokens=1)
+    assert rows == [[0], [0], [1], [1]]
+
+
+def test_hamming_penalty_counts_each_earlier_pick():
+    log_probs = torch.zeros(2, 4)
+    penalised = generation.hamming_penalty(log_probs, torch.tensor([1, 1, 3]), 0.5)
+    assert penalised.tolist() == [[0.0, -1.0, 0.0, -0.5]] * 2
+
+
+def test_a_beam_that_emits_eos_is_finished_and_padded_after_it():
+    # eos = 0, pad = 4. Step 1: eos ranks first, so [prompt] finishes with ln .5 / 1 = -0.69; beams 1 and 2 run on.
+    # Step 2: [1, eos] finishes with (ln .3 + ln .5) / 2 = -0.95; the group holds 2 hypotheses and its best candidate
+    # cannot beat -0.95 at length 2, so it is done. Output: the two hypotheses, eos appended, then padding.
+    rows = new_tokens(fixed_lm(), [3], num_beams=2, num_beam_groups=1, diversity_penalty=0.0, max_new_tokens=3,
+                      eos_token_id=0, pad_token_id=4)
+    assert rows == [[0, 4], [1, 0]]
+
+
+def test_beam_search_finds_the_true_best_sequences_by_exhaustive_search():
+    # independent oracle: with num_beams >= vocab ** depth nothing is pruned, so beam search must return every
+    # continuation of length 3, ordered by summed log-probability (all have the same length). The table depends on
+    # the position too: a pure bigram table gives exact ties (0→0→1→0 and 0→1→0→0 use the same transitions).
+    torch.manual_seed(0)
+    table = torch.randn(4, 3, 3) * 2
+    log_probs = table.log_softmax(-1)
+    continuations = list(itertools.product(range(3), repeat=3))
+
+    def total(tokens):
+        return sum(log_probs[position, a, b].item() for position, (a, b) in enumerate(zip((0, *tokens), tokens)))
+
+    expected = sorted(continuations, key=total, reverse=True)
+    found = generation.beam_search(TableLM(table), torch.tensor([0]), num_beams=27, max_new_tokens=3)
+    assert [tuple(row) for row in found[:, 1:].tolist()] == expected
+
+
+def test_bad_arguments_name_the_value_and_the_fix():
+    with pytest.raises(ValueError, match="num_beams=4 must be a positive multiple of num_beam_groups=3"):
+        generation.diverse_beam_search(fixed_lm(), torch.tensor([1]), num_beams=4, num_beam_groups=3,
+                                       diversity_penalty=1.0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="not one prompt"):
+        generation.beam_search(fixed_lm(), torch.tensor([[1], [2]]), num_beams=2, max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------- tiny Llama
+
+def test_diverse_beam_search_returns_num_beams_distinct_sequences(tiny_llm, prompt_ids):
+    model, _ = tiny_llm
+    # one beam per group and a penalty far above any log-prob gap: every group starts with its own first token,
+    # and without eos every beam runs the full length
+    sequences = generation.diverse_beam_search(model, prompt_ids, num_beams=4, num_beam_groups=4,
+                                               diversity_penalty=100.0, max_new_tokens=6)
+    assert sequences.shape == (4, prompt_ids.shape[1] + 6)
+    assert torch.equal(sequences[:, :prompt_ids.shape[1]], prompt_ids.expand(4, -1))
+    assert len({tuple(row) for row in sequences[:, prompt_ids.shape[1]:].tolist()}) == 4
+
+
+@pytest.mark.parametrize("num_beams, max_new_tokens, eos_token_id", [(3, 8, None), (4, 9, 731)])
+def test_one_group_without_penalty_is_transformers_beam_search(tiny_llm, prompt_ids, num_beams, max_new_tokens,
+                                                                 eos_token_id):
+    model, tokenizer = tiny_llm
+    # eos 731 is a token this model emits for this prompt, so finished, eos-ended and padded beams are compared too
+    eos_token_id = eos_token_id or tokenizer.eos_token_id
+    ours = generation.beam_search(model, prompt_ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    theirs = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_beams=num_beams,
+                            num_return_sequences=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
+                            early_stopping=False, length_penalty=1.0, eos_token_id=eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert ours.tolist() == theirs.tolist()
+    if eos_token_id == 731:
+        assert (ours[:, prompt_ids.shape[1]:] == 731).any(), "the eos case should finish at least one beam"
+
+
+def test_left_padding_does_not_change_the_result(tiny_llm, prompt_ids):
+    model, tokenizer = tiny_llm
+    options = dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, max_new_tokens=6,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    padded = torch.cat([torch.full((1, 3), tokenizer.pad_token_id), prompt_ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(prompt_ids)], dim=1)
+    plain = generation.diverse_beam_search(model, prompt_ids, **options)
+    left_padded = generation.diverse_beam_search(model, padded, mask, **options)
+    assert (left_padded[:, :3] == tokenizer.pad_token_id).all()
+    assert torch.equal(left_padded[:, 3:], plain)
+
+
+def test_diverse_candidates_decode_one_completion_per_beam(tiny_llm):
+    model, tokenizer = tiny_llm
+    texts = generation.diverse_candidates(model, tokenizer, "a cat", num_beams=4, num_beam_groups=2,
+                                          diversity_penalty=1.0, max_new_tokens=5)
+    assert len(texts) == 4 and all(isinstance(text, str) for text in texts)
+    assert not any("<|im_start|>" in text for text in texts)
+
+
+def test_sample_candidates_are_reproducible_per_seed(tiny_llm):
+    model, tokenizer = tiny_llm
+    prompts = ["a cat", "an oil painting of a dragon at sunset"]  # different lengths: left padding in the batch
+    rng_before = torch.get_rng_state()
+    first = generation.sample_candidates(model, tokenizer, prompts, num_samples=3, max_new_tokens=8, seed=0)
+    again = generation.sample_candidates(model, tokenizer, prompts, num_samples=3, max_new_tokens=8, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before), "sampling must not move the caller's random state"
+    assert first == again
+    assert [len(texts) for texts in first] == [3, 3]
+    assert all(isinstance(text, str) for texts in first for text in texts)
+    assert math.prod(len(set(texts)) for texts in first) > 1, "random sampling should not repeat one completion"

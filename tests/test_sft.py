@@ -1,0 +1,76 @@
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import models, sft
+
+RECORDS = [{"split": "train", "instruction": {"prompt": f"a {animal} in the snow", "negative_prompt": ""},
+            "api": {"model": "AlphaMix", "type": "Checkpoint", "base_model": "SD 1.5", "width": 512, "height": 768,
+                    "sampling_method": "Euler a", "sampling_steps": 20 + i, "cfg_scale": 7.0,
+                    "model_description": "long text the agent does not write"}}
+           for i, animal in enumerate(["fox", "cat", "owl", "hare", "wolf", "deer", "lynx", "seal"])]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm")
+    models.build_tiny_llama(folder, seed=0)
+    return str(folder)
+
+
+def _config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=4,
+                    learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
+                    max_length=256, disable_tqdm=True, seed=0)
+    return sft.AgentSFTConfig(**{**settings, **overrides})
+
+
+def test_examples_hold_the_prompt_and_the_answer_without_the_description():
+    example = sft.to_example(RECORDS[0])
+    assert example["prompt"][-1] == {"role": "user", "content": "a fox in the snow"}
+    answer = json.loads(example["completion"][0]["content"])
+    assert list(answer) == list(sft.ANSWER_FIELDS) and answer["sampling_steps"] == 20
+    with pytest.raises(ValueError, match="no 'align' records"):
+        sft.sft_dataset(RECORDS, "align")
+
+
+def test_sft_updates_every_parameter_and_saves_a_loadable_agent(llm, tmp_path):
+    before = {k: v.clone() for k, v in models.load_causal_lm(llm)[0].state_dict().items()}
+    result = sft.train(llm, sft.sft_dataset(RECORDS), _config(tmp_path), tmp_path / "agent")
+    assert result["steps"] == 3 and math.isfinite(result["last_loss"])
+    trained, tokenizer = models.load_causal_lm(str(tmp_path / "agent"))
+    unchanged = [k for k, v in trained.state_dict().items() if torch.equal(v, before[k])]
+    assert unchanged == []
+    assert (tmp_path / "agent" / "README.md").read_text().startswith("---")
+    assert tokenizer.chat_template == models.CHAT_TEMPLATE
+
+
+def test_loss_is_on_the_answer_only(llm, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    trainer = SFTTrainer(model=llm, args=_config(tmp_path), train_dataset=sft.sft_dataset(RECORDS[:1]),
+                         processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    batch = trainer.data_collator([row])
+    trained_on = batch["input_ids"][0][batch["labels"][0] != -100]
+    # the answer, its end-of-turn token and the newline the chat template puts after every turn
+    assert tokenizer.decode(trained_on) == sft.answer_text(RECORDS[0]["api"]) + "<|im_end|>\n"
+
+
+def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
+    base = models.load_causal_lm(llm)[0].state_dict()
+    sft.train(llm, sft.sft_dataset(RECORDS), _config(tmp_path, use_lora=True, lora_r=4), tmp_path / "agent")
+    merged = models.load_causal_lm(str(tmp_path / "agent"))[0].state_dict()
+    assert not any("lora" in k for k in merged)
+    changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                           for k in changed)
+
+
+def test_bad_lora_rank_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lora_r=0"):
+        _config(tmp_path, use_lora=True, lora_r=0)
