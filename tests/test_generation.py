@@ -122,21 +122,31 @@ def test_diverse_beam_search_returns_num_beams_distinct_sequences(tiny_llm, prom
     assert len({tuple(row) for row in sequences[:, prompt_ids.shape[1]:].tolist()}) == 4
 
 
-@pytest.mark.parametrize("num_beams, max_new_tokens, eos_token_id", [(3, 8, None), (4, 9, 731)])
-def test_one_group_without_penalty_is_transformers_beam_search(tiny_llm, prompt_ids, num_beams, max_new_tokens,
-                                                                 eos_token_id):
-    model, tokenizer = tiny_llm
-    # eos 731 is a token this model emits for this prompt, so finished, eos-ended and padded beams are compared too
-    eos_token_id = eos_token_id or tokenizer.eos_token_id
+def _compare_with_transformers(model, prompt_ids, num_beams, max_new_tokens, eos_token_id, pad_token_id):
     ours = generation.beam_search(model, prompt_ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                  eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     theirs = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), num_beams=num_beams,
                             num_return_sequences=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
                             early_stopping=False, length_penalty=1.0, eos_token_id=eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
-    assert ours.tolist() == theirs.tolist()
-    if eos_token_id == 731:
-        assert (ours[:, prompt_ids.shape[1]:] == 731).any(), "the eos case should finish at least one beam"
+                            pad_token_id=pad_token_id)
+    assert ours.tolist() == theirs.tolist(), f"eos {eos_token_id}"
+    return ours
+
+
+def test_one_group_without_penalty_is_transformers_beam_search(tiny_llm, prompt_ids):
+    model, tokenizer = tiny_llm
+    _compare_with_transformers(model, prompt_ids, 3, 8, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_beams_that_end_early_match_transformers_too(tiny_llm, prompt_ids):
+    """Each token the free best beam emits, used as eos, so some beams finish early and get padded."""
+    model, tokenizer = tiny_llm
+    free = _compare_with_transformers(model, prompt_ids, 4, 9, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    finished = 0
+    for eos_token_id in sorted(set(free[:, prompt_ids.shape[1]:].flatten().tolist())):
+        ours = _compare_with_transformers(model, prompt_ids, 4, 9, eos_token_id, tokenizer.pad_token_id)
+        finished += bool((ours[:, prompt_ids.shape[1]:] == eos_token_id).any())
+    assert finished, "no choice of eos finished a beam, so the early-finish path went untested"
 
 
 def test_left_padding_does_not_change_the_result(tiny_llm, prompt_ids):

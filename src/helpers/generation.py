@@ -247,10 +247,18 @@ def _pad_rows(rows: list[torch.Tensor], max_length: int, eos_ids: tuple[int, ...
 
 # ------------------------------------------------------------------------------------------- text in, text out
 
+SYSTEM_PROMPT = ("Choose a Stable Diffusion model and its parameters for the user's prompt. Answer with one JSON "
+                 "object: model, type, base_model, width, height, sampling_method, sampling_steps, cfg_scale.")
+
+
+def user_message(prompt: str) -> list[dict[str, str]]:
+    """The conversation the agent sees for a T2I prompt (system instruction + user turn); SFT and RRHF share it."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+
+
 def chat_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of `prompt` as one user turn in the chat template, ready for the assistant's reply."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    """Token ids of `prompt` as the agent's conversation in the chat template, ready for the assistant's reply."""
+    text = tokenizer.apply_chat_template(user_message(prompt), add_generation_prompt=True, tokenize=False)
     # the chat template already writes any BOS token; adding special tokens again would double it
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

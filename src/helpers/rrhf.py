@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .generation import user_message
+
 IGNORE_INDEX = -100
 
 
@@ -135,7 +137,7 @@ class RRHFCollator:
 
     def tokenize(self, prompt: str, candidate: str) -> tuple[list[int], list[int]]:
         """input_ids and labels (IGNORE_INDEX outside the assistant's response) of one chat, truncated."""
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": candidate}]
+        messages = [*user_message(prompt), {"role": "assistant", "content": candidate}]
         if self.uses_generation_blocks:
             encoded = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                          return_assistant_tokens_mask=True)
@@ -152,7 +154,7 @@ class RRHFCollator:
     def _tokenize_by_prefix(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """Response = the characters after the generation prompt (trailing whitespace excluded), mapped to tokens."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        prefix = self.tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        prefix = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         if not text.startswith(prefix):
             raise ValueError("the chat template renders the user turn differently with and without the reply; "
                              "add {% generation %} markers to the template so the response can be found")

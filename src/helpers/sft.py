@@ -14,14 +14,9 @@ from typing import Any, Iterable, Sequence
 
 from trl import SFTConfig
 
-SYSTEM_PROMPT = ("Choose a Stable Diffusion model and its parameters for the user's prompt. Answer with one JSON "
-                 "object: model, type, base_model, width, height, sampling_method, sampling_steps, cfg_scale.")
+from .generation import user_message
+
 ANSWER_FIELDS = ("model", "type", "base_model", "width", "height", "sampling_method", "sampling_steps", "cfg_scale")
-
-
-def user_message(prompt: str) -> list[dict[str, str]]:
-    """The conversation the agent sees for a T2I prompt (system instruction + user turn)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
 
 
 def answer_text(api: dict[str, Any]) -> str:
