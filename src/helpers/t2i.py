@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -604,24 +604,6 @@ def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", d
         pipeline = DiffusionPipeline.from_pretrained(checkpoint.path, dtype=dtype, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
-
-
-def request_table(results: Sequence[Generated]):
-    """One row per generated image: model, sampler, steps, cfg, size drawn, seed, cached, key."""
-    import pandas as pd
-
-    return pd.DataFrame([{"model": g.request.api["model"], "type": g.request.api["type"],
-                          "base_model": g.request.api["base_model"], "sampler": g.request.api["sampling_method"],
-                          "steps": g.request.api["sampling_steps"], "cfg": g.request.api["cfg_scale"],
-                          "size": f"{g.size[0]}×{g.size[1]}", "seed": g.request.seed, "cached": g.cached,
-                          "key": g.key[:12]} for g in results])
-
-
-def as_dict(validation: Validation) -> dict[str, Any]:
-    """A validation as a plain dict (for JSON lines)."""
-    row = asdict(validation)
-    row["model"] = validation.model.name if validation.model else None
-    return row
 
 
 def planted_failures(records: Sequence[dict], count: int, seed: int = 0) -> list[tuple[str, str | None]]:
