@@ -540,35 +540,37 @@ class Executor:
         """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings."""
         from tqdm.auto import tqdm
 
-        planned, todo = [], {}
+        planned, todo, images = [], {}, {}
         for index, request in enumerate(requests):
             checkpoint, lora = self.plan(request.api)
             weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
             size = render_size(request.api["width"], request.api["height"], self.config.max_side)
             key = self.cache.key(request, weights_id, size)
             planned.append((request, key, weights_id, size))
-            image = self.cache.get(key)
+            image = images.get(key) or self.cache.get(key)
             if image is not None:
+                images[key] = image
                 self.stats["cache_hits"] += 1
                 continue
             group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"],
                      request.api["sampling_steps"], float(request.api["cfg_scale"]), size)
             todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
-        drawn: set[str] = set()
+        drawn: dict[str, Image.Image] = {}
         bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)
         for group, keys in todo.items():
             for batch in self._batches(group, list(keys.items())):
                 drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
                 bar.update(len(batch))
         bar.close()
-        return [Generated(request, self.cache.get(key), key, key not in drawn, weights_id, size)
+        images.update(drawn)  # just drawn: kept in memory, not read back from the PNGs
+        return [Generated(request, images[key], key, key not in drawn, weights_id, size)
                 for request, key, weights_id, size in planned]
 
     def _batches(self, group, items):
         size = 1 if group[3] in PER_IMAGE_SAMPLERS else self.config.batch_size
         return [items[i:i + size] for i in range(0, len(items), size)]
 
-    def _draw(self, group, batch) -> list[str]:
+    def _draw(self, group, batch) -> dict[str, Image.Image]:
         checkpoint, lora, architecture, sampler, steps, cfg, (width, height) = group
         pipeline = self.pipeline(checkpoint, architecture)
         self._with_lora(pipeline, lora)
@@ -588,7 +590,7 @@ class Executor:
         for (key, (request, _, weights_id, size)), image in zip(batch, images):
             self.cache.put(key, image, {"model": request.api["model"], "weights": weights_id, "seed": request.seed,
                                         "prompt": request.prompt, "size": list(size), "sampler": sampler})
-        return [key for key, _ in batch]
+        return {key: image for (key, _), image in zip(batch, images)}
 
 
 def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
