@@ -6,6 +6,7 @@ model's identity, the prompt and the decoding settings, so each is decoded once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .generation import _left_padded, _pad_id, chat_prompt
+from .generation import _pad_id, chat_prompt
 from .manifest import MANIFEST, append_jsonl, hash_tree, read_jsonl_rows, sha256_json
 
 DEFAULT_MAX_NEW_TOKENS = 96  # a compact API call is 50–80 tokens with the tokenizers in this book
@@ -61,7 +62,10 @@ class ApiCallCache:
         return self.texts.get(key)
 
     def put_many(self, rows: Sequence[tuple[str, str]]) -> None:
-        append_jsonl(self.path, [{"key": key, "text": text} for key, text in rows])
+        from .distributed import is_main_process
+
+        if is_main_process():  # under a multi-process launch every process holds the merged answers; one writes
+            append_jsonl(self.path, [{"key": key, "text": text} for key, text in rows])
         self.texts.update(rows)
 
 
@@ -73,6 +77,7 @@ class Agent:
     tokenizer: Any
     model_id: str
     path: str = ""
+    decode_settings: Any = None  # a helpers.speed.DecodeSettings; None: static cache + CUDA graphs on a GPU only
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "Agent":
@@ -109,32 +114,37 @@ class Agent:
             if key not in answers:
                 todo.setdefault(key, fit_prompt(self.tokenizer, prompt, budget)[0])
         if todo:
-            fresh = self._decode(todo, max_new_tokens, batch_size, progress)
+            fresh = self._decode_sharded(todo, max_new_tokens, batch_size, progress)
             answers.update(fresh)
             if cache is not None:
                 cache.put_many(list(fresh.items()))
         return [answers[key] for key in keys]
 
+    def _decode_sharded(self, todo: dict[str, str], max_new_tokens: int, batch_size: int,
+                        progress: bool) -> dict[str, str]:
+        """`_decode`, split across processes under a multi-process launch (see helpers.distributed)."""
+        from .distributed import launched_world_size, map_sharded
+
+        if launched_world_size() == 1:
+            return self._decode(todo, max_new_tokens, batch_size, progress)
+        pairs = map_sharded(lambda share: list(self._decode(dict(share), max_new_tokens, batch_size, progress).items()),
+                            list(todo.items()))
+        return dict(pairs)
+
     def _decode(self, todo: dict[str, str], max_new_tokens: int, batch_size: int, progress: bool) -> dict[str, str]:
         from tqdm.auto import tqdm
 
-        encoded = {key: chat_prompt(self.tokenizer, prompt) for key, prompt in todo.items()}
-        # similar lengths share a batch, so little compute goes to padding
-        order = sorted(encoded, key=lambda key: len(encoded[key]))
-        pad_id = _pad_id(self.tokenizer)
-        fresh: dict[str, str] = {}
-        bar = tqdm(total=len(order), desc="API calls", unit="prompt", disable=not progress)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = _left_padded([encoded[key] for key in chunk], pad_id, self.model.device)
-            with torch.no_grad():
-                output = self.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                             pad_token_id=pad_id)
-            texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            fresh.update(zip(chunk, (text.strip() for text in texts)))
-            bar.update(len(chunk))
-        bar.close()
-        return fresh
+        from .speed import DecodeSettings, greedy_decode
+
+        keys = list(todo)
+        encoded = [chat_prompt(self.tokenizer, todo[key]) for key in keys]
+        settings = self.decode_settings or DecodeSettings.auto(self.model.device, batch_size)
+        settings = dataclasses.replace(settings, batch_size=batch_size)
+        with tqdm(total=len(keys), desc="API calls", unit="prompt", disable=not progress) as bar:
+            tokens = greedy_decode(self.model, encoded, pad_id=_pad_id(self.tokenizer), max_new_tokens=max_new_tokens,
+                                   settings=settings, progress=bar.update)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return {key: text.strip() for key, text in zip(keys, texts)}
 
 
 def default_agent_path(runs_dir: Path) -> Path:

@@ -265,13 +265,9 @@ def chat_prompt(tokenizer, prompt: str) -> list[int]:
 
 def _left_padded(token_lists: list[list[int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask with padding on the left, where a decoder-only model does not continue."""
-    width = max(len(tokens) for tokens in token_lists)
-    input_ids = torch.full((len(token_lists), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, tokens in enumerate(token_lists):
-        input_ids[i, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-        attention_mask[i, width - len(tokens):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    from .speed import left_pad
+
+    return left_pad(token_lists, max(len(tokens) for tokens in token_lists), pad_token_id, device)
 
 
 def _pad_id(tokenizer) -> int:

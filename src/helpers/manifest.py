@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .distributed import barrier, is_main_process, launched_rank
+
 MANIFEST = "manifest.json"
 # Libraries whose version changes what a stage computes; part of the fingerprint.
 KEY_LIBRARIES = ("torch", "transformers", "diffusers", "trl", "datasets", "peft", "accelerate", "tokenizers")
@@ -198,6 +200,8 @@ class Stage:
                 return self.manifest
             print(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
             return self.manifest
+        if not is_main_process():
+            return self._run_beside_main(compute, *args, **kwargs)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)
         started = time.time()
@@ -217,9 +221,18 @@ class Stage:
             "outputs": hash_tree(self.folder, self.folder),
         }
         atomic_write_json(self.folder / MANIFEST, manifest)
+        barrier()  # under a multi-process launch the other processes wait for this manifest (no-op alone)
         if not self.quiet:
             print(f"[{self.name}] done in {manifest['wall_time_s']:.1f} s: {counts}")
         return manifest
+
+    def _run_beside_main(self, compute: Callable[..., dict[str, Any] | None], *args, **kwargs) -> dict[str, Any]:
+        """A non-main process of a multi-process launch: compute the same work (its share of every sharded step)
+        into a scratch folder, then return the manifest the main process wrote."""
+        with tempfile.TemporaryDirectory(prefix=f"{self.folder.name}-rank{launched_rank()}-") as scratch:
+            compute(Path(scratch), *args, **kwargs)
+        barrier()
+        return json.loads((self.folder / MANIFEST).read_text())
 
 
 def summary(manifest: dict[str, Any]):

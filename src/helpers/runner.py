@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import nbformat
 
 from .config import Recipe, repo_root
+from .distributed import is_main_process, launched_rank
 from .manifest import MANIFEST, atomic_write_json, hash_tree, sha256_file, sha256_json
 
 NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
@@ -157,12 +159,17 @@ def run_notebooks(recipe: Recipe, first: str | None = None, last: str | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"T2IBOOK_ROOT": str(root), "PYTHONHASHSEED": "0", **({"T2IBOOK_FORCE": "1"} if force else {})}
     results = []
+    # under `accelerate launch` every process runs every notebook (see helpers.distributed); the others decide
+    # what to skip from the main process's files and write their executed copies into a scratch folder
+    main = is_main_process()
+    scratch = None if main else Path(tempfile.mkdtemp(prefix=f"t2ibook-rank{launched_rank()}-"))
     for index, (path, parameters) in enumerate(planned, 1):
-        output = out_dir / path.name
+        book_copy = out_dir / path.name
+        output = book_copy if main else scratch / path.name
         state_file = runs_dir / STATE_DIR / f"{path.stem}.json"
         key = run_key(path, parameters, runs_dir)
         label = f"[{index}/{len(planned)}] {path.stem}"
-        if not force and is_up_to_date(state_file, key, output, runs_dir):
+        if not force and is_up_to_date(state_file, key, book_copy, runs_dir):
             print(f"{label}: up to date, skipped", flush=True)
             results.append(NotebookResult(path.stem, "skipped", 0.0, output))
             continue
@@ -183,8 +190,11 @@ def run_notebooks(recipe: Recipe, first: str | None = None, last: str | None = N
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
-        _finalise(output, root)
         seconds = time.time() - started
+        if not main:
+            results.append(NotebookResult(path.stem, "ran", seconds, output))
+            continue
+        _finalise(output, root)
         atomic_write_json(state_file, {"key": key, "executed_sha256": sha256_file(output), "seconds": round(seconds, 2),
                                        "manifests": _owned_manifests(runs_dir, path.name[:2])})
         print(f"{label}: done in {seconds:.1f} s -> {output.relative_to(root)}", flush=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .distributed import is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
@@ -122,8 +123,9 @@ class ScoreCache:
         return self.values.get((image_key, scorer, weights))
 
     def put_many(self, rows: Sequence[tuple[str, str, str, float]]) -> None:
-        append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights, "value": float(value)}
-                                 for image_key, scorer, weights, value in rows])
+        if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
+            append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights,
+                                      "value": float(value)} for image_key, scorer, weights, value in rows])
         for image_key, scorer, weights, value in rows:
             self.values[image_key, scorer, weights] = float(value)
 
@@ -152,7 +154,9 @@ class ScoringRun:
             values = [self.cache.get(g.key, name, scorer.weights_id) for g in generated]
             todo = [i for i, v in enumerate(values) if v is None]
             if todo:
-                fresh = scorer.score([generated[i].image for i in todo], [prompts[i] for i in todo])
+                # split across processes under a multi-process launch (one process: a plain call)
+                fresh = map_sharded(lambda share, scorer=scorer: scorer.score([generated[i].image for i in share],
+                                                                              [prompts[i] for i in share]), todo)
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])
                 for i, v in zip(todo, fresh):
                     values[i] = float(v)

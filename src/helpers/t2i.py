@@ -22,6 +22,7 @@ from PIL import Image
 
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
 from .manifest import atomic_write_json, sha256_json
+from .speed import PipelineSettings, optimize_pipeline, render
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -445,6 +446,8 @@ class ExecutorConfig:
     max_pipelines: int = 4
     device: str = "cpu"
     dtype: str = "float32"
+    channels_last: bool = False  # helpers.speed: NHWC UNet/VAE (on by default on CUDA)
+    compile_unet: bool = False  # helpers.speed: torch.compile the UNet (paper profile on CUDA)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -485,7 +488,9 @@ class Executor:
     @classmethod
     def for_run(cls, ctx: "RunContext", catalog: ModelCatalog, **config) -> "Executor":
         """The executor a notebook uses: profile's weights, the run's shared image cache, its device."""
-        settings = {"device": ctx.device, "dtype": str(ctx.dtype).removeprefix("torch."), **config}
+        on_cuda = ctx.device.startswith("cuda")
+        settings = {"device": ctx.device, "dtype": str(ctx.dtype).removeprefix("torch."), "channels_last": on_cuda,
+                    "compile_unet": on_cuda and ctx.profile == "paper", **config}
         return cls(catalog, weights_store(ctx), ImageCache(ctx.runs_dir / "image_cache"), ExecutorConfig(**settings))
 
     # -- weights and pipelines
@@ -509,6 +514,7 @@ class Executor:
             self.pipelines.move_to_end(checkpoint.weights_id)
             return self.pipelines[checkpoint.weights_id]
         pipeline = load_pipeline(checkpoint, architecture, self.config.device, getattr(torch, self.config.dtype))
+        optimize_pipeline(pipeline, PipelineSettings(self.config.channels_last, self.config.compile_unet))
         self.stats["pipelines_loaded"] += 1
         self.pipelines[checkpoint.weights_id] = pipeline
         while len(self.pipelines) > self.config.max_pipelines:
@@ -542,7 +548,18 @@ class Executor:
 
     # -- generation
     def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Generated]:
-        """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings."""
+        """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings.
+
+        Under a multi-process launch each process draws its share (`helpers.distributed.map_sharded`) into the
+        shared image cache, and every process gets all the images back.
+        """
+        from .distributed import launched_world_size, map_sharded
+
+        if launched_world_size() > 1:
+            return map_sharded(lambda share: self._generate_here(share, progress), list(requests))
+        return self._generate_here(requests, progress)
+
+    def _generate_here(self, requests: Sequence[Request], progress: bool) -> list[Generated]:
         from tqdm.auto import tqdm
 
         planned, todo, images = [], {}, {}
@@ -585,13 +602,12 @@ class Executor:
             scheduler.noise_sampler_seed = batch[0][1][0].seed
         pipeline.scheduler = scheduler
         requests = [planned[0] for _, planned in batch]
-        generators = [torch.Generator(self.config.device).manual_seed(r.seed) for r in requests]
         with torch.inference_mode():
             conditioning = text_conditioning(pipeline, requests, architecture, self.config.device) \
-                if any(r.text_noise for r in requests) else \
-                {"prompt": [r.prompt for r in requests], "negative_prompt": [r.negative_prompt for r in requests]}
-            images = pipeline(**conditioning, num_inference_steps=steps, guidance_scale=cfg, width=width,
-                              height=height, generator=generators).images
+                if any(r.text_noise for r in requests) else {}
+        images = render(pipeline, [r.prompt for r in requests], [r.negative_prompt for r in requests],
+                        [r.seed for r in requests], steps=steps, cfg=cfg, width=width, height=height,
+                        device=self.config.device, **conditioning)
         self.stats["generated"] += len(images)
         self.stats["batches"] += 1
         for (key, (request, _, weights_id, size)), image in zip(batch, images):

@@ -1,0 +1,104 @@
+"""Several processes at once (`accelerate launch`, `torchrun`): which share of the work is mine, and the merged result.
+
+Under `accelerate launch --config_file configs/accelerate/ddp.yaml -m helpers.cli run ...` every process runs the
+same notebooks. Trainers (TRL's SFTTrainer, the RRHF Trainer) split batches across processes by themselves; the
+image executor, the agent's decoding and the scorers call `map_sharded`, which gives each process every
+`world_size`-th item of the list the main process holds and returns the merged list, in the original order, to all
+of them. Only the main process writes stage folders and executed notebooks (`helpers.manifest.Stage`,
+`helpers.runner`); the others compute into scratch folders. With one process everything here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (1 when run plainly), read from the environment only."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when run plainly), without touching torch.distributed."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main_process() -> bool:
+    return launched_rank() == 0
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size), joining the launcher's process group on first use (gloo on CPU, NCCL on GPUs)."""
+    if launched_world_size() == 1:
+        return 0, 1
+    import torch
+    from accelerate import PartialState
+
+    # initialises torch.distributed from the launcher's environment, once per process (accelerate's state is
+    # shared, so the Trainers later find the same process group); without a GPU it must be told to use gloo
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op for one process)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """The main process's `value`, on every process (so all of them agree on what is left to do)."""
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_indices(count: int, rank: int, world_size: int) -> list[int]:
+    """The positions process `rank` handles: every `world_size`-th one, starting at `rank`.
+
+    Interleaving keeps each process's share alike when the list is sorted (by length, by sampler), so no
+    process waits long for the slowest.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, {world_size})")
+    return list(range(rank, count, world_size))
+
+
+def merge_shards(shards: Sequence[Sequence[Result]], count: int) -> list[Result]:
+    """The inverse of `shard_indices`: per-process result lists back into one list in the original order."""
+    merged: list[Any] = [None] * count
+    for rank, results in enumerate(shards):
+        positions = shard_indices(count, rank, len(shards))
+        if len(results) != len(positions):
+            raise ValueError(f"process {rank} returned {len(results)} results for {len(positions)} items")
+        for position, value in zip(positions, results):
+            merged[position] = value
+    return merged
+
+
+def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[Item]) -> list[Result]:
+    """`fn(items)` with the items split across processes; every process gets the whole result, in order.
+
+    `fn` takes a list and returns one result per item. The main process's `items` are used everywhere, so
+    processes that read a cache at slightly different moments still split the same work.
+    """
+    rank, world_size = world()
+    if world_size == 1:
+        return list(fn(list(items)))
+    import torch.distributed as dist
+
+    items = broadcast_from_main(list(items))
+    mine = [items[i] for i in shard_indices(len(items), rank, world_size)]
+    local = list(fn(mine)) if mine else []
+    shards: list[Any] = [None] * world_size
+    dist.all_gather_object(shards, local)
+    return merge_shards(shards, len(items))

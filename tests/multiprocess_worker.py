@@ -1,0 +1,71 @@
+"""One process of the multi-process check (tests/test_distributed.py): run alone, or as each of two torchrun ranks.
+
+It trains one tiny SFT step, draws images through the executor, decodes API calls and scores the images, all
+through the helpers' own code paths, and the main process writes what came out to OUT/world<N>/ for the test
+to compare with a one-process run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(out: Path, llm: str) -> None:
+    from helpers import config, distributed, sft, t2i
+    from helpers.agent import Agent
+    from helpers.scoring import ScoreCache, ScoringRun, load_scorer
+
+    ctx = config.setup("tiny", 0, quiet=True)
+    rank, world_size = distributed.world()
+    folder = out / f"world{world_size}"
+
+    # one SFT step: 4 examples per process on two processes is the one-process batch of 8. Plain SGD, so the
+    # update is lr × gradient (Adam's first step, g/(|g|+eps), would amplify float-order noise in tiny gradients)
+    records = [{"split": "train", "instruction": {"prompt": f"a {animal} in the snow, watercolour", "negative_prompt": ""},
+                "api": {"model": "AlphaMix", "type": "Checkpoint", "base_model": "SD 1.5", "width": 512,
+                        "height": 512, "sampling_method": "Euler a", "sampling_steps": 20 + i, "cfg_scale": 7.0,
+                        "model_description": "x"}}
+               for i, animal in enumerate(["fox", "cat", "owl", "hare", "wolf", "deer", "lynx", "seal"])]
+    settings = sft.AgentSFTConfig(output_dir=str(out / f"trainer{world_size}-{rank}"), max_steps=1,
+                                  per_device_train_batch_size=8 // world_size, learning_rate=1e-2, report_to="none",
+                                  save_strategy="no", use_cpu=True, logging_steps=1, max_length=256, optim="sgd",
+                                  disable_tqdm=True, seed=0, dataloader_drop_last=False)
+    summary = sft.train(llm, sft.sft_dataset(records), settings,
+                        folder / "sft" if rank == 0 else out / f"scratch{rank}")
+
+    # sharded image generation through the executor, into a cache of this run's own
+    catalog = t2i.ModelCatalog.from_records([
+        {"api": {"model": "AlphaMix", "type": "Checkpoint", "model_description": "x"}, "architecture": "SD 1.5",
+         "model_id": 1, "model_version_id": 11, "lora_base": None}])
+    executor = t2i.Executor(catalog, t2i.weights_store(ctx), t2i.ImageCache(out / f"cache{world_size}"),
+                            t2i.ExecutorConfig(max_side=32, batch_size=2))
+    call = {"model": "AlphaMix", "type": "Checkpoint", "base_model": "SD 1.5", "width": 512, "height": 512,
+            "sampling_method": "Euler a", "sampling_steps": 3, "cfg_scale": 7.0}
+    prompts = [f"a lighthouse at dusk, style {i}" for i in range(5)]
+    generated = executor.generate([t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)],
+                                  progress=False)
+
+    # sharded scoring and sharded API-call decoding
+    scores = ScoringRun({"clip": load_scorer("clip", ctx)}, ScoreCache(out / f"scores{world_size}.jsonl"))
+    table = scores.score(generated)
+    agent = Agent.load(llm)
+    texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
+
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
+        (folder / "result.json").write_text(json.dumps({
+            "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
+            "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"]}))
+    # every process reports its own share of the drawing, so the test sees the work was split
+    (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(Path(sys.argv[1]), sys.argv[2])
