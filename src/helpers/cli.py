@@ -185,7 +185,42 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed of the train/align/test split")
     build.set_defaults(handler=_build_dabench)
     _add_suggest(commands)
+    _add_bench(commands)
     return parser
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser("bench", help="time the plain and the project's paths side by side; save JSON")
+    bench.add_argument("--size", choices=["tiny", "full"], default=None,
+                       help="full: the paper's shapes (needs a GPU); tiny: the book's (default on CPU)")
+    bench.add_argument("--only", nargs="*", default=None,
+                       help="some of: api_generation image_generation scoring rrhf_step dpo_step (default: all)")
+    bench.add_argument("--out", default=None, help="results file (default: benchmarks/results/<device>-<size>.json)")
+    bench.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import benchmarks
+    from .benchmarks.harness import summary_lines
+    from .config import repo_root
+    from .device import pick_device
+
+    device = pick_device()
+    size = args.size or ("full" if device.startswith("cuda") else "tiny")
+    if size == "full" and not device.startswith("cuda"):
+        print("t2ibook bench: --size full builds a 7B model and SD 1.5 at 512 px; run it on a GPU (or use --size "
+              "tiny on a CPU)", file=sys.stderr)
+        return 2
+    try:
+        document = benchmarks.run(size, device, args.only, progress=lambda line: print(line, flush=True))
+    except ValueError as error:
+        print(f"t2ibook bench: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results" / benchmarks.default_results_name(document)
+    benchmarks.save_results(document, out)
+    print("\n".join(summary_lines(document)))
+    print(f"t2ibook bench: results -> {out}")
+    return 0
 
 
 def _add_suggest(commands) -> None:

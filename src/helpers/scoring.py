@@ -90,6 +90,14 @@ class ClipScorer:
         self.device, self.batch_size = device, batch_size
         self.weights_id = weights_id(source, *local_weight_files(source))
 
+    @classmethod
+    def from_parts(cls, model, processor, weights: str, device: str = "cpu", batch_size: int = 32) -> "ClipScorer":
+        """A scorer around an already-built CLIPModel and processor (benchmarks build full shapes in memory)."""
+        scorer = cls.__new__(cls)
+        scorer.model, scorer.processor, scorer.weights_id = model, processor, weights
+        scorer.device, scorer.batch_size = device, batch_size
+        return scorer
+
     @torch.no_grad()
     def cosine(self, images, prompts: Sequence[str]) -> np.ndarray:
         """Cosine of each image with its own prompt."""

@@ -105,7 +105,7 @@ class PipelineSettings:
 
     channels_last: bool = False  # NHWC convolutions: faster cuDNN kernels for the UNet and VAE
     compile_unet: bool = False  # torch.compile the UNet (once per shape; other UNets of one class reuse it)
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"  # max-autotune searches kernels for minutes per shape (> 8 min for SD 1.5)
 
     @classmethod
     def auto(cls, device: str | torch.device, compile_unet: bool | None = None) -> "PipelineSettings":

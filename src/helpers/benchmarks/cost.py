@@ -1,0 +1,206 @@
+"""What a paper-scale reproduction costs in GPU-hours: work counts per stage × seconds per unit of work.
+
+Seconds per unit come, in this order, from (1) a `t2ibook bench --size full` results file measured on a GPU,
+(2) the H100 measurements recorded in the project's design notes (API generation and images, both paths),
+(3) a FLOP count at a stated share of the H100's bf16 peak. Every cost row says which source it used, so a
+reader sees at once what was measured and what is an estimate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+H100_BF16_PEAK = 790e12  # FLOP/s, dense bf16 (the design notes' figure)
+UTILISATION = {"project": 0.40, "naive": 0.10}  # share of peak assumed where nothing was measured
+
+# H100 (random weights) measurements from the design notes: s/unit for the plain and the project's path.
+# The project's API figure is batched `generate` with a dynamic cache (0.019–0.021 s), an upper bound for the
+# static-cache path until a GPU results file replaces it.
+DESIGN_H100 = {"api": {"naive": 5.4, "project": 0.020}, "image": {"naive": 1.07, "project": 0.083}}
+DESIGN_SOURCE = "design notes: H100 measurement"
+
+# FLOP per unit of work, for units without a measurement
+SCORE_FLOP = 2 * (17.6e9 + 61.6e9 + 167.4e9)  # CLIP B/16 + BLIP ViT-L/16 + ViT-H/14 image towers at 224 px (MACs×2)
+VQA_FLOP = 8 * 2 * 3.9e9 * 64 + 2 * 1.0e9 * 257  # AGFSync: ~8 questions on a BLIP-2-class model, + ViT-g once
+LLAMA7B_PARAMS = 6.7e9
+INTERNVL2_2B_PARAMS = 2.2e9
+SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
+
+
+@dataclass(frozen=True)
+class Work:
+    """One stage's work at paper scale: how many units of which kind, and where the count comes from."""
+
+    method: str
+    stage: str
+    unit: str  # api | image | score | vqa | train_token_lora | train_token_full | dpo_pair
+    count: float
+    basis: str
+
+
+def paper_work() -> list[Work]:
+    """Work counts per stage at paper scale, each with its basis (paper, dataset card or the paper recipe)."""
+    dabench_train, dabench_test, align_prompts = 40_000, 5_000, 4_000
+    candidates, k = 6, 10
+    eval_prompts = dabench_test + 2 * 1_000  # DABench test + 1,000 COCO + 1,000 PartiPrompts (configs/paper.yaml)
+    chatgen_train, chatgen_test, chatgen_multimodal = 256_606, 14_564, 69_548 + 1_668
+    agf_prompts, agf_candidates = 45_834, 8
+    agf_eval = 4_081 + 3_200  # TIFA v1.0 + HPS v2 benchmark prompts
+    return [
+        Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
+             "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
+        Work("DiffAgent", "RRHF candidates (API calls)", "api", align_prompts * candidates,
+             f"{align_prompts:,} alignment prompts × {candidates} candidates"),
+        Work("DiffAgent", "RRHF images", "image", align_prompts * candidates * k,
+             f"{align_prompts:,} prompts × {candidates} candidates × k = {k}"),
+        Work("DiffAgent", "RRHF scoring (unified reward)", "score", align_prompts * candidates * k,
+             "every RRHF image, three scorers"),
+        Work("DiffAgent", "RRHF training (1 epoch, LoRA)", "train_token_lora", align_prompts * candidates * 224,
+             f"{align_prompts:,} prompts × {candidates} candidates × 224 tokens"),
+        Work("DiffAgent", "Table 2 API calls", "api", eval_prompts * 2,
+             "SFT and RRHF agents on every evaluation prompt"),
+        Work("DiffAgent", "Table 2 images", "image", eval_prompts * 6 * 4,
+             f"{eval_prompts:,} prompts × 6 systems × 4 seeds (configs/paper.yaml)"),
+        Work("DiffAgent", "Table 2 scoring", "score", eval_prompts * 6 * 4, "every Table 2 image"),
+        Work("ChatGen", "Bench demonstration images", "image", chatgen_multimodal,
+             "one reference image per multimodal chat (Table 3: 69,548 train + 1,668 benchmark)"),
+        Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
+             "256,606 training chats (Table 3) × ~600 tokens, one epoch"),
+        Work("ChatGen", "Evaluation API calls", "api", chatgen_test * 3, "14,564 benchmark chats × 3 systems"),
+        Work("ChatGen", "Evaluation images", "image", chatgen_test * 3 * 4, "14,564 chats × 3 systems × 4 seeds"),
+        Work("ChatGen", "Evaluation scoring", "score", chatgen_test * 3 * 4, "every evaluation image"),
+        Work("AGFSync", "Candidate images (N = 8)", "image", agf_prompts * agf_candidates,
+             "45,834 prompts (AGFSync dataset card) × 8 candidates"),
+        Work("AGFSync", "VQA scores", "vqa", agf_prompts * agf_candidates, "every candidate, its prompt's questions"),
+        Work("AGFSync", "CLIP + aesthetic scores", "score", agf_prompts * agf_candidates,
+             "every candidate (costed like the three unified-reward scorers: an upper bound)"),
+        Work("AGFSync", "Diffusion-DPO (1,000 steps × 128 pairs)", "dpo_pair", 1_000 * 128,
+             "SD 1.5 recipe: 1,000 steps, batch 128 (Diffusion-DPO / configs/paper.yaml)"),
+        Work("AGFSync", "Evaluation images", "image", agf_eval * 4 * 2,
+             "TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × 4 seeds × base and aligned"),
+    ]
+
+
+def _flop_seconds(unit: str) -> dict[str, float] | None:
+    flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP,
+            "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
+            "train_token_full": 6 * LLAMA7B_PARAMS, "train_token_full_2b": 6 * INTERNVL2_2B_PARAMS,
+            "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12}.get(unit)  # winner + loser, + the reference's forwards
+    if flop is None:
+        return None
+    return {path: flop / (H100_BF16_PEAK * share) for path, share in UTILISATION.items()}
+
+
+def _measured(results: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """Seconds per unit from a full-size GPU results file, keyed like `Work.unit`."""
+    if not results or results.get("size") != "full" or not str(results["device"]["device"]).startswith("cuda"):
+        return {}
+    found: dict[str, dict[str, float]] = {}
+    for bench in results["benchmarks"]:
+        paths = {name: p["seconds_per_unit"] for name, p in bench["paths"].items()}
+        shapes = bench["shapes"]
+        if bench["name"] == "api_generation":
+            found["api"] = {"naive": paths["naive"], "project": paths["project"]}
+        elif bench["name"] == "image_generation":
+            found["image"] = {"naive": paths["naive"], "project": paths["project"]}
+        elif bench["name"] == "scoring":
+            found["score"] = {"naive": paths["naive"], "project": paths["project"]}
+        elif bench["name"] == "rrhf_step":
+            tokens = shapes["candidates"] * (shapes["prompt_tokens"] + shapes["response_tokens"])
+            for mode in ("lora", "full"):
+                found[f"train_token_{mode}"] = {path: paths[f"{path}_{mode}"] / tokens for path in ("naive", "project")}
+        elif bench["name"] == "dpo_step":
+            found["dpo_pair"] = {path: paths[path] / shapes["pairs"] for path in ("naive", "project")}
+    return found
+
+
+def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Seconds per unit for each kind of work and path, with the source of each figure."""
+    measured = _measured(results)
+    device = results["device"].get("name", "GPU") if measured else ""
+    costs: dict[str, dict[str, Any]] = {}
+    for unit in sorted({w.unit for w in paper_work()}):
+        if unit in measured:
+            costs[unit] = {**measured[unit], "source": f"t2ibook bench --size full on {device}"}
+        elif unit in DESIGN_H100:
+            costs[unit] = {**DESIGN_H100[unit], "source": DESIGN_SOURCE}
+        else:
+            estimate = _flop_seconds(unit)
+            share = ", ".join(f"{path} {int(100 * s)}%" for path, s in UTILISATION.items())
+            costs[unit] = {**estimate, "source": f"FLOP estimate at a share of the H100 bf16 peak ({share})"}
+    return costs
+
+
+def cost_table(results: dict[str, Any] | None = None):
+    """GPU-hours per stage for the plain and the project's paths, with the count basis and the cost source."""
+    import pandas as pd
+
+    costs = unit_costs(results)
+    rows = []
+    for work in paper_work():
+        cost = costs[work.unit]
+        rows.append({"method": work.method, "stage": work.stage, "unit": work.unit, "count": int(work.count),
+                     "naive GPU-h": work.count * cost["naive"] / 3600,
+                     "project GPU-h": work.count * cost["project"] / 3600,
+                     "count basis": work.basis, "cost source": cost["source"]})
+    table = pd.DataFrame(rows)
+    table["speed-up"] = table["naive GPU-h"] / table["project GPU-h"]
+    return table
+
+
+def totals(table) -> "Any":
+    """GPU-hours per method, both paths, and the ratio."""
+    summed = table.groupby("method", sort=False)[["naive GPU-h", "project GPU-h"]].sum()
+    summed["speed-up"] = summed["naive GPU-h"] / summed["project GPU-h"]
+    return summed
+
+
+def plot_costs(table):
+    """Horizontal bars, log scale: GPU-hours per stage, naive against the project's path, grouped by method."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{m}: {s}" for m, s in zip(table["method"], table["stage"])]
+    y = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(table) + 1.2))
+    ax.barh(y - 0.2, table["naive GPU-h"], height=0.4, label="naive path", color="#c44e52")
+    ax.barh(y + 0.2, table["project GPU-h"], height=0.4, label="project's path", color="#4c72b0")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("H100 GPU-hours (log scale)")
+    ax.set_title("Cost to reproduce at paper scale, per stage")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def measured_table(documents: list[dict[str, Any]]):
+    """One row per benchmark per results file: device, size, naive and project s/unit, ratio."""
+    import pandas as pd
+
+    from .harness import headline
+
+    rows = []
+    for document in documents:
+        for bench in document["benchmarks"]:
+            naive, project = headline(bench)
+            rows.append({"device": document["device"].get("name"), "size": document["size"],
+                         "benchmark": bench["name"], "unit": bench["unit"],
+                         "naive": naive["seconds_per_unit"], "project": project["seconds_per_unit"],
+                         "naive ÷ project": bench["ratio"],
+                         "other": "; ".join(f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project")})
+    return pd.DataFrame(rows)
+
+
+def load_all(folder: Path) -> list[dict[str, Any]]:
+    """Every results file in `folder` (sorted by name), checked for the schema."""
+    from .harness import load_results
+
+    return [load_results(path) for path in sorted(Path(folder).glob("*.json"))]
+
+
+def gpu_results(documents: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first full-size GPU results document, if any."""
+    return next((d for d in documents if d["size"] == "full" and str(d["device"]["device"]).startswith("cuda")), None)

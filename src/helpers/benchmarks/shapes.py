@@ -1,0 +1,142 @@
+"""Random-weight models of the paper's shapes ("full") or the book's tiny ones, built from configs in memory.
+
+Speed does not depend on the weights, so a 7B Llama or an SD 1.5 UNet with random weights times like the
+published checkpoints, and nothing has to be downloaded.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+LLAMA_TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+SD_TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    cross_attention_dim=32, attention_head_dim=8,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+SD_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, block_out_channels=(32, 64),
+                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=77, projection_dim=32)
+IMAGE_SIZE = {"full": 512, "tiny": 64}
+
+CLIP_B16 = dict(vision=dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                            num_hidden_layers=12, num_attention_heads=12),
+                text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                          max_position_embeddings=77), projection_dim=512)
+CLIP_TINY = dict(vision=dict(image_size=64, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=77), projection_dim=32)
+BERT_BASE_MED = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     vocab_size=30524, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
+                     pad_token_id=0)
+BERT_TINY_MED = dict(BERT_BASE_MED, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=1000, max_position_embeddings=64)
+
+
+def _check(size: str) -> None:
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size={size!r} must be 'tiny' (CPU, seconds) or 'full' (the paper's shapes, a GPU)")
+
+
+def causal_lm(size: str, device: str, dtype: torch.dtype):
+    """A Llama-7B-shaped (or tiny) causal LM with random weights, built directly on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _check(size)
+    config = LlamaConfig(**(LLAMA_7B if size == "full" else LLAMA_TINY), bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def sd15_pipeline(size: str, device: str, dtype: torch.dtype):
+    """An SD 1.5-shaped StableDiffusionPipeline (UNet, VAE, CLIP text encoder) with random weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models import train_clip_tokenizer
+
+    _check(size)
+    tokenizer = train_clip_tokenizer()
+    text = SD15_TEXT if size == "full" else dict(SD_TINY_TEXT, vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: no fp32 copy of a full-size UNet on the way
+    try:
+        with torch.device(device):
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=tokenizer.bos_token_id,
+                                                        eos_token_id=tokenizer.eos_token_id))
+            vae = AutoencoderKL(**(SD15_VAE if size == "full" else SD_TINY_VAE))
+            unet = UNet2DConditionModel(**(SD15_UNET if size == "full" else SD_TINY_UNET))
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def unified_reward_scorers(size: str, device: str, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:
+    """CLIP ViT-B/16, ImageReward (BLIP ViT-L/16 + BERT-base) and HPS v2 (OpenCLIP ViT-H/14), as the book's scorers."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    from ..device import place
+    from ..models import train_clip_tokenizer
+    from ..scorers.hps import VIT_H_14, HpsScorer, clip_config, tiny_open_clip_config
+    from ..scorers.image_reward import TINY_VISION, ImageRewardModel, ImageRewardScorer, blip_configs, \
+        train_bert_tokenizer
+    from ..scoring import ClipScorer
+
+    _check(size)
+    full = size == "full"
+    clip_tokenizer, bert_tokenizer = train_clip_tokenizer(), train_bert_tokenizer()
+    torch.manual_seed(0)
+    shapes = CLIP_B16 if full else CLIP_TINY
+    special = {"bos_token_id": clip_tokenizer.bos_token_id, "eos_token_id": clip_tokenizer.eos_token_id}
+    text_config = dict(shapes["text"], vocab_size=49408 if full else len(clip_tokenizer), **special)
+    clip_model = CLIPModel(CLIPConfig(text_config=text_config,
+                                      vision_config=dict(shapes["vision"], projection_dim=shapes["projection_dim"]),
+                                      projection_dim=shapes["projection_dim"]))
+    side = shapes["vision"]["image_size"]
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
+                                                                    crop_size={"height": side, "width": side}),
+                              tokenizer=clip_tokenizer)
+    clip = ClipScorer.from_parts(place(clip_model, device, dtype), processor, "random:clip", device, batch_size)
+    open_clip = VIT_H_14 if full else tiny_open_clip_config(len(clip_tokenizer))
+    hps_model = CLIPModel(clip_config(open_clip, clip_tokenizer))
+    hps = HpsScorer(model=place(hps_model, device, dtype), tokenizer=clip_tokenizer, weights_id="random:hps",
+                    image_size=open_clip["vision_cfg"]["image_size"],
+                    context_length=open_clip["text_cfg"]["context_length"], device=device, batch_size=batch_size)
+    med = BERT_BASE_MED if full else dict(BERT_TINY_MED, vocab_size=len(bert_tokenizer),
+                                          bos_token_id=bert_tokenizer.bos_token_id,
+                                          sep_token_id=bert_tokenizer.sep_token_id)
+    vision_config, text_config = blip_configs(med, None if full else TINY_VISION)
+    reward = ImageRewardScorer(model=place(ImageRewardModel(vision_config, text_config), device, dtype),
+                               tokenizer=bert_tokenizer, weights_id="random:image_reward",
+                               image_size=vision_config.image_size, device=device, batch_size=batch_size)
+    return {"clip": clip, "hps": hps, "image_reward": reward}

@@ -1,0 +1,301 @@
+"""The five benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
+
+(a) API generation, (b) image generation, (c) unified-reward scoring, (d) one RRHF optimizer step, (e) one
+Diffusion-DPO step. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px, CLIP B/16 + BLIP-L + ViT-H/14);
+`tiny` the book's tiny shapes, so CI runs every line of every benchmark on a CPU in about a minute.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import speed
+from . import shapes
+from .harness import PathTiming, row, time_path
+
+# work per benchmark and size: enough units that the timed part dominates, little enough for CI on two cores
+PLAN: dict[str, dict[str, dict[str, Any]]] = {
+    "api_generation": {"full": dict(naive=4, prompts=512, batch=256, prompt_tokens=96, new_tokens=128),
+                       "tiny": dict(naive=4, prompts=32, batch=16, prompt_tokens=96, new_tokens=128)},
+    "image_generation": {"full": dict(naive=4, images=64, batch=32, steps=20, cfg=7.5),
+                         "tiny": dict(naive=4, images=16, batch=8, steps=20, cfg=7.5)},
+    "scoring": {"full": dict(naive=16, images=256, batch=64), "tiny": dict(naive=8, images=32, batch=16)},
+    "rrhf_step": {"full": dict(candidates=6, prompt_tokens=96, response_tokens=128, steps=2, lora_r=64),
+                  "tiny": dict(candidates=6, prompt_tokens=96, response_tokens=128, steps=2, lora_r=8)},
+    "dpo_step": {"full": dict(pairs=4, steps=2), "tiny": dict(pairs=4, steps=2)},
+}
+
+
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def _half(device: str) -> torch.dtype:
+    """The project's dtype: bf16 on GPUs, fp32 on CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if _on_cuda(device) else torch.float32
+
+
+# ------------------------------------------------------------------------------------- (a) API generation
+
+def bench_api_generation(size: str, device: str) -> dict[str, Any]:
+    plan = PLAN["api_generation"][size]
+    model = shapes.causal_lm(size, device, _half(device))
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (plan["prompt_tokens"],), generator=generator).tolist()
+               for _ in range(plan["prompts"])]
+    new = plan["new_tokens"]
+    fixed_length = {"min_new_tokens": new}  # random weights may write EOS early; every path writes all 128 tokens
+
+    def one_at_a_time() -> int:
+        for prompt in prompts[:plan["naive"]]:
+            with torch.inference_mode():
+                model.generate(torch.tensor([prompt], device=device), do_sample=False, max_new_tokens=new,
+                               pad_token_id=0, disable_compile=True, **fixed_length)
+        return plan["naive"]
+
+    def batched(settings: speed.DecodeSettings) -> Callable[[], int]:
+        def run() -> int:
+            speed.greedy_decode(model, prompts, pad_id=0, max_new_tokens=new, settings=settings, **fixed_length)
+            return len(prompts)
+        return run
+
+    dynamic = speed.DecodeSettings(batch_size=plan["batch"])
+    project = speed.DecodeSettings(batch_size=plan["batch"], static_cache=True, compile=_on_cuda(device))
+    warm = lambda settings: speed.greedy_decode(model, prompts[:settings.batch_size], pad_id=0,  # noqa: E731
+                                                max_new_tokens=new, settings=settings, **fixed_length)
+    paths = [time_path("naive", one_at_a_time, device, warmup=lambda: model.generate(
+                 torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False, pad_token_id=0),
+                       settings={"path": "model.generate per prompt, dynamic cache"}),
+             time_path("batched_generate", batched(dynamic), device, warmup=lambda: warm(dynamic),
+                       settings={"batch": plan["batch"], "cache": "dynamic"}),
+             time_path("project", batched(project), device, warmup=lambda: warm(project),
+                       settings={"batch": plan["batch"], "cache": "static", "cuda_graphs": project.compile,
+                                 "bucket": project.bucket})]
+    params = sum(p.numel() for p in model.parameters())
+    return row("api_generation", "s/API", {"parameters": params, "dtype": str(_half(device)), **plan}, paths,
+               "greedy decoding; project = helpers.speed.greedy_decode as helpers.agent uses it")
+
+
+# ------------------------------------------------------------------------------------- (b) image generation
+
+def bench_image_generation(size: str, device: str) -> dict[str, Any]:
+    plan = PLAN["image_generation"][size]
+    side = shapes.IMAGE_SIZE[size]
+    naive_dtype = torch.float16 if _on_cuda(device) else torch.float32
+    prompts = [f"a watercolour painting of a lighthouse, variant {i}" for i in range(plan["images"])]
+    naive_pipe = shapes.sd15_pipeline(size, device, naive_dtype)
+
+    def per_image() -> int:
+        for i in range(plan["naive"]):
+            naive_pipe(prompts[i], num_inference_steps=plan["steps"], guidance_scale=plan["cfg"], width=side,
+                       height=side, generator=torch.Generator(device).manual_seed(i))
+        return plan["naive"]
+
+    naive = time_path("naive", per_image, device,
+                      warmup=lambda: naive_pipe(prompts[0], num_inference_steps=2, width=side, height=side),
+                      settings={"batch": 1, "dtype": str(naive_dtype)})
+    del naive_pipe
+    settings = speed.PipelineSettings.auto(device)
+    pipeline = speed.optimize_pipeline(shapes.sd15_pipeline(size, device, _half(device)), settings)
+
+    def draw(count: int) -> Callable[[], int]:
+        def run() -> int:
+            for start in range(0, count, plan["batch"]):
+                chunk = range(start, min(start + plan["batch"], count))
+                speed.render(pipeline, [prompts[i] for i in chunk], [""] * len(chunk), list(chunk),
+                             steps=plan["steps"], cfg=plan["cfg"], width=side, height=side, device=device)
+            return count
+        return run
+
+    project = time_path("project", draw(plan["images"]), device, warmup=draw(plan["batch"]),
+                        settings={"batch": plan["batch"], "dtype": str(_half(device)), **settings.__dict__})
+    return row("image_generation", "s/image", {"resolution": side, **plan}, [naive, project],
+               "SD 1.5 shapes, CFG; project = helpers.speed.render on an optimize_pipeline pipeline "
+               "(the executor's path)")
+
+
+# --------------------------------------------------------------------------------------------- (c) scoring
+
+def bench_scoring(size: str, device: str) -> dict[str, Any]:
+    from PIL import Image
+
+    plan = PLAN["scoring"][size]
+    rng = np.random.default_rng(0)
+    side = shapes.IMAGE_SIZE[size]
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(plan["images"])]
+    prompts = [f"a red fox in the snow, detail {i}" for i in range(plan["images"])]
+
+    naive_scorers = shapes.unified_reward_scorers(size, device, torch.float32, batch_size=1)
+
+    def one_at_a_time() -> int:
+        for image, prompt in zip(images[:plan["naive"]], prompts[:plan["naive"]]):
+            for scorer in naive_scorers.values():
+                scorer.score([image], [prompt])
+        return plan["naive"]
+
+    naive = time_path("naive", one_at_a_time, device, warmup=lambda: [s.score(images[:1], prompts[:1])
+                                                                      for s in naive_scorers.values()],
+                      settings={"batch": 1, "dtype": "torch.float32"})
+    del naive_scorers
+    scorers = shapes.unified_reward_scorers(size, device, _half(device), batch_size=plan["batch"])
+
+    def batched() -> int:
+        for scorer in scorers.values():
+            scorer.score(images, prompts)
+        return len(images)
+
+    project = time_path("project", batched, device, warmup=lambda: [s.score(images[:plan["batch"]],
+                                                                            prompts[:plan["batch"]])
+                                                                    for s in scorers.values()],
+                        settings={"batch": plan["batch"], "dtype": str(_half(device))})
+    params = {name: sum(p.numel() for p in s.model.parameters()) for name, s in scorers.items()}
+    return row("scoring", "s/image", {"parameters": params, **plan}, [naive, project],
+               "CLIP + ImageReward + HPS v2 per image (the unified reward's three scorers)")
+
+
+# -------------------------------------------------------------------------------------------- (d) RRHF step
+
+def _rrhf_inputs(plan: dict[str, Any], vocab: int, device: str) -> dict[str, torch.Tensor]:
+    n, length = plan["candidates"], plan["prompt_tokens"] + plan["response_tokens"]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (n, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :plan["prompt_tokens"]] = -100
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+            "labels": labels.to(device), "rewards": torch.rand(1, n, generator=generator).to(device),
+            "candidate_mask": torch.ones(1, n, dtype=torch.bool, device=device)}
+
+
+def _per_candidate_loss(model, inputs: dict[str, torch.Tensor], trainer) -> torch.Tensor:
+    """RRHF's loss with one forward per candidate (how a loop over candidates would do it)."""
+    from ..rrhf import _response_token_logps, rrhf_loss
+
+    row_logps, ce_terms = [], []
+    for i in range(inputs["input_ids"].shape[0]):
+        logits = model(input_ids=inputs["input_ids"][i:i + 1], attention_mask=inputs["attention_mask"][i:i + 1],
+                       use_cache=False).logits
+        token_logps, response = _response_token_logps(logits, inputs["labels"][i:i + 1])
+        row_logps.append(token_logps.sum() / response.sum().clamp(min=1))
+        ce_terms.append((token_logps.sum(), response.sum()))
+    logps = torch.stack(row_logps).view(1, -1)
+    best = int(inputs["rewards"].argmax())
+    ce = -ce_terms[best][0] / ce_terms[best][1].clamp(min=1)
+    return trainer.args.rank_loss_weight * rrhf_loss(logps, inputs["rewards"], inputs["candidate_mask"]) + \
+        trainer.args.ce_loss_weight * ce
+
+
+def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
+    from ..rrhf import RRHFConfig, RRHFTrainer
+
+    plan = PLAN["rrhf_step"][size]
+    paths: list[PathTiming] = []
+    for mode in ("lora", "full"):
+        model = shapes.causal_lm(size, device, _half(device))
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(r=plan["lora_r"], lora_alpha=plan["lora_r"],
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        model.train()
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = RRHFTrainer(model=model, args=RRHFConfig(output_dir=scratch, report_to="none",
+                                                               use_cpu=not _on_cuda(device)),
+                                  data_collator=lambda rows: rows)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        inputs = _rrhf_inputs(plan, model.config.vocab_size, device)
+
+        def steps(loss_fn) -> Callable[[], int]:
+            def run() -> int:
+                for _ in range(plan["steps"]):
+                    loss_fn().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                return plan["steps"]
+            return run
+
+        batched = lambda: trainer.compute_loss(model, inputs)  # noqa: E731
+        looped = lambda: _per_candidate_loss(model, inputs, trainer)  # noqa: E731
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        common = {"mode": mode, "trainable_parameters": trainable, "gradient_checkpointing": True}
+        paths.append(time_path(f"naive_{mode}", steps(looped), device, warmup=steps(looped),
+                               settings={**common, "forward": "one candidate at a time"}))
+        paths.append(time_path(f"project_{mode}", steps(batched), device, warmup=steps(batched),
+                               settings={**common, "forward": "all candidates in one batch (RRHFTrainer)"}))
+        del trainer, optimizer, model
+    document = row("rrhf_step", "s/step", plan, paths, "one AdamW step on one prompt with n candidates")
+    # the headline pair is LoRA (the paper recipe); the full fine-tune pair is in `ratios`
+    seconds = {p.path: p.seconds_per_unit for p in paths}
+    for mode in ("lora", "full"):
+        document["ratios"][f"naive/project ({mode})"] = round(seconds[f"naive_{mode}"] / seconds[f"project_{mode}"], 3)
+    document["headline"] = ["naive_lora", "project_lora"]
+    document["ratio"] = document["ratios"]["naive/project (lora)"]
+    return document
+
+
+# -------------------------------------------------------------------------------------- (e) Diffusion-DPO step
+
+def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
+    from PIL import Image
+
+    from ..diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+
+    plan = PLAN["dpo_step"][size]
+    side = shapes.IMAGE_SIZE[size]
+    rng = np.random.default_rng(0)
+    picture = lambda: Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))  # noqa: E731
+    rows = [{"prompt": f"a castle on a hill, {i}", "chosen": picture(), "rejected": picture()}
+            for i in range(plan["pairs"])]
+    base = shapes.sd15_pipeline(size, device, torch.float32)
+    paths = []
+    variants = {"naive": dict(train_batch_size=1, mixed_precision="no", gradient_checkpointing=False),
+                "project": dict(train_batch_size=plan["pairs"], mixed_precision="bf16" if _on_cuda(device) else "no",
+                                gradient_checkpointing=True)}
+    for name, options in variants.items():
+        pipeline = copy.deepcopy(base)
+        trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(resolution=side, max_steps=plan["steps"],
+                                                                   output_dir=tempfile.gettempdir(), **options), rows)
+        per_forward = options["train_batch_size"]
+
+        def step() -> int:
+            for _ in range(plan["steps"]):
+                for start in range(0, len(rows), per_forward):
+                    loss, _ = trainer.compute_loss(rows[start:start + per_forward])
+                    (loss * per_forward / len(rows)).backward()
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad(set_to_none=True)
+            return plan["steps"]
+
+        paths.append(time_path(name, step, device, warmup=step, settings={**options, "pairs_per_step": len(rows)}))
+        del trainer, pipeline
+    return row("dpo_step", "s/step", {"resolution": side, **plan}, paths,
+               "one AdamW step of Diffusion-DPO on the UNet against a frozen copy (helpers.diffusion_dpo)")
+
+
+BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
+    "api_generation": bench_api_generation, "image_generation": bench_image_generation, "scoring": bench_scoring,
+    "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step}
+
+
+def run(size: str, device: str, names: list[str] | None = None, progress: Callable[[str], None] = print):
+    """Run the chosen benchmarks (all by default) and return the results document."""
+    from .harness import results_document
+
+    names = names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    rows = []
+    for name in names:
+        progress(f"bench {name} ({size}, {device}) ...")
+        rows.append(BENCHMARKS[name](size, device))
+        if _on_cuda(device):
+            torch.cuda.empty_cache()
+    return results_document(size, device, rows)

@@ -1,0 +1,119 @@
+"""`t2ibook bench` at tiny size (every benchmark runs; no timing is asserted) and the cost model's arithmetic."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from helpers import cli
+from helpers.benchmarks import PLAN, cost, load_results
+from helpers.benchmarks.harness import headline, summary_lines
+
+NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step"]
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu-tiny.json"
+    assert cli.main(["bench", "--size", "tiny", "--out", str(out)]) == 0
+    return load_results(out)
+
+
+def test_every_benchmark_times_both_paths_and_records_what_ran(tiny_results):
+    assert [b["name"] for b in tiny_results["benchmarks"]] == NAMES
+    assert tiny_results["size"] == "tiny" and tiny_results["device"]["device"] == "cpu"
+    assert {"torch", "transformers", "diffusers", "trl"} <= set(tiny_results["versions"])
+    for bench in tiny_results["benchmarks"]:
+        naive, project = headline(bench)
+        for timing in (naive, project):
+            assert timing["units"] > 0 and math.isfinite(timing["seconds_per_unit"]) and timing["seconds_per_unit"] > 0
+            assert timing["total_s"] == pytest.approx(timing["seconds_per_unit"] * timing["units"], rel=1e-3)
+        assert bench["ratio"] == pytest.approx(naive["seconds_per_unit"] / project["seconds_per_unit"], rel=1e-2)
+        assert bench["shapes"]  # the shapes the numbers belong to travel with them
+
+
+def test_each_benchmark_did_the_planned_work(tiny_results):
+    by_name = {b["name"]: b for b in tiny_results["benchmarks"]}
+    api = by_name["api_generation"]["paths"]
+    assert api["naive"]["units"] == PLAN["api_generation"]["tiny"]["naive"]
+    assert api["project"]["units"] == api["batched_generate"]["units"] == PLAN["api_generation"]["tiny"]["prompts"]
+    assert api["project"]["settings"]["cache"] == "static"
+    assert by_name["image_generation"]["paths"]["project"]["units"] == PLAN["image_generation"]["tiny"]["images"]
+    assert set(by_name["rrhf_step"]["paths"]) == {"naive_lora", "project_lora", "naive_full", "project_full"}
+    lora, full = by_name["rrhf_step"]["paths"]["project_lora"], by_name["rrhf_step"]["paths"]["project_full"]
+    assert 0 < lora["settings"]["trainable_parameters"] < full["settings"]["trainable_parameters"]
+    assert by_name["dpo_step"]["paths"]["project"]["settings"]["train_batch_size"] == PLAN["dpo_step"]["tiny"]["pairs"]
+
+
+def test_summary_names_device_and_every_benchmark(tiny_results):
+    text = "\n".join(summary_lines(tiny_results))
+    assert "CPU" in text and all(name in text for name in NAMES)
+
+
+def test_bench_refuses_full_size_without_a_gpu_and_unknown_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("T2IBOOK_DEVICE", "cpu")
+    assert cli.main(["bench", "--size", "full", "--out", str(tmp_path / "x.json")]) == 2
+    assert "run it on a GPU" in capsys.readouterr().err
+    assert cli.main(["bench", "--only", "warp_drive", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown benchmark(s) ['warp_drive']" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_committed_results_files_load():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    documents = cost.load_all(folder)
+    assert documents and all({b["name"] for b in d["benchmarks"]} == set(NAMES) for d in documents)
+
+
+# ------------------------------------------------------------------------------------------ cost model
+
+def _gpu_document() -> dict:
+    timing = lambda seconds: {"seconds_per_unit": seconds, "units": 1}  # noqa: E731
+    plain = ["naive", "project"]
+    return {"schema": 1, "size": "full", "device": {"device": "cuda", "name": "Test GPU"}, "benchmarks": [
+        {"name": "api_generation", "unit": "s/API", "shapes": {}, "ratio": 500.0, "ratios": {}, "headline": plain,
+         "paths": {"naive": timing(4.0), "batched_generate": timing(0.02), "project": timing(0.008)}},
+        {"name": "image_generation", "unit": "s/image", "shapes": {}, "ratio": 20.0, "ratios": {}, "headline": plain,
+         "paths": {"naive": timing(1.0), "project": timing(0.05)}},
+        {"name": "rrhf_step", "unit": "s/step", "ratio": 2.0, "ratios": {},
+         "headline": ["naive_lora", "project_lora"],
+         "shapes": {"candidates": 6, "prompt_tokens": 96, "response_tokens": 128},
+         "paths": {"naive_lora": timing(2.688), "project_lora": timing(1.344), "naive_full": timing(4.0),
+                   "project_full": timing(2.0)}}]}
+
+
+def test_measured_gpu_costs_replace_the_design_figures():
+    costs = cost.unit_costs(_gpu_document())
+    assert costs["image"]["project"] == 0.05 and costs["image"]["source"] == "t2ibook bench --size full on Test GPU"
+    # 1.344 s for 6 candidates × 224 tokens = 0.001 s per training token
+    assert costs["train_token_lora"]["project"] == pytest.approx(1.344 / (6 * 224))
+    assert costs["score"]["source"].startswith("FLOP estimate")  # not in this file: estimated
+    plain = cost.unit_costs(None)
+    assert plain["api"] == {"naive": 5.4, "project": 0.020, "source": cost.DESIGN_SOURCE}
+
+
+def test_stage_hours_are_count_times_seconds():
+    table = cost.cost_table(_gpu_document())
+    images = table[table["stage"] == "RRHF images"].iloc[0]
+    # 4,000 prompts × 6 candidates × 10 images = 240,000 images at 0.05 s and 1.0 s
+    assert images["count"] == 240_000
+    assert images["project GPU-h"] == pytest.approx(240_000 * 0.05 / 3600)
+    assert images["naive GPU-h"] == pytest.approx(240_000 * 1.0 / 3600)
+    totals = cost.totals(table)
+    diffagent = table[table["method"] == "DiffAgent"]
+    assert totals.loc["DiffAgent", "project GPU-h"] == pytest.approx(diffagent["project GPU-h"].sum())
+    assert list(totals.index) == ["DiffAgent", "ChatGen", "AGFSync"]
+    assert cost.gpu_results([{"size": "tiny", "device": {"device": "cpu"}}, _gpu_document()])["device"]["name"] == \
+        "Test GPU"
+
+
+def test_measured_table_lists_naive_project_and_ratio(tiny_results):
+    table = cost.measured_table([tiny_results])
+    assert list(table["benchmark"]) == NAMES
+    row = table.set_index("benchmark").loc["api_generation"]
+    assert row["naive ÷ project"] == tiny_results["benchmarks"][0]["ratio"]
+    assert "batched_generate/project" in row["other"]
+    json.dumps(table.to_dict())  # plain values, ready for the chapter's CSV

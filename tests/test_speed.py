@@ -1,0 +1,97 @@
+"""The fast paths give the plain paths' answers: static-cache bucketed decoding, the tuned pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import models, speed
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llm")
+    models.build_tiny_llama(folder, seed=0)
+    return models.load_causal_lm(str(folder))
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 40, (count,), generator=generator)
+    return [torch.randint(5, 700, (int(n),), generator=generator).tolist() for n in lengths]
+
+
+def test_buckets_sort_by_length_and_keep_every_index():
+    batches = speed.length_buckets([5, 1, 9, 1, 3], batch_size=2)
+    assert batches == [[1, 3], [4, 0], [2]]
+    assert speed.padded_width(17, 16) == 32 and speed.padded_width(16, 16) == 16 and speed.padded_width(5, 1) == 5
+
+
+def test_settings_refuse_what_cannot_work():
+    with pytest.raises(ValueError, match="compile=True needs static_cache=True"):
+        speed.DecodeSettings(compile=True)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        speed.DecodeSettings(batch_size=0)
+    assert speed.DecodeSettings.auto("cpu") == speed.DecodeSettings(static_cache=False, compile=False)
+    assert speed.DecodeSettings.auto("cuda:0", 64).static_cache and speed.DecodeSettings.auto("cuda", 64).compile
+
+
+@pytest.mark.parametrize("settings", [speed.DecodeSettings(batch_size=4),
+                                      speed.DecodeSettings(batch_size=4, static_cache=True, bucket=16)],
+                         ids=["dynamic", "static-bucketed"])
+def test_batched_decoding_equals_one_generate_per_prompt(lm, settings):
+    model, tokenizer = lm
+    pad = tokenizer.pad_token_id
+    prompts = _prompts(9)
+    one_by_one = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=pad)
+        one_by_one.append(out[0, len(prompt):].tolist())
+    seen = []
+    batched = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=12, settings=settings,
+                                  progress=seen.append)
+    strip = lambda tokens: [t for t in tokens if t != pad]  # noqa: E731  (a batch pads rows that stop early)
+    assert [strip(t) for t in batched] == [strip(t) for t in one_by_one]
+    assert sum(seen) == len(prompts) and len(seen) == 3  # 9 prompts in batches of 4
+
+
+def test_tuned_pipeline_draws_the_plain_pipelines_images(tmp_path):
+    folder = tmp_path / "sd"
+    models.build_tiny_stable_diffusion(folder, seed=0)
+    plain = models.load_sd_pipeline(str(folder))
+    tuned = speed.optimize_pipeline(models.load_sd_pipeline(str(folder)), speed.PipelineSettings(channels_last=True))
+    assert tuned.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    prompts, seeds = ["a red fox", "a blue whale", "a green owl"], [3, 4, 5]
+    batched = speed.render(tuned, prompts, [""] * 3, seeds, steps=3, cfg=7.0, width=32, height=32, device="cpu")
+    alone = [speed.render(plain, [p], [""], [s], steps=3, cfg=7.0, width=32, height=32, device="cpu")[0]
+             for p, s in zip(prompts, seeds)]
+    for got, want in zip(batched, alone):
+        # NHWC convolutions sum in another order: the same image up to rounding of a few pixel levels
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 2
+    assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[1]))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_equals_dynamic_batches(lm):
+    model, tokenizer = lm
+    model = model.to("cuda")
+    prompts, pad = _prompts(12, seed=1), tokenizer.pad_token_id
+    plain = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=16, settings=speed.DecodeSettings(4))
+    fast = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=16,
+                               settings=speed.DecodeSettings(4, static_cache=True, compile=True))
+    strip = lambda tokens: [t for t in tokens if t != pad]  # noqa: E731
+    assert [strip(t) for t in fast] == [strip(t) for t in plain]
+
+
+@pytest.mark.gpu
+def test_compiled_channels_last_unet_draws_the_eager_images(tmp_path):
+    folder = tmp_path / "sd"
+    models.build_tiny_stable_diffusion(folder, seed=0)
+    eager = models.load_sd_pipeline(str(folder), "cuda")
+    tuned = speed.optimize_pipeline(models.load_sd_pipeline(str(folder), "cuda"), speed.PipelineSettings.auto("cuda"))
+    prompts, seeds = ["a red fox", "a blue whale"], [3, 4]
+    want = speed.render(eager, prompts, [""] * 2, seeds, steps=3, cfg=7.0, width=64, height=64, device="cuda")
+    got = speed.render(tuned, prompts, [""] * 2, seeds, steps=3, cfg=7.0, width=64, height=64, device="cuda")
+    for a, b in zip(got, want):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean() < 2
