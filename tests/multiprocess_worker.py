@@ -55,12 +55,32 @@ def main(out: Path, llm: str) -> None:
     agent = Agent.load(llm)
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
 
+    # one Diffusion-DPO step on a global batch of 4 pairs: 4 on one process, 2 + 2 under DDP on two (plain SGD)
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from helpers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+    from helpers.models import load_sd_pipeline
+
+    rng = np.random.default_rng(0)
+    picture = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # noqa: E731
+    pairs = [{"prompt": f"a castle, {i}", "chosen": picture(), "rejected": picture()} for i in range(8)]
+    pipeline = load_sd_pipeline(t2i.weights_store(ctx).base("SD 1.5").path)
+    trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(resolution=32, max_steps=1, logging_steps=1, seed=0,
+                                                               train_batch_size=4 // world_size,
+                                                               output_dir=str(out / f"dpo{rank}")), pairs)
+    trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.1)  # an update far above float rounding
+    dpo_log = trainer.train()
+
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in pipeline.unet.state_dict().items()},
+                  folder / "dpo_unet.safetensors")
         np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
         (folder / "result.json").write_text(json.dumps({
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
-            "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"]}))
+            "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"],
+            "dpo_log": dpo_log, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
     # every process reports its own share of the drawing, so the test sees the work was split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     distributed.barrier()

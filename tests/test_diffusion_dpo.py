@@ -217,7 +217,9 @@ def test_sdxl_runs_one_step(sdxl_folder, tmp_path):
     trainer = DiffusionDPOTrainer(pipeline, tiny_config(tmp_path), dataset)
     assert trainer.is_sdxl
     log = trainer.train()
-    assert math.isfinite(log[0]["loss"]) and log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # model = reference, so log 2 up to rounding: β/2 = 2500 turns a 1-ulp difference between the UNet with
+    # gradients and the frozen copy (another CPU kernel) into ~1e-4 of loss
+    assert math.isfinite(log[0]["loss"]) and log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
 
 
 def test_trainer_rejects_rows_without_pairs(sd_folder, tmp_path):

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, started by torchrun as `accelerate launch` would) give the one-process result."""
+"""Two CPU processes (gloo, started by torchrun as `accelerate launch` would) give the one-process result:
+an SFT step, a Diffusion-DPO step, sharded image drawing, scoring and API-call decoding."""
 from __future__ import annotations
 
 import json
@@ -75,6 +76,14 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert any(not torch.equal(before[name], alone[name]) for name in alone)  # the step did change the weights
     for name in alone:
         torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Diffusion-DPO under DDP: each process takes half the pairs, the averaged gradient gives the same step
+    # (log 2 up to rounding on both: β/2 = 2500 magnifies 1-ulp kernel differences into ~1e-4 of loss)
+    assert two["dpo_log"][0]["loss"] == pytest.approx(one["dpo_log"][0]["loss"], abs=1e-3)
+    dpo_alone, dpo_split = (load_file(out / f"world{n}" / "dpo_unet.safetensors") for n in (1, 2))
+    unet_before = load_file(Path(one["dpo_base"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((unet_before[name] - dpo_alone[name]).abs().max() for name in dpo_alone) > 1e-4  # it moved
+    for name in dpo_alone:
+        torch.testing.assert_close(dpo_split[name], dpo_alone[name], rtol=1e-5, atol=1e-6, msg=name)
     # sharded generation, scoring and decoding: the merged results equal the one-process ones
     assert two["keys"] == one["keys"]
     np.testing.assert_array_equal(np.load(out / "world2" / "images.npy"), np.load(out / "world1" / "images.npy"))

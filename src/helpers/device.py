@@ -7,13 +7,18 @@ import torch
 
 
 def pick_device() -> str:
-    """`cuda` when a GPU is visible (override with T2IBOOK_DEVICE=cpu|cuda|cuda:1), else `cpu`."""
+    """`cuda` when a GPU is visible (`cuda:LOCAL_RANK` in a multi-process launch; override with
+    T2IBOOK_DEVICE=cpu|cuda|cuda:1), else `cpu`."""
     wanted = os.environ.get("T2IBOOK_DEVICE")
     if wanted:
         if wanted.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"T2IBOOK_DEVICE={wanted} but torch sees no CUDA device; unset it or use cpu")
         return wanted
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # accelerate launch / torchrun: one GPU per process
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+    return "cuda"
 
 
 def pick_dtype(device: str) -> torch.dtype:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import launched_world_size, world
+
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCES = ("copy", "lora-disabled")
 # the attention projections, as in diffusers' Diffusion-DPO and text-to-image LoRA examples
@@ -225,11 +227,19 @@ class DiffusionDPOTrainer:
 
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # under a multi-process launch each process takes every world_size-th pair of a global micro-batch and DDP
+        # averages the gradients, so a step equals one process's step over all those pairs
+        self.rank, self.world_size = world() if launched_world_size() > 1 else (0, 1)
+        self.policy = self.unet
+        if self.world_size > 1:
+            self.policy = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         on_cuda = self.device.type == "cuda"
         self.autocast_dtype = MIXED_PRECISION[config.mixed_precision] if on_cuda else None
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # the pair order (the same on every process)
+        self.pairs_drawn = 0  # position in the stream of pairs: seeds each pair's noise, timestep and latents
         self.global_step = 0
         self.log: list[dict[str, float]] = []
         self._order = self._pair_order()
@@ -250,14 +260,28 @@ class DiffusionDPOTrainer:
         while True:
             yield from torch.randperm(len(self.dataset), generator=self.generator).tolist()
 
-    def _next_rows(self) -> list[Mapping[str, Any]]:
-        return [self.dataset[next(self._order)] for _ in range(self.config.train_batch_size)]
+    def _next_rows(self) -> list[tuple[int, Mapping[str, Any]]]:
+        """(stream position, row) of this process's share of the next global micro-batch."""
+        count = self.config.train_batch_size * self.world_size
+        indices = [next(self._order) for _ in range(count)]
+        start, self.pairs_drawn = self.pairs_drawn, self.pairs_drawn + count
+        return [(start + k, self.dataset[indices[k]]) for k in range(self.rank, count, self.world_size)]
+
+    def _pair_generator(self, position: int) -> torch.Generator:
+        """The random source of one pair: seeded by its place in the stream, so a pair gets the same noise,
+        timestep and latent sample whichever process draws it and whatever else shares its batch."""
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + position * 7_919 + 1) % 2**63)
 
     @torch.no_grad()
-    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _latents(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """VAE latents of the rows, each sampled from its pair's generator (winners' rows, then losers')."""
         vae = self.pipeline.vae
         posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator=self.generator) if self.config.sample_latents else posterior.mean
+        latents = posterior.mean
+        if self.config.sample_latents:
+            shape = posterior.mean.shape[1:]
+            eps = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(posterior.std)
+            latents = posterior.mean + posterior.std * eps
         if getattr(vae.config, "shift_factor", None) is not None:
             latents = latents - vae.config.shift_factor
         return (latents * vae.config.scaling_factor).float()
@@ -282,10 +306,10 @@ class DiffusionDPOTrainer:
         return {"encoder_hidden_states": prompt_embeds,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
-    def _batch(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def _batch(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
         """Latents [winners; losers], shared noise and timesteps, target and conditioning for 2B UNet rows."""
         pixels, sizes, crops, prompts = [], [], [], []
-        for row in rows:
+        for _, row in rows:
             chosen, size, crop = preprocess_image(row["chosen"], self.config.resolution)
             rejected, _, _ = preprocess_image(row["rejected"], self.config.resolution)
             pixels.append((chosen, rejected))
@@ -293,11 +317,14 @@ class DiffusionDPOTrainer:
             crops.append(crop)
             prompts.append(row["prompt"])
         pixels = torch.stack([p[0] for p in pixels] + [p[1] for p in pixels])
-        latents = self._latents(pixels)
+        generators = [self._pair_generator(position) for position, _ in rows]
         num_pairs = len(rows)
-        noise = torch.randn(latents[:num_pairs].shape, generator=self.generator).to(self.device).repeat(2, 1, 1, 1)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (num_pairs,),
-                                  generator=self.generator).to(self.device).repeat(2)
+        # each pair's draws in a fixed order: winner latent, loser latent, noise, timestep
+        latents = self._latents(pixels, generators + generators)
+        shape = latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device).repeat(2, 1, 1, 1)
+        timesteps = torch.cat([torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                               for g in generators]).to(self.device).repeat(2)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -315,7 +342,8 @@ class DiffusionDPOTrainer:
         return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     def _predict(self, unet, batch: dict[str, Any]) -> torch.Tensor:
-        dtype = unet.dtype  # a frozen reference may be fp16/bf16 while the trained copy is fp32
+        # a frozen reference may be fp16/bf16 while the trained copy is fp32 (DDP wraps the trained one)
+        dtype = getattr(unet, "module", unet).dtype
         conditioning = _cast(batch["conditioning"], dtype)
         with self._autocast():
             return unet(batch["noisy"].to(dtype), batch["timesteps"], **conditioning, return_dict=False)[0]
@@ -330,11 +358,19 @@ class DiffusionDPOTrainer:
             finally:
                 self.unet.enable_adapters()
 
-    def compute_loss(self, rows: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO loss of one batch of pairs and its metrics (implicit accuracy, mean model/reference errors)."""
+    def compute_loss(self, rows: Sequence[Mapping[str, Any] | tuple[int, Mapping[str, Any]]]
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """DPO loss of one batch of pairs and its metrics (implicit accuracy, mean model/reference errors).
+
+        `rows` are dataset rows, or (stream position, row) as the training loop passes them; plain rows take
+        the next positions of the stream.
+        """
+        if rows and not isinstance(rows[0], tuple):
+            start, self.pairs_drawn = self.pairs_drawn, self.pairs_drawn + len(rows)
+            rows = [(start + k, row) for k, row in enumerate(rows)]
         batch = self._batch(rows)
         num_pairs = len(rows)
-        model_mse = per_sample_mse(self._predict(self.unet, batch), batch["target"])
+        model_mse = per_sample_mse(self._predict(self.policy, batch), batch["target"])
         ref_mse = per_sample_mse(self._reference_prediction(batch), batch["target"])
         model_w, model_l = model_mse[:num_pairs], model_mse[num_pairs:]
         ref_w, ref_l = ref_mse[:num_pairs], ref_mse[num_pairs:]
@@ -342,6 +378,12 @@ class DiffusionDPOTrainer:
         metrics = {"loss": loss.item(), "implicit_accuracy": accuracy.item(),
                    "model_mse_w": model_w.mean().item(), "model_mse_l": model_l.mean().item(),
                    "ref_mse_w": ref_w.mean().item(), "ref_mse_l": ref_l.mean().item()}
+        if self.world_size > 1:  # the log shows the whole global batch, not this process's share
+            import torch.distributed as dist
+
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            metrics = dict(zip(metrics, (values / self.world_size).tolist()))
         return loss, metrics
 
     def train(self) -> list[dict[str, float]]:
