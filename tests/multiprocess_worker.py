@@ -17,6 +17,7 @@ import torch
 def main(out: Path, llm: str) -> None:
     from helpers import config, distributed, sft, t2i
     from helpers.agent import Agent
+    from helpers.candidates import propose
     from helpers.scoring import ScoreCache, ScoringRun, load_scorer
 
     ctx = config.setup("tiny", 0, quiet=True)
@@ -54,6 +55,8 @@ def main(out: Path, llm: str) -> None:
     table = scores.score(generated)
     agent = Agent.load(llm)
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
+    proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
+                        max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
     # one Diffusion-DPO step on a global batch of 4 pairs: 4 on one process, 2 + 2 under DDP on two (plain SGD)
     from PIL import Image
@@ -80,7 +83,7 @@ def main(out: Path, llm: str) -> None:
         (folder / "result.json").write_text(json.dumps({
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"],
-            "dpo_log": dpo_log, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
+            "dpo_log": dpo_log, "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
     # every process reports its own share of the drawing, so the test sees the work was split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     distributed.barrier()

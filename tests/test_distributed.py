@@ -1,5 +1,5 @@
 """Two CPU processes (gloo, started by torchrun as `accelerate launch` would) give the one-process result:
-an SFT step, a Diffusion-DPO step, sharded image drawing, scoring and API-call decoding."""
+an SFT step, a Diffusion-DPO step, sharded image drawing, scoring, API-call decoding and RRHF candidates."""
 from __future__ import annotations
 
 import json
@@ -89,5 +89,6 @@ def test_two_processes_match_one(book_root, tmp_path):
     np.testing.assert_array_equal(np.load(out / "world2" / "images.npy"), np.load(out / "world1" / "images.npy"))
     assert two["clip"] == pytest.approx(one["clip"], abs=1e-5)
     assert two["texts"] == one["texts"]
+    assert two["proposals"] == one["proposals"] and all(len(c) == 4 for c in one["proposals"])
     shares = [int((out / f"drawn_world2_rank{rank}.txt").read_text()) for rank in (0, 1)]
     assert shares == [3, 2] and one["drawn_here"] == 5  # each process drew its own share, nothing twice

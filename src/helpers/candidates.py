@@ -66,24 +66,37 @@ def candidate_set(texts: Sequence[str], demonstration: dict[str, Any] | None, ca
 def propose(agent, prompts: Sequence[str], *, num_samples: int, num_beams: int, num_beam_groups: int,
             diversity_penalty: float, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
             batch_size: int = 8, progress: bool = True) -> list[list[str]]:
-    """The agent's raw candidate texts per prompt: `num_samples` samples, then `num_beams` diverse beams."""
+    """The agent's raw candidate texts per prompt: `num_samples` samples, then `num_beams` diverse beams.
+
+    Under a multi-process launch the sampled chunks and the prompts' beam searches are split across processes
+    (each chunk keeps its own seed, so the candidates do not depend on how many processes there are).
+    """
     from tqdm.auto import tqdm
 
+    from .distributed import map_sharded
     from .generation import diverse_candidates, sample_candidates
 
     texts: list[list[str]] = [[] for _ in prompts]
     if num_samples:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
-            chunk = list(prompts[start:start + batch_size])
-            for offset, samples in enumerate(sample_candidates(
-                    agent.model, agent.tokenizer, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                    temperature=temperature, seed=seed + start)):
+        def sample(starts: list[int]) -> list[list[list[str]]]:
+            return [sample_candidates(agent.model, agent.tokenizer, list(prompts[start:start + batch_size]),
+                                      num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, seed=seed + start)
+                    for start in tqdm(starts, desc="sampling", disable=not progress)]
+
+        starts = list(range(0, len(prompts), batch_size))
+        for start, chunk in zip(starts, map_sharded(sample, starts)):
+            for offset, samples in enumerate(chunk):
                 texts[start + offset] += samples
     if num_beams:
-        for index, prompt in enumerate(tqdm(prompts, desc="diverse beams", disable=not progress)):
-            texts[index] += diverse_candidates(agent.model, agent.tokenizer, prompt, num_beams=num_beams,
-                                               num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
-                                               max_new_tokens=max_new_tokens)
+        def beams(indices: list[int]) -> list[list[str]]:
+            return [diverse_candidates(agent.model, agent.tokenizer, prompts[index], num_beams=num_beams,
+                                       num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                                       max_new_tokens=max_new_tokens)
+                    for index in tqdm(indices, desc="diverse beams", disable=not progress)]
+
+        for index, found in enumerate(map_sharded(beams, list(range(len(prompts))))):
+            texts[index] += found
     return texts
 
 
