@@ -39,15 +39,19 @@ def main(out: Path, llm: str) -> None:
                         folder / "sft" if rank == 0 else out / f"scratch{rank}")
 
     # sharded image generation through the executor, into a cache of this run's own
+    # "Fresh" gets a version (so tiny weights) of its own per run: under two processes they are built during the
+    # call, and only one process's share draws with them
     catalog = t2i.ModelCatalog.from_records([
-        {"api": {"model": "AlphaMix", "type": "Checkpoint", "model_description": "x"}, "architecture": "SD 1.5",
-         "model_id": 1, "model_version_id": 11, "lora_base": None}])
+        {"api": {"model": name, "type": "Checkpoint", "model_description": "x"}, "architecture": "SD 1.5",
+         "model_id": version // 10, "model_version_id": version, "lora_base": None}
+        for name, version in (("AlphaMix", 11), ("Fresh", 50 + world_size))])
     executor = t2i.Executor(catalog, t2i.weights_store(ctx), t2i.ImageCache(out / f"cache{world_size}"),
                             t2i.ExecutorConfig(max_side=32, batch_size=2))
     call = {"model": "AlphaMix", "type": "Checkpoint", "base_model": "SD 1.5", "width": 512, "height": 512,
             "sampling_method": "Euler a", "sampling_steps": 3, "cfg_scale": 7.0}
     prompts = [f"a lighthouse at dusk, style {i}" for i in range(5)]
-    generated = executor.generate([t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)],
+    fresh = t2i.Request({**call, "model": "Fresh"}, "a quiet harbour", seed=9)
+    generated = executor.generate([t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)] + [fresh],
                                   progress=False)
 
     # sharded scoring and sharded API-call decoding
@@ -74,6 +78,17 @@ def main(out: Path, llm: str) -> None:
                                                                output_dir=str(out / f"dpo{rank}")), pairs)
     trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.1)  # an update far above float rounding
     dpo_log = trainer.train()
+
+    # a stage: every process computes (its share of the sharded step), only the main process writes the folder
+    def squares(stage_folder: Path) -> dict:
+        values = distributed.map_sharded(lambda xs: [x * x for x in xs], list(range(7)))
+        (stage_folder / "squares.json").write_text(json.dumps(values))
+        return {"values": len(values), "wrote_in_the_stage_folder": stage_folder == stage.folder}
+
+    stage = ctx.stage("multiprocess_check", params={"world_size": world_size})
+    record = stage.run(squares)
+    (out / f"stage_world{world_size}_rank{rank}.json").write_text(json.dumps(
+        {"fingerprint": record["fingerprint"], "counts": record["counts"], "folder": str(stage.folder)}))
 
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)

@@ -28,12 +28,25 @@ def test_shards_interleave_and_merge_back_in_order():
         distributed.merge_shards([["a", "d", "g"], ["b"], ["c", "f"]], len(items))
     with pytest.raises(ValueError, match="rank=3"):
         distributed.shard_indices(5, 3, 3)
+    # in runs of a batch: process 0 gets batches 0 and 2, process 1 batch 1, each as one process would batch it
+    assert [distributed.shard_indices(7, rank, 2, chunk=3) for rank in (0, 1)] == [[0, 1, 2, 6], [3, 4, 5]]
+    assert distributed.merge_shards([["a", "b", "c", "g"], ["d", "e", "f"]], 7, chunk=3) == items
 
 
 def test_one_process_map_sharded_is_a_plain_call(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.world() == (0, 1)
     assert distributed.map_sharded(lambda xs: [x * 2 for x in xs], [1, 2, 3]) == [2, 4, 6]
+
+
+def test_a_stage_inside_one_processs_share_is_refused(tiny_ctx, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_sharding_depth", 1)
+    with pytest.raises(RuntimeError, match="inside one process's share"):
+        tiny_ctx.stage("inside_a_shard").run(lambda folder: {})
+    with pytest.raises(RuntimeError, match="build what the shard needs"):
+        monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+        distributed.barrier()
 
 
 def test_accelerate_recipes_parse():
@@ -85,10 +98,40 @@ def test_two_processes_match_one(book_root, tmp_path):
     for name in dpo_alone:
         torch.testing.assert_close(dpo_split[name], dpo_alone[name], rtol=1e-5, atol=1e-6, msg=name)
     # sharded generation, scoring and decoding: the merged results equal the one-process ones
-    assert two["keys"] == one["keys"]
-    np.testing.assert_array_equal(np.load(out / "world2" / "images.npy"), np.load(out / "world1" / "images.npy"))
-    assert two["clip"] == pytest.approx(one["clip"], abs=1e-5)
+    # (the last image uses weights of each run's own, built during the sharded call)
+    assert two["keys"][:5] == one["keys"][:5] and len(two["keys"]) == 6 and two["keys"][5] != one["keys"][5]
+    np.testing.assert_array_equal(np.load(out / "world2" / "images.npy")[:5], np.load(out / "world1" / "images.npy")[:5])
+    assert two["clip"][:5] == pytest.approx(one["clip"][:5], abs=1e-5)
     assert two["texts"] == one["texts"]
     assert two["proposals"] == one["proposals"] and all(len(c) == 4 for c in one["proposals"])
+    # a stage under two processes: both return the main process's manifest; only its files are in the folder
+    stage_main, stage_other = (json.loads((out / f"stage_world2_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert stage_main == stage_other and stage_main["counts"]["wrote_in_the_stage_folder"] is True
+    written = sorted(p.name for p in Path(stage_main["folder"]).iterdir())
+    assert written == ["manifest.json", "squares.json"]
+    assert json.loads((Path(stage_main["folder"]) / "squares.json").read_text()) == [x * x for x in range(7)]
     shares = [int((out / f"drawn_world2_rank{rank}.txt").read_text()) for rank in (0, 1)]
-    assert shares == [3, 2] and one["drawn_here"] == 5  # each process drew its own share, nothing twice
+    assert shares == [3, 3] and one["drawn_here"] == 6  # each process drew its own share, nothing twice
+
+
+@pytest.mark.slow
+def test_notebooks_under_two_processes_match_one(tmp_path):
+    """`t2ibook run` under torchrun: both processes run notebooks 00–05, the second draws and scores its share, and
+    the stage outputs equal a one-process run's (same thread count), bit for bit. About two minutes."""
+    from conftest import copy_repo
+
+    roots = {n: copy_repo(tmp_path / f"book{n}") for n in (1, 2)}
+    cli = ["-m", "helpers.cli", "run", "--from", "00", "--to", "05", "--no-progress"]
+    _run([sys.executable, *cli], roots[1])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), *cli], roots[2])
+    outputs = {}
+    for n, root in roots.items():
+        manifests = sorted((root / "data" / "runs" / "tiny").glob("0[0-5]_*/manifest.json"))
+        outputs[n] = {m.parent.name: json.loads(m.read_text())["outputs"] for m in manifests}
+    assert set(outputs[1]) == set(outputs[2]) and len(outputs[1]) == 6
+    for stage in outputs[1]:
+        if stage != "01_crawl_civitai":  # raw pages hold the local server's port
+            assert outputs[2][stage] == outputs[1][stage], stage
+    # the main process wrote the executed notebooks; the other kept its copies in a scratch folder
+    assert sorted(p.name[:2] for p in (roots[2] / "book").glob("0[0-5]_*.ipynb")) == ["00", "01", "02", "03", "04", "05"]

@@ -43,9 +43,20 @@ def world() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
+_sharding_depth = 0  # > 0 while this process works on its own share (collectives would not be matched there)
+
+
+def in_shard() -> bool:
+    """Is this process inside `map_sharded`'s function, doing work the others do not do?"""
+    return _sharding_depth > 0
+
+
 def barrier() -> None:
     """Wait until every process gets here (no-op for one process)."""
     if world()[1] > 1:
+        if in_shard():
+            raise RuntimeError("a barrier inside sharded work would wait for processes that never reach it; "
+                               "build what the shard needs (weights, stages) before calling map_sharded")
         import torch.distributed as dist
 
         dist.barrier()
@@ -62,22 +73,25 @@ def broadcast_from_main(value: Any) -> Any:
     return box[0]
 
 
-def shard_indices(count: int, rank: int, world_size: int) -> list[int]:
-    """The positions process `rank` handles: every `world_size`-th one, starting at `rank`.
+def shard_indices(count: int, rank: int, world_size: int, chunk: int = 1) -> list[int]:
+    """The positions process `rank` handles: every `world_size`-th run of `chunk` positions, starting at its own.
 
     Interleaving keeps each process's share alike when the list is sorted (by length, by sampler), so no
-    process waits long for the slowest.
+    process waits long for the slowest. With `chunk` = the consumer's batch size every batch holds the items a
+    single process would batch together, so batched arithmetic rounds the same way.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, {world_size})")
-    return list(range(rank, count, world_size))
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1")
+    return [i for i in range(count) if (i // chunk) % world_size == rank]
 
 
-def merge_shards(shards: Sequence[Sequence[Result]], count: int) -> list[Result]:
+def merge_shards(shards: Sequence[Sequence[Result]], count: int, chunk: int = 1) -> list[Result]:
     """The inverse of `shard_indices`: per-process result lists back into one list in the original order."""
     merged: list[Any] = [None] * count
     for rank, results in enumerate(shards):
-        positions = shard_indices(count, rank, len(shards))
+        positions = shard_indices(count, rank, len(shards), chunk)
         if len(results) != len(positions):
             raise ValueError(f"process {rank} returned {len(results)} results for {len(positions)} items")
         for position, value in zip(positions, results):
@@ -85,20 +99,26 @@ def merge_shards(shards: Sequence[Sequence[Result]], count: int) -> list[Result]
     return merged
 
 
-def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[Item]) -> list[Result]:
+def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[Item], chunk: int = 1) -> list[Result]:
     """`fn(items)` with the items split across processes; every process gets the whole result, in order.
 
     `fn` takes a list and returns one result per item. The main process's `items` are used everywhere, so
-    processes that read a cache at slightly different moments still split the same work.
+    processes that read a cache at slightly different moments still split the same work. `chunk`: see
+    `shard_indices`.
     """
     rank, world_size = world()
     if world_size == 1:
         return list(fn(list(items)))
     import torch.distributed as dist
 
+    global _sharding_depth
     items = broadcast_from_main(list(items))
-    mine = [items[i] for i in shard_indices(len(items), rank, world_size)]
-    local = list(fn(mine)) if mine else []
+    mine = [items[i] for i in shard_indices(len(items), rank, world_size, chunk)]
+    _sharding_depth += 1
+    try:
+        local = list(fn(mine)) if mine else []
+    finally:
+        _sharding_depth -= 1
     shards: list[Any] = [None] * world_size
     dist.all_gather_object(shards, local)
-    return merge_shards(shards, len(items))
+    return merge_shards(shards, len(items), chunk)

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .distributed import barrier, is_main_process, launched_rank
+from .distributed import barrier, in_shard, is_main_process, launched_rank, launched_world_size
 
 MANIFEST = "manifest.json"
 # Libraries whose version changes what a stage computes; part of the fingerprint.
@@ -200,6 +200,9 @@ class Stage:
                 return self.manifest
             print(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
             return self.manifest
+        if launched_world_size() > 1 and in_shard():
+            raise RuntimeError(f"stage {self.name} started inside one process's share of sharded work; the other "
+                               "processes would not join it. Run it before sharding (see helpers.distributed)")
         if not is_main_process():
             return self._run_beside_main(compute, *args, **kwargs)
         self.folder.mkdir(parents=True, exist_ok=True)

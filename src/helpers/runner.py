@@ -13,7 +13,7 @@ from typing import Any
 import nbformat
 
 from .config import Recipe, repo_root
-from .distributed import is_main_process, launched_rank
+from .distributed import is_main_process, launched_rank, launched_world_size
 from .manifest import MANIFEST, atomic_write_json, hash_tree, sha256_file, sha256_json
 
 NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
@@ -143,6 +143,20 @@ def _failure_message(path: Path, output: Path, error: Exception, root: Path) -> 
             f"executed copy with the full traceback: {output.relative_to(root)}")
 
 
+def _process_group_env(index: int) -> dict[str, str]:
+    """Under a multi-process launch: a rendezvous of its own for each notebook's kernels.
+
+    Every notebook runs in a fresh kernel per process, and each kernel joins a process group when it first
+    shards work. A store left from the previous notebook's kernels (torchrun keeps one in its agent) would
+    hold their keys, so each notebook gets the next port and rank 0's kernel hosts the store.
+    """
+    if launched_world_size() == 1:
+        return {}
+    base = int(os.environ.get("T2IBOOK_BASE_MASTER_PORT") or os.environ.get("MASTER_PORT") or 29500)
+    os.environ.setdefault("T2IBOOK_BASE_MASTER_PORT", str(base))
+    return {"MASTER_PORT": str(base + index), "TORCHELASTIC_USE_AGENT_STORE": "False"}
+
+
 def run_notebooks(recipe: Recipe, first: str | None = None, last: str | None = None, force: bool = False,
                   root: Path | None = None, out_dir: Path | None = None, progress: bool = True) -> list[NotebookResult]:
     """Execute notebooks [first, last] in order into `book/`, skipping those whose inputs are unchanged."""
@@ -175,8 +189,9 @@ def run_notebooks(recipe: Recipe, first: str | None = None, last: str | None = N
             continue
         print(f"{label}: running ({recipe.profile} profile)", flush=True)
         started = time.time()
-        before = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the kernel inherits the runner's environment
+        kernel_env = {**env, **_process_group_env(index)}
+        before = {k: os.environ.get(k) for k in kernel_env}
+        os.environ.update(kernel_env)  # the kernel inherits the runner's environment
         try:
             papermill.execute_notebook(str(path), str(output),
                                        parameters=parameters, kernel_name="python3", cwd=str(root / "notebooks"),

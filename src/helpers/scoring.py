@@ -164,7 +164,8 @@ class ScoringRun:
             if todo:
                 # split across processes under a multi-process launch (one process: a plain call)
                 fresh = map_sharded(lambda share, scorer=scorer: scorer.score([generated[i].image for i in share],
-                                                                              [prompts[i] for i in share]), todo)
+                                                                              [prompts[i] for i in share]),
+                                    todo, chunk=getattr(scorer, "batch_size", 32))
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])
                 for i, v in zip(todo, fresh):
                     values[i] = float(v)

@@ -553,10 +553,13 @@ class Executor:
         Under a multi-process launch each process draws its share (`helpers.distributed.map_sharded`) into the
         shared image cache, and every process gets all the images back.
         """
-        from .distributed import launched_world_size, map_sharded
+        from .distributed import broadcast_from_main, launched_world_size, map_sharded
 
         if launched_world_size() > 1:
-            return map_sharded(lambda share: self._generate_here(share, progress), list(requests))
+            requests = broadcast_from_main(list(requests))
+            for request in requests:  # weights are built (a stage each) by every process together, before sharding
+                self.plan(request.api)
+            return map_sharded(lambda share: self._generate_here(share, progress), requests)
         return self._generate_here(requests, progress)
 
     def _generate_here(self, requests: Sequence[Request], progress: bool) -> list[Generated]:
