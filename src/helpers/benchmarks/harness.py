@@ -66,7 +66,7 @@ def time_path(name: str, run: Callable[[], int], device: str, *, warmup: Callabl
     synchronize(device)
     total = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return PathTiming(name, total / max(units, 1), units, round(total, 4),
+    return PathTiming(name, total / max(units, 1), units, total,
                       round(peak, 2) if peak is not None else None, settings or {})
 
 
