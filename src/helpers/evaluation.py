@@ -82,12 +82,16 @@ def prompt_sets(records: Sequence[dict[str, Any]], root: Path, *, limit: int, se
 
 # ------------------------------------------------------------------------------------------- systems
 
-def retrieval_models(prompts: Sequence[str], catalog, encoder_path: str, device: str = "cpu") -> list:
-    """For each prompt, the catalog model (base models excluded) whose description is nearest in MiniLM space."""
+def retrieval_models(prompts: Sequence[str], catalog, encoder, device: str = "cpu") -> list:
+    """For each prompt, the catalog model (base models excluded) whose description is nearest in MiniLM space.
+
+    `encoder` is a loaded sentence encoder, or the folder / hub id to load one from (once per call).
+    """
     from .models import load_text_encoder
 
     models = [model for model in catalog.models if not model.is_base]
-    encoder = load_text_encoder(encoder_path, device)
+    if isinstance(encoder, (str, Path)):
+        encoder = load_text_encoder(encoder, device)
     described = encoder.encode([model.description or model.name for model in models], normalize_embeddings=True,
                                show_progress_bar=False)
     asked = encoder.encode(list(prompts), normalize_embeddings=True, show_progress_bar=False)
@@ -242,6 +246,7 @@ def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path],
 
     from .agent import Agent, ApiCallCache
     from .civitai import read_jsonl
+    from .models import load_text_encoder
     from .scoring import ScoringRun
     from .t2i import Executor, ModelCatalog, Request, validate
 
@@ -256,13 +261,14 @@ def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path],
                                           max_new_tokens=max_new_tokens, cache=cache) for s, items in chosen.items()}
         del agent
     calls, requests, owners = [], [], []
+    encoder = load_text_encoder(ctx.model_path("text_similarity"), ctx.device)  # once for the three prompt sets
     for prompt_set, items in sets.items():
         checked = {name: [validate(t, catalog) for t in by_set[prompt_set]] for name, by_set in texts.items()
                    if prompt_set in by_set}
         calls += [{"prompt_set": prompt_set, "agent": name, "prompt_index": i, "prompt": items[i]["prompt"],
                    "text": texts[name][prompt_set][i], "category": v.category or "ok"}
                   for name, validations in checked.items() for i, v in enumerate(validations)]
-        retrieved = retrieval_models([p["prompt"] for p in items], catalog, ctx.model_path("text_similarity"))
+        retrieved = retrieval_models([p["prompt"] for p in items], catalog, encoder)
         systems = system_calls(checked["sft"], checked["rrhf"], retrieved, catalog, baseline_architecture)
         baseline = systems["Baseline"][0]["api"]
         systems.update({f"RRHF {name}": agent_calls(checked[name], baseline) for name in variants if name in checked})
