@@ -282,6 +282,21 @@ def test_paper_weights_download_a_single_file_lora(run_ctx, tmp_path, monkeypatc
     assert pipeline.get_list_adapters()["unet"] == ["lora_civitai_21"]
 
 
+def test_paper_weights_beside_the_main_process_wait_for_its_download(run_ctx, tmp_path, monkeypatch):
+    """Under a multi-process launch only the main process fetches; the others take the file once it is there."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights", url="http://127.0.0.1:9/never/{version}")
+    target = tmp_path / "weights" / "21.safetensors"
+    target.parent.mkdir()
+    threading.Timer(0.8, target.write_bytes, args=(b"weights",)).start()  # the main process finishing its download
+    weights = store.lora(t2i.CatalogModel("InkStyle", "LORA", "SD 1.5", 21, lora_base_version_id=11))
+    assert Path(weights.path) == target and target.read_bytes() == b"weights"  # nothing was requested from port 9
+    store.wait_timeout_s = 0.4
+    with pytest.raises(TimeoutError, match="main process to download 22.safetensors"):
+        store.lora(t2i.CatalogModel("Other", "LORA", "SD 1.5", 22, lora_base_version_id=11))
+
+
 @pytest.mark.parametrize("model,base", [("AlphaMix", "SD 1.5"), ("BetaXL", "SDXL 1.0")])
 def test_text_noise_changes_the_image_and_zero_noise_matches_the_plain_path(executor, run_ctx, catalog, tmp_path,
                                                                             model, base):

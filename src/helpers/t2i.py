@@ -353,10 +353,15 @@ class CivitaiWeights(TinyWeights):
     def _download(self, version: int) -> Weights:
         import requests
 
+        from .distributed import is_main_process, launched_world_size
+
         target = self.cache_dir / f"{version}.safetensors"
+        if not target.exists() and launched_world_size() > 1 and not is_main_process():
+            # every process plans the same calls in the same order; the main one fetches, the others wait for it
+            self._wait_for(target)
         if not target.exists():
             headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
-            partial = target.with_suffix(".part")
+            partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # one writer per partial file
             partial.parent.mkdir(parents=True, exist_ok=True)
             with requests.get(self.url.format(version=version), headers=headers, stream=True, timeout=60) as reply:
                 if reply.status_code in (401, 403):
@@ -366,8 +371,21 @@ class CivitaiWeights(TinyWeights):
                 with open(partial, "wb") as handle:
                     for chunk in reply.iter_content(1 << 20):
                         handle.write(chunk)
-            partial.rename(target)  # only a complete download gets the real name
+            os.replace(partial, target)  # only a complete download gets the real name
         return Weights(str(target), "file", f"civitai:{version}")
+
+    wait_timeout_s = 3600.0  # a checkpoint of several GB on a slow link
+
+    def _wait_for(self, target: Path) -> None:
+        import time
+
+        waited = 0.0
+        while not target.exists():
+            if waited > self.wait_timeout_s:
+                raise TimeoutError(f"waited {waited:.0f} s for the main process to download {target.name}; check its "
+                                   "log (a refused token or a network error stops it first)")
+            time.sleep(0.5)
+            waited += 0.5
 
 
 def _folder_id(folder: Path) -> str:
