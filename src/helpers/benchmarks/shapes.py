@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..models import TINY_SD_UNET, TINY_VAE
+
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 LLAMA_TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -23,12 +25,8 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=("UpDecoderBlock2D",) * 4)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-SD_TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                    cross_attention_dim=32, attention_head_dim=8,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-SD_TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, block_out_channels=(32, 64),
-                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+SD_TINY_UNET = dict(TINY_SD_UNET, sample_size=32)  # the book's tiny pipeline at 64 px
+SD_TINY_VAE = dict(TINY_VAE, sample_size=64)
 SD_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, projection_dim=32)
 IMAGE_SIZE = {"full": 512, "tiny": 64}
