@@ -74,3 +74,30 @@ def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
 def test_bad_lora_rank_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lora_r=0"):
         _config(tmp_path, use_lora=True, lora_r=0)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_gathered_save_writes_the_same_agent_as_the_in_memory_one(llm, tmp_path, use_lora):
+    """The FSDP branch of `save_trained`: what `Trainer.save_model` wrote (the whole model, or adapters on a named
+    base) reloads, merges and saves to the same weights as the one-process path writes from memory."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    config = _config(tmp_path, max_steps=1, use_lora=use_lora, lora_r=4)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(llm), args=config,
+                         train_dataset=sft.sft_dataset(RECORDS), processing_class=tokenizer,
+                         peft_config=config.peft_config())
+    trainer.train()
+    gathered = tmp_path / "gathered"
+    trainer.save_model(str(gathered))
+    assert (gathered / ("adapter_model.safetensors" if use_lora else "model.safetensors")).is_file()
+    sft.save_gathered(gathered, tmp_path / "from_gathered", tokenizer, use_lora)
+    sft.save_trained(trainer, tokenizer, tmp_path / "from_memory", use_lora)
+    assert not gathered.exists()
+    one, other = (load_file(tmp_path / name / "model.safetensors") for name in ("from_gathered", "from_memory"))
+    assert sorted(one) == sorted(other) and not any("lora" in name for name in one)
+    for name in one:
+        assert torch.equal(one[name], other[name]), name
+    assert AutoTokenizer.from_pretrained(tmp_path / "from_gathered").chat_template == models.CHAT_TEMPLATE

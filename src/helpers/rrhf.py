@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .generation import user_message
-from .sft import LoraArguments
+from .sft import LoraArguments, save_trained
 
 IGNORE_INDEX = -100
 
@@ -329,9 +329,7 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     before = trainer.evaluate()
     result = trainer.train()
     after = trainer.evaluate()
-    trained = trainer.model.merge_and_unload() if config.use_lora else trainer.model
-    trained.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    save_trained(trainer, tokenizer, Path(output), config.use_lora)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"steps": result.global_step, "first_loss": losses[0] if losses else None,

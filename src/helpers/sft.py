@@ -97,14 +97,50 @@ def train(model_path: str, dataset, config: AgentSFTConfig, output: Path) -> dic
                          peft_config=config.peft_config())
     last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
-    trained = trainer.model.merge_and_unload() if config.use_lora else trainer.model
-    trained.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    save_trained(trainer, tokenizer, Path(output), config.use_lora)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     _model_card(Path(output), model_path, config, len(dataset), losses)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))
     return {"train_examples": len(dataset), "steps": result.global_step, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "lora": config.use_lora}
+
+
+def save_trained(trainer, tokenizer, output: Path, use_lora: bool) -> None:
+    """Save a trainer's model as one plain causal LM (LoRA merged) plus tokenizer, under any kind of launch.
+
+    One process or DDP: every process holds whole weights, so the adapters merge in memory. FSDP: each process holds
+    a shard; the Trainer's own `save_model` gathers the full state dict (or the adapters) onto the main process,
+    which reloads it whole, merges and saves.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        trained = trainer.model.merge_and_unload() if use_lora else trainer.model
+        trained.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        return
+    state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+    if "FULL_STATE_DICT" not in state_dict_type:
+        raise ValueError(f"FSDP state_dict_type {state_dict_type} saves shards the agent cannot be loaded from; set "
+                         "fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp.yaml)")
+    gathered = Path(trainer.args.output_dir) / "gathered"
+    trainer.save_model(str(gathered))  # collective: every process sends its shard
+    if trainer.accelerator.is_main_process:
+        save_gathered(gathered, output, tokenizer, use_lora)
+    trainer.accelerator.wait_for_everyone()
+
+
+def save_gathered(gathered: Path, output: Path, tokenizer, use_lora: bool) -> None:
+    """Write the plain model from a `Trainer.save_model` folder (a whole model, or LoRA adapters on a named base)."""
+    if use_lora:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(gathered).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(gathered)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    shutil.rmtree(gathered)
 
 
 def _model_card(folder: Path, base: str, config: AgentSFTConfig, examples: int, losses: Sequence[float]) -> None:
