@@ -62,7 +62,8 @@ def main(out: Path, llm: str) -> None:
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
-    # one Diffusion-DPO step on a global batch of 4 pairs: 4 on one process, 2 + 2 under DDP on two (plain SGD)
+    # one Diffusion-DPO step on a global batch of 4 pairs in two micro-batches of 2: 2 per micro-batch on one
+    # process, 1 + 1 under DDP on two (plain SGD)
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -74,9 +75,23 @@ def main(out: Path, llm: str) -> None:
     pairs = [{"prompt": f"a castle, {i}", "chosen": picture(), "rejected": picture()} for i in range(8)]
     pipeline = load_sd_pipeline(t2i.weights_store(ctx).base("SD 1.5").path)
     trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(resolution=32, max_steps=1, logging_steps=1, seed=0,
-                                                               train_batch_size=4 // world_size,
+                                                               train_batch_size=2 // world_size,
+                                                               gradient_accumulation_steps=2,
                                                                output_dir=str(out / f"dpo{rank}")), pairs)
     trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.1)  # an update far above float rounding
+    # which micro-batch each DDP gradient all-reduce ran in: accumulation should sync only in the last one
+    micro_batches, synced_in = [0], []
+    compute_loss = trainer.compute_loss
+    trainer.compute_loss = lambda rows: (micro_batches.__setitem__(0, micro_batches[0] + 1), compute_loss(rows))[1]
+    if world_size > 1:
+        import torch.distributed as dist
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(group, bucket):
+            synced_in.append(micro_batches[0])
+            return allreduce_hook(group, bucket)
+
+        trainer.policy.register_comm_hook(dist.group.WORLD, counting_hook)
     dpo_log = trainer.train()
 
     # a stage: every process computes (its share of the sharded step), only the main process writes the folder
@@ -98,7 +113,7 @@ def main(out: Path, llm: str) -> None:
         (folder / "result.json").write_text(json.dumps({
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"],
-            "dpo_log": dpo_log, "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
+            "dpo_log": dpo_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
     # every process reports its own share of the drawing, so the test sees the work was split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     distributed.barrier()

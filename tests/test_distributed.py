@@ -89,9 +89,11 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert any(not torch.equal(before[name], alone[name]) for name in alone)  # the step did change the weights
     for name in alone:
         torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
-    # Diffusion-DPO under DDP: each process takes half the pairs, the averaged gradient gives the same step
+    # Diffusion-DPO under DDP: each process takes half of each micro-batch, gradients are all-reduced only in the
+    # last of the two accumulated micro-batches, and the averaged gradient gives the same step
     # (log 2 up to rounding on both: β/2 = 2500 magnifies 1-ulp kernel differences into ~1e-4 of loss)
     assert two["dpo_log"][0]["loss"] == pytest.approx(one["dpo_log"][0]["loss"], abs=1e-3)
+    assert two["dpo_synced_in"] == [2] and one["dpo_synced_in"] == []
     dpo_alone, dpo_split = (load_file(out / f"world{n}" / "dpo_unet.safetensors") for n in (1, 2))
     unet_before = load_file(Path(one["dpo_base"]) / "unet" / "diffusion_pytorch_model.safetensors")
     assert max((unet_before[name] - dpo_alone[name]).abs().max() for name in dpo_alone) > 1e-4  # it moved

@@ -386,6 +386,11 @@ class DiffusionDPOTrainer:
             metrics = dict(zip(metrics, (values / self.world_size).tolist()))
         return loss, metrics
 
+    def _gradient_sync(self, last_micro_batch: bool):
+        if self.world_size == 1 or last_micro_batch:
+            return contextlib.nullcontext()
+        return self.policy.no_sync()  # forward and backward both inside, as DDP requires
+
     def train(self) -> list[dict[str, float]]:
         """Run up to `config.max_steps` optimizer steps; return the log (also kept in `self.log`)."""
         from tqdm.auto import tqdm
@@ -396,9 +401,11 @@ class DiffusionDPOTrainer:
         progress = tqdm(total=config.max_steps, initial=self.global_step, desc="Diffusion-DPO", unit="step")
         while self.global_step < config.max_steps:
             self.optimizer.zero_grad(set_to_none=True)
-            for _ in range(config.gradient_accumulation_steps):
-                loss, metrics = self.compute_loss(self._next_rows())
-                self.scaler.scale(loss / config.gradient_accumulation_steps).backward()
+            for micro in range(config.gradient_accumulation_steps):
+                # under DDP gradients are averaged across processes once per optimizer step, on the last micro-batch
+                with self._gradient_sync(micro == config.gradient_accumulation_steps - 1):
+                    loss, metrics = self.compute_loss(self._next_rows())
+                    self.scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 for key, value in metrics.items():
                     totals[key] += value / config.gradient_accumulation_steps
             self.scaler.unscale_(self.optimizer)
