@@ -178,8 +178,10 @@ def test_second_step_moves_the_loss_away_from_log2(sd_folder, tmp_path):
                                                         train_batch_size=1, beta=5000.0), pairs())
     log = trainer.train()
     assert [row["step"] for row in log] == [1, 2]
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert math.isfinite(log[1]["loss"]) and abs(log[1]["loss"] - math.log(2)) > 1e-4
+    # step 1 is log 2 up to rounding, which β/2 = 2500 magnifies (the policy's forward runs with autograd, the
+    # reference's without, and their float sums may differ in the last bit); step 2 moves far beyond that
+    first, second = (abs(row["loss"] - math.log(2)) for row in log)
+    assert first < 1e-3 and math.isfinite(log[1]["loss"]) and second > 10 * max(first, 1e-4)
 
 
 def test_lora_reference_trains_only_the_adapters(sd_folder, tmp_path):
