@@ -308,6 +308,41 @@ def test_vqa_score_is_the_share_of_yes_answers():
         agfsync.vqa_score([1.2])
 
 
+def test_vqa_scores_batch_images_encode_each_once_and_reuse_the_cache(tiny_ctx, monkeypatch):
+    from types import SimpleNamespace
+
+    from helpers.models import resolve
+    from helpers.scorers import vqa
+
+    scorer = vqa.load_vqa(resolve("vqa", tiny_ctx))
+    rng = np.random.default_rng(3)
+    generated = [SimpleNamespace(key=f"img{i}", image=Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+                 for i in range(3)]
+    questions = [["is there a cat?", "red?"], ["a dog?", "is it night?", "blue sky?"], ["a boat?"]]
+    expected = [agfsync.vqa_score(scorer.yes_probability([g.image] * len(q), q)) for g, q in zip(generated, questions)]
+
+    calls, encoded = [], []
+    ask = scorer.yes_probability
+    monkeypatch.setattr(scorer, "yes_probability", lambda images, qs: (calls.append(len(qs)), ask(images, qs))[1])
+    hook = scorer.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(output.last_hidden_state.shape[0]), with_kwargs=True)
+    try:
+        scores = agfsync.vqa_scores(generated, questions, tiny_ctx, images_per_batch=2, scorer=scorer)
+    finally:
+        hook.remove()
+    assert scores == pytest.approx(expected, abs=1e-9)
+    assert calls == [5, 1] and encoded == [2, 1]  # two images (5 questions), then one; each image encoded once
+
+    # everything is cached now: the model is not even loaded, and the scores come back the same
+    monkeypatch.setattr(vqa, "load_vqa", lambda *a, **k: pytest.fail("a fully cached call loaded the VQA model"))
+    assert agfsync.vqa_scores(generated, questions, tiny_ctx) == scores
+    # one new question for the last image: only that image is asked, through the passed scorer
+    calls.clear()
+    questions[2] = ["a boat?", "is it raining?"]
+    agfsync.vqa_scores(generated, questions, tiny_ctx, scorer=scorer)
+    assert calls == [2]
+
+
 def test_aesthetic_clip_and_weighted_score_by_hand():
     assert agfsync.aesthetic_100(6.2) == pytest.approx(62.0)
     np.testing.assert_allclose(agfsync.aesthetic_100([1.0, 10.0]), [10.0, 100.0])

@@ -47,7 +47,9 @@ def test_aesthetic_loader_keeps_the_saved_mlp_and_scores_like_a_hand_computation
     images = _noise_images(3)
     scores = scorer.score(images, ["ignored"] * 3, batch_size=2)
     assert scores.shape == (3,) and np.isfinite(scores).all()
-    np.testing.assert_array_equal(scores, scorer.score(images))  # batching and repetition change nothing
+    np.testing.assert_array_equal(scores, scorer.score(images, batch_size=2))  # repetition changes nothing
+    # batching changes nothing beyond float rounding (a batch of 3 may take other matmul kernels than 2 + 1)
+    np.testing.assert_allclose(scores, scorer.score(images), rtol=1e-6, atol=1e-7)
 
     with torch.no_grad():  # by hand: CLIP image features, L2 norm, then the five linear layers (no activations)
         pixels = scorer.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -102,6 +104,22 @@ def test_vqa_yes_probability_is_a_batched_deterministic_probability(vqa_scorer):
     assert vqa_scorer.name == "vqa" and "@" in vqa_scorer.weights_id
     with pytest.raises(ValueError, match="one image per question"):
         vqa_scorer.yes_probability(images, QUESTIONS[:2])
+
+
+def test_vqa_sends_an_image_shared_by_several_questions_through_the_vision_tower_once(vqa_scorer):
+    first, second = _noise_images(2, seed=4)
+    questions = QUESTIONS + ["a dog?", "is it night?"]
+    encoded = []
+    hook = vqa_scorer.model.vision_model.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(output.last_hidden_state.shape[0]), with_kwargs=True)
+    try:
+        shared = vqa_scorer.yes_probability([first] * 3 + [second] * 2, questions)
+        copies = vqa_scorer.yes_probability([first.copy() for _ in range(3)] + [second.copy() for _ in range(2)],
+                                            questions)
+    finally:
+        hook.remove()
+    assert encoded == [2, 5]  # the same objects: two encodings; five copies: five
+    np.testing.assert_allclose(shared, copies, atol=1e-6)
 
 
 def test_vqa_score_is_100_times_the_share_of_yes(vqa_scorer, monkeypatch):

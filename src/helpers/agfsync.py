@@ -861,24 +861,62 @@ def candidate_requests(prompt_rows: Sequence[Mapping[str, Any]], api: Mapping[st
     return requests, owners
 
 
-def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx) -> list[float]:
-    """AGFSync's VQA score per image (its prompt's questions), each P(yes) cached like any other score."""
-    from .models import resolve
-    from .scorers.vqa import load_vqa
+VQA_IMAGES_PER_BATCH = 16  # images per BLIP-2 call; each brings all its questions (AGFSync: ~8)
+
+
+def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_batch: int = VQA_IMAGES_PER_BATCH,
+               scorer=None) -> list[float]:
+    """AGFSync's VQA score per image (its prompt's questions), each P(yes) cached like any other score.
+
+    Only images with an unanswered question are asked, several images per BLIP-2 call, each image encoded once
+    for all its questions; under a multi-process launch the images are split across processes. The model is
+    loaded only when something is left to ask (or passed in as `scorer`).
+    """
+    from .distributed import broadcast_from_main, map_sharded
     from .scoring import ScoreCache
 
     cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
-    scorer = load_vqa(resolve("vqa", ctx), ctx.device)
-    scores = []
-    for item, asked in zip(generated, questions):
-        names = [f"vqa:{sha256_json(q)[:16]}" for q in asked]
-        weights = scorer.weights_id
-        probabilities = [cache.get(item.key, name, weights) for name in names]
-        if any(p is None for p in probabilities):
-            probabilities = [float(p) for p in scorer.yes_probability([item.image] * len(asked), list(asked))]
-            cache.put_many([(item.key, name, weights, p) for name, p in zip(names, probabilities)])
-        scores.append(vqa_score(probabilities))
-    return scores
+    names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
+    weights = scorer.weights_id if scorer is not None else _vqa_weights_id(ctx)
+    probabilities = [[cache.get(item.key, name, weights) for name in row] for item, row in zip(generated, names)]
+    # every process follows the main process's view of the cache, so all of them enter the sharded call or none
+    todo = broadcast_from_main([i for i, row in enumerate(probabilities) if any(p is None for p in row)])
+    if todo:
+        if scorer is None:
+            from .models import resolve
+            from .scorers.vqa import load_vqa
+
+            scorer = load_vqa(resolve("vqa", ctx), ctx.device)
+
+        def ask(share: list[int]) -> list[list[float]]:
+            from tqdm.auto import tqdm
+
+            answered = []
+            for start in tqdm(range(0, len(share), images_per_batch), desc="VQA", unit="batch",
+                              disable=len(share) <= images_per_batch):
+                batch = share[start:start + images_per_batch]
+                images = [generated[i].image for i in batch for _ in questions[i]]
+                flat = scorer.yes_probability(images, [q for i in batch for q in questions[i]]).tolist()
+                for i in batch:
+                    answered.append([float(p) for p in flat[:len(questions[i])]])
+                    flat = flat[len(questions[i]):]
+            return answered
+
+        fresh = map_sharded(ask, todo, chunk=images_per_batch)
+        cache.put_many([(generated[i].key, name, weights, p)
+                        for i, row in zip(todo, fresh) for name, p in zip(names[i], row)])
+        for i, row in zip(todo, fresh):
+            probabilities[i] = row
+    return [vqa_score(row) for row in probabilities]
+
+
+def _vqa_weights_id(ctx) -> str:
+    """The cache's weights id of the run's VQA model, without loading it."""
+    from .models import resolve
+    from .scorers.base import local_weight_files, weights_id
+
+    source = resolve("vqa", ctx)
+    return weights_id(source, *local_weight_files(source))
 
 
 def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_prompt: Mapping[str, Sequence[str]],

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .distributed import is_main_process, map_sharded
+from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
@@ -160,7 +160,8 @@ class ScoringRun:
         table = pd.DataFrame({"key": [g.key for g in generated], "prompt": prompts})
         for name, scorer in self.scorers.items():
             values = [self.cache.get(g.key, name, scorer.weights_id) for g in generated]
-            todo = [i for i, v in enumerate(values) if v is None]
+            # the main process's view of the cache decides, so every process enters the sharded call or none does
+            todo = broadcast_from_main([i for i, v in enumerate(values) if v is None])
             if todo:
                 # split across processes under a multi-process launch (one process: a plain call)
                 fresh = map_sharded(lambda share, scorer=scorer: scorer.score([generated[i].image for i in share],

@@ -48,17 +48,35 @@ class VqaScorer:
 
     @torch.no_grad()
     def yes_probability(self, images: Sequence[Image.Image], questions: Sequence[str]) -> np.ndarray:
-        """P("yes") for each (image, question) pair: softmax over the yes-mass and no-mass of the first token."""
+        """P("yes") for each (image, question) pair: softmax over the yes-mass and no-mass of the first token.
+
+        Pairs that share an image (the same object, as when one image gets all its prompt's questions) send it
+        through the vision tower and the Q-Former once; only the text model runs once per question.
+        """
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images for {len(questions)} questions; pass one image per question")
         if not questions:
             return np.zeros(0)
-        inputs = self.processor(images=rgb(images), text=[PROMPT.format(question=q) for q in questions],
+        first_seen: dict[int, int] = {}
+        which = [first_seen.setdefault(id(image), len(first_seen)) for image in images]
+        unique = list({id(image): image for image in images}.values())
+        # the processor prepends the image tokens to every question, whatever the number of images
+        inputs = self.processor(images=rgb(unique), text=[PROMPT.format(question=q) for q in questions],
                                 return_tensors="pt", padding=True).to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        model = self.model
+        features = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.dtype),
+                                            return_dict=True).pooler_output  # (images, query tokens, text width)
+        features = features[torch.tensor(which, device=features.device)]
+        # what Blip2ForConditionalGeneration.generate does with the query outputs, for already-encoded images
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        slots = (inputs["input_ids"] == model.config.image_token_index).unsqueeze(-1)
+        embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+        text_inputs = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+        if not model.config.is_encoder_decoder:
+            text_inputs["input_ids"] = inputs["input_ids"]
         # one greedy step with raw logits: the same call serves decoder-only and encoder-decoder text models
-        out = self.model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=1, output_logits=True,
-                                  return_dict_in_generate=True)
+        out = model.language_model.generate(**text_inputs, max_new_tokens=1, do_sample=False, num_beams=1,
+                                            output_logits=True, return_dict_in_generate=True)
         logits = out.logits[0].float()
         # several spellings per word: compare the summed probability mass of each word (log-sum-exp of logits)
         pair = torch.stack([logits[:, self.yes_ids].logsumexp(-1), logits[:, self.no_ids].logsumexp(-1)], -1)
