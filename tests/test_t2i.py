@@ -229,6 +229,18 @@ def test_batched_images_equal_one_at_a_time(executor, run_ctx, catalog):
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 2  # float summation order only
 
 
+def test_batches_hold_fewer_images_as_images_grow_past_512_px(executor, monkeypatch):
+    assert t2i.images_per_batch(32, 512, 512) == 32 and t2i.images_per_batch(32, 1024, 1024) == 8
+    assert t2i.images_per_batch(32, 512, 768) == 21  # 32 · 262,144 / 393,216 = 21.3
+    assert t2i.images_per_batch(8, 64, 64) == 8 and t2i.images_per_batch(2, 2048, 2048) == 1
+    items = [(f"key{i}", i) for i in range(20)]
+    group = lambda sampler, size: (None, None, "SDXL 1.0", sampler, 20, 7.0, size)  # noqa: E731
+    monkeypatch.setattr(executor.config, "batch_size", 32)
+    assert [len(b) for b in executor._batches(group("Euler a", (1024, 1024)), items)] == [8, 8, 4]
+    assert [len(b) for b in executor._batches(group("Euler a", (512, 512)), items)] == [20]
+    assert {len(b) for b in executor._batches(group("DPM++ SDE Karras", (512, 512)), items)} == {1}
+
+
 def test_sde_sampler_images_depend_on_their_own_seed_only(executor):
     call = api(sampling_method="DPM++ SDE Karras")
     pair = executor.generate([t2i.Request(call, "a kite", "", 1), t2i.Request(call, "a kite", "", 2)], progress=False)

@@ -460,7 +460,7 @@ class ExecutorConfig:
     """How the executor renders. `max_side` scales sizes down (tiny models draw at 32–64 px), keeping aspect."""
 
     max_side: int | None = None
-    batch_size: int = 8
+    batch_size: int = 8  # images per diffusers call up to 512×512; larger images come proportionally fewer at a time
     max_pipelines: int = 4
     device: str = "cpu"
     dtype: str = "float32"
@@ -484,6 +484,18 @@ class Generated:
     cached: bool
     weights_id: str
     size: tuple[int, int]
+
+
+BATCH_REFERENCE_PIXELS = 512 * 512
+
+
+def images_per_batch(batch_size: int, width: int, height: int) -> int:
+    """Images per diffusers call at `width`×`height`: `batch_size` up to 512×512, fewer in proportion above it.
+
+    UNet activations and the batched VAE decode grow with pixels × images, so one setting suits a whole run that
+    mixes SD 1.5 at 512 px with SDXL at 1024 px: 32 at 512×512 is 8 at 1024×1024 (where 32 would not fit in 80 GB).
+    """
+    return max(1, min(batch_size, batch_size * BATCH_REFERENCE_PIXELS // (width * height)))
 
 
 def render_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -610,7 +622,7 @@ class Executor:
                 for request, key, weights_id, size in planned]
 
     def _batches(self, group, items):
-        size = 1 if group[3] in PER_IMAGE_SAMPLERS else self.config.batch_size
+        size = 1 if group[3] in PER_IMAGE_SAMPLERS else images_per_batch(self.config.batch_size, *group[-1])
         return [items[i:i + size] for i in range(0, len(items), size)]
 
     def _draw(self, group, batch) -> dict[str, Image.Image]:
