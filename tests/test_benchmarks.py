@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,39 @@ def test_stage_hours_are_count_times_seconds():
     assert list(totals.index) == ["DiffAgent", "ChatGen", "AGFSync"]
     assert cost.gpu_results([{"size": "tiny", "device": {"device": "cpu"}}, _gpu_document()])["device"]["name"] == \
         "Test GPU"
+
+
+def test_cost_model_multipliers_are_the_paper_recipes():
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["notebooks"]
+    dpo = recipe["13_diffusion_dpo"]
+    assert cost.RECIPE_COUNTS == {
+        "rrhf_images_per_candidate": recipe["07_rrhf"]["num_images"],
+        "table2_seeds": recipe["08_evaluate_diffagent"]["num_seeds"],
+        "table2_prompts_per_set": recipe["08_evaluate_diffagent"]["prompts_per_set"],
+        "chatgen_seeds": recipe["11_chatgen_evo"]["num_seeds"],
+        "agfsync_candidates": recipe["12_agfsync_preferences"]["num_candidates"],
+        "dpo_steps": dpo["max_steps"], "dpo_batch": dpo["train_batch_size"] * dpo["gradient_accumulation_steps"],
+        "agfsync_eval_seeds": dpo["eval_seeds"]}
+
+
+def test_what_ifs_change_only_what_they_name():
+    plain = cost.cost_table(None).set_index("stage")
+    faster = cost.cost_table(None, project_seconds={"image": 0.055}).set_index("stage")
+    assert faster.loc["RRHF images", "project GPU-h"] == pytest.approx(240_000 * 0.055 / 3600)
+    assert faster.loc["RRHF images", "naive GPU-h"] == plain.loc["RRHF images", "naive GPU-h"]
+    assert faster.loc["SFT (3 epochs, LoRA)", "project GPU-h"] == plain.loc["SFT (3 epochs, LoRA)", "project GPU-h"]
+    one_seed = cost.cost_table(None, table2_seeds=1).set_index("stage")
+    # 5,000 DABench test + 1,000 COCO + 1,000 PartiPrompts prompts × 6 systems, one image each (4 in the recipe)
+    assert one_seed.loc["Table 2 images", "count"] == 42_000 and plain.loc["Table 2 images", "count"] == 168_000
+    scenarios = cost.budget_scenarios(None, target_hours=6.0).set_index("scenario")
+    both = cost.cost_table(None, project_seconds=cost.PROJECT_H100_TARGETS, table2_seeds=1)
+    assert scenarios.loc["both", "DiffAgent project GPU-h"] == pytest.approx(
+        both.loc[both["method"] == "DiffAgent", "project GPU-h"].sum())
+    assert scenarios.loc["as recorded", "DiffAgent project GPU-h"] == pytest.approx(
+        plain.reset_index().query("method == 'DiffAgent'")["project GPU-h"].sum())
+    assert list(scenarios["within budget"]) == [h <= 6.0 for h in scenarios["DiffAgent project GPU-h"]]
 
 
 def test_measured_table_lists_naive_project_and_ratio(tiny_results):

@@ -39,19 +39,40 @@ class Work:
     basis: str
 
 
-def paper_work() -> list[Work]:
-    """Work counts per stage at paper scale, each with its basis (paper, dataset card or the paper recipe)."""
+# Per-run multipliers the paper recipe (configs/paper.yaml) sets; a test keeps the two in step.
+RECIPE_COUNTS = {
+    "rrhf_images_per_candidate": 10,  # 07_rrhf num_images (DiffAgent: k = 10)
+    "table2_seeds": 4,  # 08_evaluate_diffagent num_seeds
+    "table2_prompts_per_set": 1_000,  # 08_evaluate_diffagent prompts_per_set (COCO, PartiPrompts)
+    "chatgen_seeds": 4,  # 11_chatgen_evo num_seeds
+    "agfsync_candidates": 8,  # 12_agfsync_preferences num_candidates (AGFSync: N = 8)
+    "dpo_steps": 1_000,  # 13_diffusion_dpo max_steps
+    "dpo_batch": 128,  # 13_diffusion_dpo train_batch_size × gradient_accumulation_steps
+    "agfsync_eval_seeds": 4,  # 13_diffusion_dpo eval_seeds
+}
+# Distinct RRHF candidates per prompt: the recipe proposes 4 samples + 4 diverse beams + the default API (up to 9);
+# duplicates merge once only the model part is kept. ~240,000 RRHF images at k = 10 assume 6 per prompt.
+RRHF_CANDIDATES = 6
+
+
+def paper_work(table2_seeds: int | None = None) -> list[Work]:
+    """Work counts per stage at paper scale, each with its basis (paper, dataset card or the paper recipe).
+
+    `table2_seeds` overrides the recipe's images per prompt and system in DiffAgent's Table 2 evaluation.
+    """
+    counts = RECIPE_COUNTS
     dabench_train, dabench_test, align_prompts = 40_000, 5_000, 4_000
-    candidates, k = 6, 10
-    eval_prompts = dabench_test + 2 * 1_000  # DABench test + 1,000 COCO + 1,000 PartiPrompts (configs/paper.yaml)
+    candidates, k = RRHF_CANDIDATES, counts["rrhf_images_per_candidate"]
+    seeds = counts["table2_seeds"] if table2_seeds is None else table2_seeds
+    eval_prompts = dabench_test + 2 * counts["table2_prompts_per_set"]  # DABench test + COCO + PartiPrompts
     chatgen_train, chatgen_test, chatgen_multimodal = 256_606, 14_564, 69_548 + 1_668
-    agf_prompts, agf_candidates = 45_834, 8
+    agf_prompts, agf_candidates = 45_834, counts["agfsync_candidates"]
     agf_eval = 4_081 + 3_200  # TIFA v1.0 + HPS v2 benchmark prompts
     return [
         Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
              "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
         Work("DiffAgent", "RRHF candidates (API calls)", "api", align_prompts * candidates,
-             f"{align_prompts:,} alignment prompts × {candidates} candidates"),
+             f"{align_prompts:,} alignment prompts × {candidates} distinct candidates"),
         Work("DiffAgent", "RRHF images", "image", align_prompts * candidates * k,
              f"{align_prompts:,} prompts × {candidates} candidates × k = {k}"),
         Work("DiffAgent", "RRHF scoring (unified reward)", "score", align_prompts * candidates * k,
@@ -60,25 +81,28 @@ def paper_work() -> list[Work]:
              f"{align_prompts:,} prompts × {candidates} candidates × 224 tokens"),
         Work("DiffAgent", "Table 2 API calls", "api", eval_prompts * 2,
              "SFT and RRHF agents on every evaluation prompt"),
-        Work("DiffAgent", "Table 2 images", "image", eval_prompts * 6 * 4,
-             f"{eval_prompts:,} prompts × 6 systems × 4 seeds (configs/paper.yaml)"),
-        Work("DiffAgent", "Table 2 scoring", "score", eval_prompts * 6 * 4, "every Table 2 image"),
+        Work("DiffAgent", "Table 2 images", "image", eval_prompts * 6 * seeds,
+             f"{eval_prompts:,} prompts × 6 systems × {seeds} seed{'s' if seeds > 1 else ''} (configs/paper.yaml)"),
+        Work("DiffAgent", "Table 2 scoring", "score", eval_prompts * 6 * seeds, "every Table 2 image"),
         Work("ChatGen", "Bench demonstration images", "image", chatgen_multimodal,
              "one reference image per multimodal chat (Table 3: 69,548 train + 1,668 benchmark)"),
         Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
              "256,606 training chats (Table 3) × ~600 tokens, one epoch"),
         Work("ChatGen", "Evaluation API calls", "api", chatgen_test * 3, "14,564 benchmark chats × 3 systems"),
-        Work("ChatGen", "Evaluation images", "image", chatgen_test * 3 * 4, "14,564 chats × 3 systems × 4 seeds"),
-        Work("ChatGen", "Evaluation scoring", "score", chatgen_test * 3 * 4, "every evaluation image"),
-        Work("AGFSync", "Candidate images (N = 8)", "image", agf_prompts * agf_candidates,
-             "45,834 prompts (AGFSync dataset card) × 8 candidates"),
+        Work("ChatGen", "Evaluation images", "image", chatgen_test * 3 * counts["chatgen_seeds"],
+             f"14,564 chats × 3 systems × {counts['chatgen_seeds']} seeds"),
+        Work("ChatGen", "Evaluation scoring", "score", chatgen_test * 3 * counts["chatgen_seeds"],
+             "every evaluation image"),
+        Work("AGFSync", f"Candidate images (N = {agf_candidates})", "image", agf_prompts * agf_candidates,
+             f"45,834 prompts (AGFSync dataset card) × {agf_candidates} candidates"),
         Work("AGFSync", "VQA scores", "vqa", agf_prompts * agf_candidates, "every candidate, its prompt's questions"),
         Work("AGFSync", "CLIP + aesthetic scores", "score", agf_prompts * agf_candidates,
              "every candidate (costed like the three unified-reward scorers: an upper bound)"),
-        Work("AGFSync", "Diffusion-DPO (1,000 steps × 128 pairs)", "dpo_pair", 1_000 * 128,
-             "SD 1.5 recipe: 1,000 steps, batch 128 (Diffusion-DPO / configs/paper.yaml)"),
-        Work("AGFSync", "Evaluation images", "image", agf_eval * 4 * 2,
-             "TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × 4 seeds × base and aligned"),
+        Work("AGFSync", f"Diffusion-DPO ({counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs)", "dpo_pair",
+             counts["dpo_steps"] * counts["dpo_batch"],
+             f"SD 1.5 recipe: {counts['dpo_steps']:,} steps, batch {counts['dpo_batch']} (Diffusion-DPO / configs/paper.yaml)"),
+        Work("AGFSync", "Evaluation images", "image", agf_eval * counts["agfsync_eval_seeds"] * 2,
+             f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {counts['agfsync_eval_seeds']} seeds × base and aligned"),
     ]
 
 
@@ -132,13 +156,19 @@ def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any
     return costs
 
 
-def cost_table(results: dict[str, Any] | None = None):
-    """GPU-hours per stage for the plain and the project's paths, with the count basis and the cost source."""
+def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[str, float] | None = None,
+               table2_seeds: int | None = None):
+    """GPU-hours per stage for the plain and the project's paths, with the count basis and the cost source.
+
+    `project_seconds` replaces the project's s/unit for some units (a what-if); `table2_seeds` see `paper_work`.
+    """
     import pandas as pd
 
     costs = unit_costs(results)
+    for unit, seconds in (project_seconds or {}).items():
+        costs[unit] = {**costs[unit], "project": seconds, "source": costs[unit]["source"] + " (project: what-if)"}
     rows = []
-    for work in paper_work():
+    for work in paper_work(table2_seeds):
         cost = costs[work.unit]
         rows.append({"method": work.method, "stage": work.stage, "unit": work.unit, "count": int(work.count),
                      "naive GPU-h": work.count * cost["naive"] / 3600,
@@ -147,6 +177,32 @@ def cost_table(results: dict[str, Any] | None = None):
     table = pd.DataFrame(rows)
     table["speed-up"] = table["naive GPU-h"] / table["project GPU-h"]
     return table
+
+
+# What the project aims for on one H100, in s/unit: API calls at about half the compute peak, 512-px images at ~75%
+PROJECT_H100_TARGETS = {"api": 0.008, "image": 0.055}
+
+
+def budget_scenarios(results: dict[str, Any] | None = None, target_hours: float = 6.0):
+    """DiffAgent's project-path GPU-hours as things stand, with the H100 targets met, and with one Table 2 seed.
+
+    Shows which change brings the reproduction within `target_hours`, and by how much each one helps.
+    """
+    import pandas as pd
+
+    recipe_seeds = RECIPE_COUNTS["table2_seeds"]
+    rows = []
+    for label, overrides, seeds in (("as recorded", None, recipe_seeds),
+                                    ("API calls and images at the H100 targets", PROJECT_H100_TARGETS, recipe_seeds),
+                                    ("one image per Table 2 prompt and system", None, 1),
+                                    ("both", PROJECT_H100_TARGETS, 1)):
+        table = cost_table(results, project_seconds=overrides, table2_seeds=seeds)
+        unit = unit_costs(results) if overrides is None else {k: {"project": v} for k, v in overrides.items()}
+        hours = float(table.loc[table["method"] == "DiffAgent", "project GPU-h"].sum())
+        rows.append({"scenario": label, "image s/unit": unit["image"]["project"],
+                     "API s/unit": unit["api"]["project"], "Table 2 seeds": seeds,
+                     "DiffAgent project GPU-h": hours, "within budget": hours <= target_hours})
+    return pd.DataFrame(rows)
 
 
 def totals(table) -> "Any":
