@@ -78,6 +78,18 @@ def test_tiny_stable_diffusion_draws_deterministic_64px_images(tiny_sd):
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
 
 
+def test_tiny_checkpoints_share_the_base_parts_and_name_no_local_path(tmp_path):
+    import json
+
+    models.build_tiny_stable_diffusion(tmp_path / "base", seed=0)
+    models.build_tiny_checkpoint(tmp_path / "ck", tmp_path / "base", seed=5)
+    config = (tmp_path / "ck" / "unet" / "config.json").read_text()
+    assert str(tmp_path) not in config and "_name_or_path" not in json.loads(config)  # the same bytes in any clone
+    assert (tmp_path / "ck" / "vae").is_symlink() and not (tmp_path / "ck" / "unet").is_symlink()
+    pipeline = models.load_sd_pipeline(str(tmp_path / "ck"))
+    assert pipeline.unet.config.block_out_channels == models.load_sd_pipeline(str(tmp_path / "base")).unet.config.block_out_channels
+
+
 def test_tiny_clip_scores_images(tmp_path, tiny_sd):
     models.build_tiny_clip(tmp_path, seed=0)
     clip, processor = models.load_clip(str(tmp_path))

@@ -315,7 +315,8 @@ def build_tiny_checkpoint(folder: Path, base_folder: Path, seed: int) -> dict[st
     folder, base_folder = Path(folder), Path(base_folder)
     base_unet = UNet2DConditionModel.from_pretrained(base_folder / "unet")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(base_unet.config)
+    # the base's architecture, without the folder it was read from (a path would tie the files to this clone)
+    unet = UNet2DConditionModel.from_config({k: v for k, v in base_unet.config.items() if k != "_name_or_path"})
     # keep the base's scale: a fresh init plus a share of the base weights, so each checkpoint is distinct
     with torch.no_grad():
         for mine, base in zip(unet.parameters(), base_unet.parameters()):
