@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,14 @@ def main(out: Path, llm: str) -> None:
     record = stage.run(squares)
     (out / f"stage_world{world_size}_rank{rank}.json").write_text(json.dumps(
         {"fingerprint": record["fingerprint"], "counts": record["counts"], "folder": str(stage.folder)}))
+
+    # a stage without a sharded step that the other process reaches only after the main one wrote its manifest:
+    # the main process's decision (run it) holds for both, so neither waits for the other forever
+    if rank == 1:
+        time.sleep(2)
+    late = ctx.stage("late_arrival", params={"world_size": world_size}).run(
+        lambda stage_folder: {"wrote": (stage_folder / "x.txt").write_text("x")})
+    (out / f"late_world{world_size}_rank{rank}.json").write_text(json.dumps(late["counts"]))
 
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)

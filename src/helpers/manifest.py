@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .distributed import barrier, in_shard, is_main_process, launched_rank, launched_world_size
+from .distributed import in_shard, is_main_process, launched_rank, launched_world_size
 
 MANIFEST = "manifest.json"
+MANIFEST_POLL_S = 0.2  # how often a non-main process looks for the main process's manifest
 # Libraries whose version changes what a stage computes; part of the fingerprint.
 KEY_LIBRARIES = ("torch", "transformers", "diffusers", "trl", "datasets", "peft", "accelerate", "tokenizers")
 _HASH_CHUNK = 1 << 20
@@ -204,7 +205,7 @@ class Stage:
             raise RuntimeError(f"stage {self.name} started inside one process's share of sharded work; the other "
                                "processes would not join it. Run it before sharding (see helpers.distributed)")
         if not is_main_process():
-            return self._run_beside_main(compute, *args, **kwargs)
+            return self._run_beside_main(fingerprint, compute, *args, **kwargs)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)
         started = time.time()
@@ -223,19 +224,28 @@ class Stage:
             "counts": counts,
             "outputs": hash_tree(self.folder, self.folder),
         }
+        # under a multi-process launch the other processes wait for this file (not at a barrier: one that reaches
+        # the stage after it was written takes the stage as current and never arrives at a barrier)
         atomic_write_json(self.folder / MANIFEST, manifest)
-        barrier()  # under a multi-process launch the other processes wait for this manifest (no-op alone)
         if not self.quiet:
             print(f"[{self.name}] done in {manifest['wall_time_s']:.1f} s: {counts}")
         return manifest
 
-    def _run_beside_main(self, compute: Callable[..., dict[str, Any] | None], *args, **kwargs) -> dict[str, Any]:
+    def _run_beside_main(self, fingerprint: str, compute: Callable[..., dict[str, Any] | None], *args,
+                         **kwargs) -> dict[str, Any]:
         """A non-main process of a multi-process launch: compute the same work (its share of every sharded step)
-        into a scratch folder, then return the manifest the main process wrote."""
+        into a scratch folder, then return the manifest the main process writes for this fingerprint.
+
+        The wait has no time limit: the main process may have work of its own left, and if it dies the launcher
+        (torchrun, accelerate launch) stops every process.
+        """
         with tempfile.TemporaryDirectory(prefix=f"{self.folder.name}-rank{launched_rank()}-") as scratch:
             compute(Path(scratch), *args, **kwargs)
-        barrier()
-        return json.loads((self.folder / MANIFEST).read_text())
+        while True:
+            manifest = self.manifest
+            if manifest and manifest.get("fingerprint") == fingerprint:
+                return manifest
+            time.sleep(MANIFEST_POLL_S)
 
 
 def summary(manifest: dict[str, Any]):
