@@ -36,8 +36,11 @@ def main(out: Path, llm: str) -> None:
                                   per_device_train_batch_size=8 // world_size, learning_rate=1e-2, report_to="none",
                                   save_strategy="no", use_cpu=True, logging_steps=1, max_length=256, optim="sgd",
                                   disable_tqdm=True, seed=0, dataloader_drop_last=False)
-    summary = sft.train(llm, sft.sft_dataset(records), settings,
-                        folder / "sft" if rank == 0 else out / f"scratch{rank}")
+    saved_to = folder / "sft" if rank == 0 else out / f"scratch{rank}"
+    summary = sft.train(llm, sft.sft_dataset(records), settings, saved_to)
+    # transformers writes the weights on the main process only; the others can still load the trained agent
+    (out / f"sft_loads_world{world_size}_rank{rank}.json").write_text(json.dumps(
+        Agent.load(str(saved_to)).model.model.embed_tokens.weight[:2, :3].tolist()))
 
     # sharded image generation through the executor, into a cache of this run's own
     # "Fresh" gets a version (so tiny weights) of its own per run: under two processes they are built during the

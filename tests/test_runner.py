@@ -1,5 +1,6 @@
 """The papermill runner on small throw-away notebooks (real kernels, real papermill)."""
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -81,6 +82,16 @@ def test_failure_names_the_notebook_the_cell_and_the_executed_copy(book_root):
     saved = nbformat.read(book_root / "book" / "01_broken.ipynb", as_version=4)
     assert any(o.get("output_type") == "error" for c in saved.cells for o in c.get("outputs", []))
     assert not (book_root / "book" / "02_never.ipynb").exists()
+
+
+def test_failure_outside_the_book_names_the_full_path(tmp_path):
+    class Failed(Exception):
+        exec_count, source, ename, evalue = 4, "train()\nmore", "FileNotFoundError", "no model"
+
+    scratch = tmp_path / "t2ibook-rank1-x" / "06_sft.ipynb"  # a non-main process's executed copy
+    message = runner._failure_message(Path("notebooks/06_sft.ipynb"), scratch, Failed(), tmp_path / "book_root")
+    assert "06_sft.ipynb failed in cell [4] ('train()'): FileNotFoundError: no model" in message
+    assert message.endswith(str(scratch))
 
 
 def test_exactly_one_parameters_cell(book_root):

@@ -10,6 +10,7 @@ of them. Only the main process writes stage folders and executed notebooks (`hel
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 Item = TypeVar("Item")
@@ -71,6 +72,27 @@ def broadcast_from_main(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def link_main_output(folder: Path) -> None:
+    """After a save that only the main process performs, give every other process the main process's files.
+
+    transformers writes checkpoints on rank 0 alone, so a process that computes beside the main one (into a
+    scratch folder) finds no weights where it saved. Each such process links its folder's missing entries to the
+    main process's folder, and can load the model it helped train. Every process must call this (a collective).
+    """
+    if launched_world_size() == 1:
+        return
+    main_folder = Path(broadcast_from_main(str(Path(folder).resolve())))
+    barrier()  # the main process has finished writing
+    if is_main_process():
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in main_folder.iterdir():
+        link = folder / item.name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(item)
 
 
 def shard_indices(count: int, rank: int, world_size: int, chunk: int = 1) -> list[int]:

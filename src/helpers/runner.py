@@ -139,8 +139,10 @@ def _failure_message(path: Path, output: Path, error: Exception, root: Path) -> 
     source = (getattr(error, "source", "") or "").strip().splitlines()
     first_line = source[0] if source else ""
     what = f"{getattr(error, 'ename', type(error).__name__)}: {getattr(error, 'evalue', error)}"
+    # a non-main process of a launch keeps its executed copy in a scratch folder outside the book
+    shown = output.relative_to(root) if output.is_relative_to(root) else output
     return (f"{path.name} failed in cell [{cell}] ({first_line!r}): {what}\n"
-            f"executed copy with the full traceback: {output.relative_to(root)}")
+            f"executed copy with the full traceback: {shown}")
 
 
 def _process_group_env(index: int) -> dict[str, str]:

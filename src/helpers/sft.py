@@ -110,12 +110,15 @@ def save_trained(trainer, tokenizer, output: Path, use_lora: bool) -> None:
 
     One process or DDP: every process holds whole weights, so the adapters merge in memory. FSDP: each process holds
     a shard; the Trainer's own `save_model` gathers the full state dict (or the adapters) onto the main process,
-    which reloads it whole, merges and saves.
+    which reloads it whole, merges and saves. Either way the other processes then link to the main one's files.
     """
+    from .distributed import link_main_output
+
     if not getattr(trainer, "is_fsdp_enabled", False):
         trained = trainer.model.merge_and_unload() if use_lora else trainer.model
-        trained.save_pretrained(output)
+        trained.save_pretrained(output)  # under a launch transformers writes on the main process only
         tokenizer.save_pretrained(output)
+        link_main_output(output)
         return
     state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
     if "FULL_STATE_DICT" not in state_dict_type:
@@ -125,7 +128,7 @@ def save_trained(trainer, tokenizer, output: Path, use_lora: bool) -> None:
     trainer.save_model(str(gathered))  # collective: every process sends its shard
     if trainer.accelerator.is_main_process:
         save_gathered(gathered, output, tokenizer, use_lora)
-    trainer.accelerator.wait_for_everyone()
+    link_main_output(output)
 
 
 def save_gathered(gathered: Path, output: Path, tokenizer, use_lora: bool) -> None:

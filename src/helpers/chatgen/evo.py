@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..distributed import link_main_output
 from ..manifest import atomic_write_json, without_timings
 from ..t2i import ModelCatalog, default_api, extract_json, validate
 from . import ARGUMENT_FIELDS, TARGET_FIELDS, TASK_PREFIXES, ChatSample, Prediction
@@ -169,8 +170,9 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
                                                                         [r["image"] for r in batch]))
         trained = trainer.train()
     output = Path(output)
-    trainer.model.save_pretrained(output)
+    trainer.model.save_pretrained(output)  # under a launch transformers writes on the main process only
     processor.save_pretrained(output)
+    link_main_output(output)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     atomic_write_json(output / "log_history.json", without_timings(trainer.state.log_history))  # as sft.train does
     result = {"train_examples": len(rows), "steps": trained.global_step, "first_loss": losses[0] if losses else None,
