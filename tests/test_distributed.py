@@ -121,6 +121,22 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert shares == [3, 3] and one["drawn_here"] == 6  # each process drew its own share, nothing twice
 
 
+def test_the_process_group_a_trainers_arguments_started_is_the_one_used(tmp_path):
+    """On a CPU, TrainingArguments without use_cpu joins the launch's process group while accelerate's shared state
+    says one process: the helpers must still see two (a notebook's SFT config does exactly this)."""
+    script = tmp_path / "group.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from helpers import distributed, sft\n"
+        "sft.AgentSFTConfig(output_dir=sys.argv[1], max_steps=1, report_to='none', bf16=False)\n"
+        "rank, size = distributed.world()\n"
+        "seen = distributed.broadcast_from_main(f'from rank {rank}')\n"
+        "open(os.path.join(sys.argv[1], f'rank{rank}.json'), 'w').write(json.dumps([size, seen]))\n")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(script), str(tmp_path)], tmp_path)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[2, "from rank 0"]] * 2
+
+
 @pytest.mark.slow
 def test_notebooks_under_two_processes_match_one(tmp_path):
     """`t2ibook run` under torchrun: both processes run notebooks 00–05, the second draws and scores its share, and

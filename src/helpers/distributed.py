@@ -36,6 +36,12 @@ def world() -> tuple[int, int]:
     if launched_world_size() == 1:
         return 0, 1
     import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # already joined (by a Trainer's arguments, say): the group itself is the truth. accelerate's shared state
+        # may say otherwise, e.g. one process on a CPU when TrainingArguments started the group without use_cpu
+        return dist.get_rank(), dist.get_world_size()
     from accelerate import PartialState
 
     # initialises torch.distributed from the launcher's environment, once per process (accelerate's state is
