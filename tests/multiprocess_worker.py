@@ -39,8 +39,12 @@ def main(out: Path, llm: str) -> None:
     saved_to = folder / "sft" if rank == 0 else out / f"scratch{rank}"
     summary = sft.train(llm, sft.sft_dataset(records), settings, saved_to)
     # transformers writes the weights on the main process only; the others can still load the trained agent
-    (out / f"sft_loads_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        Agent.load(str(saved_to)).model.model.embed_tokens.weight[:2, :3].tolist()))
+    # and decode with it: the processes' cache keys differ (links hash unlike files), the sharded prompts do not
+    trained = Agent.load(str(saved_to))
+    (out / f"sft_loads_world{world_size}_rank{rank}.json").write_text(json.dumps({
+        "weights": trained.model.model.embed_tokens.weight[:2, :3].tolist(),
+        "calls": trained.api_calls([f"a {animal} at night" for animal in ("fox", "owl", "cat")], max_new_tokens=6,
+                                   batch_size=2, progress=False)}))
 
     # sharded image generation through the executor, into a cache of this run's own
     # "Fresh" gets a version (so tiny weights) of its own per run: under two processes they are built during the

@@ -127,9 +127,13 @@ class Agent:
 
         if launched_world_size() == 1:
             return self._decode(todo, max_new_tokens, batch_size, progress)
-        pairs = map_sharded(lambda share: list(self._decode(dict(share), max_new_tokens, batch_size, progress).items()),
-                            list(todo.items()))
-        return dict(pairs)
+        # split by prompt text, not by cache key: every process uses the main one's list, and a process's keys may
+        # differ from the main one's (its model folder holds links to the main folder's files, hashed differently)
+        prompts = list(dict.fromkeys(todo.values()))
+        pairs = map_sharded(lambda share: list(self._decode({p: p for p in share}, max_new_tokens, batch_size,
+                                                            progress).items()), prompts)
+        by_prompt = dict(pairs)
+        return {key: by_prompt[prompt] for key, prompt in todo.items()}
 
     def _decode(self, todo: dict[str, str], max_new_tokens: int, batch_size: int, progress: bool) -> dict[str, str]:
         from tqdm.auto import tqdm
