@@ -40,11 +40,19 @@ def main(out: Path, llm: str) -> None:
     summary = sft.train(llm, sft.sft_dataset(records), settings, saved_to)
     # transformers writes the weights on the main process only; the others can still load the trained agent
     # and decode with it: the processes' cache keys differ (links hash unlike files), the sharded prompts do not
+    # (with caches of their own, as a stage folder and a scratch folder: the main process's holds one answer
+    # already, the other's none; the main process's cache decides and its answers are everyone's)
+    from helpers.agent import ApiCallCache
+
     trained = Agent.load(str(saved_to))
+    night = [f"a {animal} at night" for animal in ("fox", "owl", "cat")]
+    cache = ApiCallCache(out / f"calls_world{world_size}_rank{rank}.jsonl")
+    if rank == 0:
+        cache.put_many([(ApiCallCache.key(trained.model_id, night[0], {"strategy": "greedy", "max_new_tokens": 6}),
+                         "cached answer")])
     (out / f"sft_loads_world{world_size}_rank{rank}.json").write_text(json.dumps({
         "weights": trained.model.model.embed_tokens.weight[:2, :3].tolist(),
-        "calls": trained.api_calls([f"a {animal} at night" for animal in ("fox", "owl", "cat")], max_new_tokens=6,
-                                   batch_size=2, progress=False)}))
+        "calls": trained.api_calls(night, max_new_tokens=6, batch_size=2, cache=cache, progress=False)}))
 
     # sharded image generation through the executor, into a cache of this run's own
     # "Fresh" gets a version (so tiny weights) of its own per run: under two processes they are built during the

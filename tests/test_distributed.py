@@ -114,7 +114,7 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert json.loads((Path(stage_main["folder"]) / "squares.json").read_text()) == [x * x for x in range(7)]
     # every process loads the agent it trained: the second one through links to the main process's files
     loaded = [json.loads((out / f"sft_loads_world2_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert loaded[0] == loaded[1] and len(loaded[0]["calls"]) == 3
+    assert loaded[0] == loaded[1] and len(loaded[0]["calls"]) == 3 and loaded[0]["calls"][0] == "cached answer"
     assert (out / "scratch1" / "model.safetensors").is_symlink()
     # the stage the second process reached late: both returned the main process's manifest of one real run
     assert [json.loads((out / f"late_world2_rank{rank}.json").read_text()) for rank in (0, 1)] == [{"wrote": 1}] * 2

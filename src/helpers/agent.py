@@ -113,27 +113,40 @@ class Agent:
         for key, prompt in zip(keys, prompts):
             if key not in answers:
                 todo.setdefault(key, fit_prompt(self.tokenizer, prompt, budget)[0])
+        from .distributed import launched_world_size
+
+        if launched_world_size() > 1:
+            return self._api_calls_launched(keys, answers, todo, max_new_tokens, batch_size, cache, progress)
         if todo:
-            fresh = self._decode_sharded(todo, max_new_tokens, batch_size, progress)
+            fresh = self._decode(todo, max_new_tokens, batch_size, progress)
             answers.update(fresh)
             if cache is not None:
                 cache.put_many(list(fresh.items()))
         return [answers[key] for key in keys]
 
-    def _decode_sharded(self, todo: dict[str, str], max_new_tokens: int, batch_size: int,
-                        progress: bool) -> dict[str, str]:
-        """`_decode`, split across processes under a multi-process launch (see helpers.distributed)."""
-        from .distributed import launched_world_size, map_sharded
+    def _api_calls_launched(self, keys: list[str], answers: dict[str, str], todo: dict[str, str],
+                            max_new_tokens: int, batch_size: int, cache: ApiCallCache | None,
+                            progress: bool) -> list[str]:
+        """`api_calls` under a multi-process launch (see helpers.distributed): the main process's cache decides what
+        is decoded, its prompts are split across the processes, and every process returns the main one's answers.
 
-        if launched_world_size() == 1:
-            return self._decode(todo, max_new_tokens, batch_size, progress)
-        # split by prompt text, not by cache key: every process uses the main one's list, and a process's keys may
-        # differ from the main one's (its model folder holds links to the main folder's files, hashed differently)
+        The other processes' caches (scratch folders) and model ids (links to the main folder's files hash unlike
+        the files) may differ from the main one's, so only prompt texts and positions cross between processes.
+        """
+        from .distributed import broadcast_from_main, is_main_process, map_sharded
+
         prompts = list(dict.fromkeys(todo.values()))
         pairs = map_sharded(lambda share: list(self._decode({p: p for p in share}, max_new_tokens, batch_size,
                                                             progress).items()), prompts)
-        by_prompt = dict(pairs)
-        return {key: by_prompt[prompt] for key, prompt in todo.items()}
+        final = None
+        if is_main_process():
+            by_prompt = dict(pairs)
+            fresh = {key: by_prompt[prompt] for key, prompt in todo.items()}
+            answers.update(fresh)
+            if cache is not None:
+                cache.put_many(list(fresh.items()))
+            final = [answers[key] for key in keys]
+        return broadcast_from_main(final)
 
     def _decode(self, todo: dict[str, str], max_new_tokens: int, batch_size: int, progress: bool) -> dict[str, str]:
         from tqdm.auto import tqdm

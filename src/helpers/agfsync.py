@@ -872,7 +872,7 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     for all its questions; under a multi-process launch the images are split across processes. The model is
     loaded only when something is left to ask (or passed in as `scorer`).
     """
-    from .distributed import broadcast_from_main, map_sharded
+    from .distributed import broadcast_from_main, launched_world_size, map_sharded
     from .scoring import ScoreCache
 
     cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
@@ -907,6 +907,8 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
                         for i, row in zip(todo, fresh) for name, p in zip(names[i], row)])
         for i, row in zip(todo, fresh):
             probabilities[i] = row
+    if launched_world_size() > 1:  # an answer this process's read of the cache missed comes from the main one
+        probabilities = broadcast_from_main(probabilities)
     return [vqa_score(row) for row in probabilities]
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .distributed import broadcast_from_main, is_main_process, map_sharded
+from .distributed import broadcast_from_main, is_main_process, launched_world_size, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
@@ -170,6 +170,8 @@ class ScoringRun:
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])
                 for i, v in zip(todo, fresh):
                     values[i] = float(v)
+            if launched_world_size() > 1:  # a value this process's read of the cache missed comes from the main one
+                values = broadcast_from_main(values)
             self.computed += len(todo)
             self.reused += len(values) - len(todo)
             table[name] = values
