@@ -157,16 +157,25 @@ def test_every_record_validates_and_its_size_is_the_generation_size(built):
 
 
 def test_the_dataset_loads_with_its_configs_and_splits(built):
-    import datasets
-
     root, counts = built
-    everything = datasets.load_dataset(str(root / "dataset"), "all")
+    everything = dabench.load_saved(root / "dataset", "all")
     assert {split: len(rows) for split, rows in everything.items()} == {
         "train": counts["all_train"], "align": counts["all_align"], "test": counts["all_test"]}
-    sd15 = datasets.load_dataset(str(root / "dataset"), "sd15")
+    sd15 = dabench.load_saved(root / "dataset", "sd15")
     assert set(sd15["train"]["architecture"]) == {"SD 1.5"}
     card = (root / "dataset" / "README.md").read_text()
     assert "config_name: sdxl" in card and "template stand-in" in card
+
+
+def test_two_saved_datasets_load_their_own_rows(built, tmp_path):
+    # datasets would serve the second folder from the first one's cache entry (same name, config and patterns)
+    root, counts = built
+    records = civitai.read_jsonl(root / "dabench.jsonl")
+    few = [r for r in records if r["split"] == "train"][:3] + [r for r in records if r["split"] == "test"][:1]
+    dabench.save_dataset(few, tmp_path / "dataset", {"source": "local", "backend": "template", "stand_in": True})
+    assert len(dabench.load_saved(root / "dataset", "all")["train"]) == counts["all_train"]
+    assert {split: len(rows) for split, rows in dabench.load_saved(tmp_path / "dataset", "all").items()} == \
+        {"train": 3, "test": 1}
 
 
 def test_build_dabench_cli_matches_the_stage_functions(built, tmp_path):

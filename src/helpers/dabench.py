@@ -366,6 +366,22 @@ def save_dataset(records: list[dict[str, Any]], folder: Path, provenance: dict[s
     return counts
 
 
+def load_saved(folder: Path, config: str = "all"):
+    """The DatasetDict `save_dataset` wrote to `folder`, read through its card's configs like a hub dataset.
+
+    Read into memory through a cache of its own that is dropped afterwards: `datasets` keys its shared cache of a
+    local folder by the folder's name, the config and the card's file patterns, so every DABench (all named
+    `dataset`, with the same patterns) would share one entry, and a rebuilt or another profile's DABench would load
+    the first one's rows.
+    """
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="dabench-load-") as cache:
+        return datasets.load_dataset(str(folder), config, cache_dir=cache, keep_in_memory=True)
+
+
 def dataset_card(counts: dict[str, int], provenance: dict[str, Any]) -> str:
     """The dataset card: configs for `datasets.load_dataset`, counts, fields, provenance, licences."""
     configs = []
