@@ -872,20 +872,21 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     for all its questions; under a multi-process launch the images are split across processes. The model is
     loaded only when something is left to ask (or passed in as `scorer`).
     """
-    from .distributed import broadcast_from_main, launched_world_size, map_sharded
+    from .distributed import broadcast_from_main, map_sharded
+    from .models import resolve
+    from .scorers.vqa import load_vqa, vqa_weights_id
     from .scoring import ScoreCache
 
     cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
-    weights = scorer.weights_id if scorer is not None else _vqa_weights_id(ctx)
-    probabilities = [[cache.get(item.key, name, weights) for name in row] for item, row in zip(generated, names)]
-    # every process follows the main process's view of the cache, so all of them enter the sharded call or none
-    todo = broadcast_from_main([i for i, row in enumerate(probabilities) if any(p is None for p in row)])
+    weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
+    # every process follows the main process's view of the cache: all enter the sharded call or none does, and an
+    # answer this process's own read missed comes from the main one
+    probabilities = broadcast_from_main([[cache.get(item.key, name, weights) for name in row]
+                                         for item, row in zip(generated, names)])
+    todo = [i for i, row in enumerate(probabilities) if any(p is None for p in row)]
     if todo:
         if scorer is None:
-            from .models import resolve
-            from .scorers.vqa import load_vqa
-
             scorer = load_vqa(resolve("vqa", ctx), ctx.device)
 
         def ask(share: list[int]) -> list[list[float]]:
@@ -907,18 +908,7 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
                         for i, row in zip(todo, fresh) for name, p in zip(names[i], row)])
         for i, row in zip(todo, fresh):
             probabilities[i] = row
-    if launched_world_size() > 1:  # an answer this process's read of the cache missed comes from the main one
-        probabilities = broadcast_from_main(probabilities)
     return [vqa_score(row) for row in probabilities]
-
-
-def _vqa_weights_id(ctx) -> str:
-    """The cache's weights id of the run's VQA model, without loading it."""
-    from .models import resolve
-    from .scorers.base import local_weight_files, weights_id
-
-    source = resolve("vqa", ctx)
-    return weights_id(source, *local_weight_files(source))
 
 
 def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_prompt: Mapping[str, Sequence[str]],

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .distributed import broadcast_from_main, is_main_process, launched_world_size, map_sharded
+from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
@@ -159,9 +159,10 @@ class ScoringRun:
         prompts = list(prompts) if prompts is not None else [g.request.prompt for g in generated]
         table = pd.DataFrame({"key": [g.key for g in generated], "prompt": prompts})
         for name, scorer in self.scorers.items():
-            values = [self.cache.get(g.key, name, scorer.weights_id) for g in generated]
-            # the main process's view of the cache decides, so every process enters the sharded call or none does
-            todo = broadcast_from_main([i for i, v in enumerate(values) if v is None])
+            # the main process's view of the cache holds for every process: all enter the sharded call or none does,
+            # and a value this process's own read missed (a read racing the main process's write) comes from it
+            values = broadcast_from_main([self.cache.get(g.key, name, scorer.weights_id) for g in generated])
+            todo = [i for i, v in enumerate(values) if v is None]
             if todo:
                 # split across processes under a multi-process launch (one process: a plain call)
                 fresh = map_sharded(lambda share, scorer=scorer: scorer.score([generated[i].image for i in share],
@@ -170,8 +171,6 @@ class ScoringRun:
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])
                 for i, v in zip(todo, fresh):
                     values[i] = float(v)
-            if launched_world_size() > 1:  # a value this process's read of the cache missed comes from the main one
-                values = broadcast_from_main(values)
             self.computed += len(todo)
             self.reused += len(values) - len(todo)
             table[name] = values

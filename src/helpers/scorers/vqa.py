@@ -105,7 +105,12 @@ def load_vqa(source: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         raise ValueError(f"{source} predates BLIP-2's image tokens (image_token_index="
                          f"{model.config.image_token_index}, num_query_tokens={processor.num_query_tokens}); "
                          "use a current revision of the checkpoint")
-    return VqaScorer(place(model, device), processor, weights_id(source, *local_weight_files(source)))
+    return VqaScorer(place(model, device), processor, vqa_weights_id(source))
+
+
+def vqa_weights_id(source: str | Path) -> str:
+    """The id a VqaScorer from `source` caches its answers under (read without loading the model)."""
+    return weights_id(source, *local_weight_files(source))
 
 
 def build_tiny_vqa(folder: Path, seed: int = 0) -> dict[str, Any]:
