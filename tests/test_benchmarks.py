@@ -66,7 +66,9 @@ def test_committed_results_files_load():
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     documents = cost.load_all(folder)
-    assert documents and all({b["name"] for b in d["benchmarks"]} == set(NAMES) for d in documents)
+    # every benchmark either ran or is listed as failed, in every file
+    assert documents and all({b["name"] for b in d["benchmarks"]} | {f["name"] for f in d.get("failed", [])} ==
+                             set(NAMES) for d in documents)
 
 
 # ------------------------------------------------------------------------------------------ cost model
@@ -151,3 +153,60 @@ def test_measured_table_lists_naive_project_and_ratio(tiny_results):
     assert row["naive ÷ project"] == tiny_results["benchmarks"][0]["ratio"]
     assert "batched_generate/project" in row["other"]
     json.dumps(table.to_dict())  # plain values, ready for the chapter's CSV
+
+
+def test_a_failing_benchmark_is_recorded_and_the_rest_still_run_and_save(tmp_path, monkeypatch, capsys):
+    from helpers.benchmarks import suite
+    from helpers.benchmarks.harness import PathTiming, row
+
+    out = tmp_path / "partial.json"
+
+    def out_of_memory(size, device):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\n(more lines)")
+
+    def after_it(size, device):
+        # the first benchmark's failure is on disk before this one starts: a run cut short keeps it
+        assert load_results(out)["failed"] == [{"name": "api_generation",
+                                               "error": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"}]
+        return row("scoring", "s/image", {"images": 2}, [PathTiming("naive", 2.0, 2, 4.0),
+                                                         PathTiming("project", 0.5, 2, 1.0)])
+
+    monkeypatch.setitem(suite.BENCHMARKS, "api_generation", out_of_memory)
+    monkeypatch.setitem(suite.BENCHMARKS, "scoring", after_it)
+    assert cli.main(["bench", "--size", "tiny", "--only", "api_generation", "scoring", "--out", str(out)]) == 1
+    saved = load_results(out)
+    assert [b["name"] for b in saved["benchmarks"]] == ["scoring"] and saved["benchmarks"][0]["ratio"] == 4.0
+    assert [f["name"] for f in saved["failed"]] == ["api_generation"]
+    printed = capsys.readouterr().out
+    assert "api_generation     FAILED   RuntimeError: CUDA out of memory" in printed
+    assert "Traceback" in printed  # the whole error reaches the log, the file keeps its first line
+    table = cost.measured_table([saved]).set_index("benchmark")
+    assert table.loc["api_generation", "other"].startswith("failed: RuntimeError") and \
+        math.isnan(table.loc["api_generation", "project"])
+    with pytest.raises(RuntimeError, match="out of memory"):  # --fail-fast stops at the first failure
+        cli.main(["bench", "--size", "tiny", "--only", "api_generation", "--fail-fast", "--out", str(out)])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    monkeypatch.setitem(suite.BENCHMARKS, "scoring", lambda size, device: row(
+        "scoring", "s/image", {"images": 1}, [PathTiming("naive", 1.0, 1, 1.0), PathTiming("project", 0.5, 1, 0.5)]))
+    # --out may name a folder: the file takes the device's default name in it
+    assert cli.main(["bench", "--size", "tiny", "--only", "scoring", "--out", str(folder)]) == 0
+    assert [b["name"] for b in load_results(folder / "cpu-tiny.json")["benchmarks"]] == ["scoring"]
+
+
+def test_targets_table_checks_each_bound_against_the_gpu_file():
+    targets = cost.targets_table(_gpu_document(), target_hours=6.0).set_index("target")
+    api = targets.loc["API generation, s/API"]
+    assert api["measured"] == 0.008 and api["met"] and api["bound"] == "≤ 0.008" and api["measured on"] == "Test GPU"
+    # 4.0 s one at a time ÷ 0.008 s = 500×, short of 600×; batched generate 0.02 ÷ 0.008 = 2.5×, just met
+    assert targets.loc["API generation, naive ÷ project", "measured"] == pytest.approx(500.0)
+    assert not targets.loc["API generation, naive ÷ project", "met"]
+    assert targets.loc["API generation, batched generate ÷ project", "met"]
+    assert targets.loc["image generation, s/image (512 px, 20 steps, CFG)", "measured"] == 0.05
+    table = cost.cost_table(_gpu_document())
+    hours = targets.loc["DiffAgent SD 1.5 reproduction, H100-hours"]
+    assert hours["measured"] == pytest.approx(table.loc[table["method"] == "DiffAgent", "project GPU-h"].sum())
+    assert hours["met"] == (hours["measured"] <= 6.0)
+    nothing = cost.targets_table(None)
+    assert nothing["measured"].isna().all() and nothing["met"].isna().all()
+    assert set(nothing["measured on"]) == {"not measured on a GPU"}

@@ -161,8 +161,9 @@ def test_one_step_trains_the_unet_and_freezes_the_rest(sd_folder, tmp_path):
 
     assert [row["step"] for row in log] == [1]
     assert math.isfinite(log[0]["loss"]) and 0.0 <= log[0]["implicit_accuracy"] <= 1.0
-    # at step 0 the model is the reference: inside = 0 for every pair, so the loss is log 2
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # at step 0 the model is the reference: inside = 0 for every pair, so the loss is log 2, up to float rounding
+    # of the two forwards (~1e-7 in a squared error) that β/2 = 2500 magnifies (1.5e-4 measured on one thread)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert log[0]["model_mse_w"] == pytest.approx(log[0]["ref_mse_w"], abs=1e-6)
     assert not unchanged(pipeline.unet, unet_before)
     assert unchanged(trainer.reference_unet, unet_before)

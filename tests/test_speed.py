@@ -95,3 +95,30 @@ def test_compiled_channels_last_unet_draws_the_eager_images(tmp_path):
     got = speed.render(tuned, prompts, [""] * 2, seeds, steps=3, cfg=7.0, width=64, height=64, device="cuda")
     for a, b in zip(got, want):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).mean() < 2
+
+
+def test_a_failed_compile_decodes_on_eagerly_with_the_same_tokens(lm, monkeypatch):
+    model, tokenizer = lm
+    pad, prompts = tokenizer.pad_token_id, _prompts(6, seed=2)
+    want = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=8,
+                               settings=speed.DecodeSettings(4, static_cache=True))
+    real_generate, compiled_calls = model.generate, []
+
+    def generate(**kwargs):
+        if "compile_config" in kwargs:  # what a torch.compile / CUDA-graph failure looks like to the caller
+            compiled_calls.append(kwargs["input_ids"].shape)
+            raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten")
+        assert kwargs["disable_compile"] is True
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    settings = speed.DecodeSettings(4, static_cache=True, compile=True)
+    got = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=8, settings=settings)
+    assert got == want
+    assert settings.compile_error == "RuntimeError: accessing tensor output of CUDAGraphs that has been overwritten"
+    assert len(compiled_calls) == 1  # tried once; the second batch and later runs go straight to eager decoding
+    speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=8, settings=settings)
+    assert len(compiled_calls) == 1
+    with pytest.raises(RuntimeError, match="eager failure"):  # without compile, errors are not swallowed
+        monkeypatch.setattr(model, "generate", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("eager failure")))
+        speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=8, settings=speed.DecodeSettings(4))

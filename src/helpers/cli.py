@@ -195,13 +195,17 @@ def _add_bench(commands) -> None:
                        help="full: the paper's shapes (needs a GPU); tiny: the book's (default on CPU)")
     bench.add_argument("--only", nargs="*", default=None,
                        help="some of: api_generation image_generation scoring rrhf_step dpo_step (default: all)")
-    bench.add_argument("--out", default=None, help="results file (default: benchmarks/results/<device>-<size>.json)")
+    bench.add_argument("--out", default=None, help="results file, or a folder for <device>-<size>.json in it "
+                                                    "(default: benchmarks/results/)")
+    bench.add_argument("--fail-fast", action="store_true",
+                       help="stop at the first benchmark that fails (default: record it under `failed`, run the rest, "
+                            "exit with status 1)")
     bench.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from . import benchmarks
-    from .benchmarks.harness import summary_lines
+    from .benchmarks.harness import results_document, summary_lines
     from .config import repo_root
     from .device import pick_device
 
@@ -211,16 +215,20 @@ def _bench(args: argparse.Namespace) -> int:
         print("t2ibook bench: --size full builds a 7B model and SD 1.5 at 512 px; run it on a GPU (or use --size "
               "tiny on a CPU)", file=sys.stderr)
         return 2
-    try:
-        document = benchmarks.run(size, device, args.only, progress=lambda line: print(line, flush=True))
-    except ValueError as error:
-        print(f"t2ibook bench: {error}", file=sys.stderr)
+    unknown = [name for name in args.only or [] if name not in benchmarks.BENCHMARKS]
+    if unknown:
+        print(f"t2ibook bench: unknown benchmark(s) {unknown}; choose from {', '.join(benchmarks.BENCHMARKS)}",
+              file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results" / benchmarks.default_results_name(document)
-    benchmarks.save_results(document, out)
+    out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results"
+    if out.is_dir():
+        out = out / benchmarks.default_results_name(results_document(size, device, []))
+    # saved after every benchmark: a run cut short by a time limit keeps the benchmarks it finished
+    document = benchmarks.run(size, device, args.only, progress=lambda line: print(line, flush=True),
+                              keep_going=not args.fail_fast, on_update=lambda doc: benchmarks.save_results(doc, out))
     print("\n".join(summary_lines(document)))
     print(f"t2ibook bench: results -> {out}")
-    return 0
+    return 1 if document["failed"] else 0
 
 
 def _add_suggest(commands) -> None:

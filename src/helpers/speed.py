@@ -8,7 +8,7 @@ Notebook 14 and `t2ibook bench` measure both side by side.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +24,8 @@ class DecodeSettings:
     static_cache: bool = False  # a preallocated KV cache: fixed shapes, no per-step concatenation
     compile: bool = False  # CUDA graphs through transformers' auto-compile (needs static_cache)
     bucket: int = 16  # prompt widths are padded up to a multiple of this, so compiled shapes repeat
+    # why compiled decoding was dropped for the rest of the run (set by greedy_decode, None while it works)
+    compile_error: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -74,7 +76,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
                                **generate_kwargs}
     if settings.static_cache:
         options["cache_implementation"] = "static"
-    if settings.compile:
+    compiled = settings.compile and settings.compile_error is None
+    if compiled:
         from transformers import CompileConfig
 
         options["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
@@ -83,12 +86,25 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
     results: list[list[int] | None] = [None] * len(prompts)
     for chunk in length_buckets([len(p) for p in prompts], settings.batch_size):
         rows = [prompts[i] for i in chunk]
-        if settings.compile:
+        if compiled:
             rows += [rows[-1]] * (settings.batch_size - len(rows))
         width = padded_width(max(len(r) for r in rows), settings.bucket)
         batch = left_pad(rows, width, pad_id, model.device)
-        with torch.inference_mode():
-            output = model.generate(**batch, **options)
+        try:
+            with torch.inference_mode():
+                output = model.generate(**batch, **options)
+        except Exception as error:  # noqa: BLE001 - any compiler or CUDA-graph failure; an eager retry decides
+            if not compiled:
+                raise
+            # a failed compile (or a CUDA graph whose output was overwritten) costs speed, not the run: this
+            # batch and every later one decode eagerly with the same static cache, so the tokens are the same
+            settings.compile_error = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            logger.warning("compiled decoding failed (%s); decoding on without CUDA graphs", settings.compile_error)
+            compiled = False
+            options.pop("compile_config")
+            options["disable_compile"] = True
+            with torch.inference_mode():
+                output = model.generate(**batch, **options)
         # a row that ends early is filled with pad ids; the caller's decode skips them
         for index, tokens in zip(chunk, output[:, width:].tolist()):
             results[index] = tokens

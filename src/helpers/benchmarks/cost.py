@@ -181,6 +181,35 @@ def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[s
 
 # What the project aims for on one H100, in s/unit: API calls at about half the compute peak, 512-px images at ~75%
 PROJECT_H100_TARGETS = {"api": 0.008, "image": 0.055}
+# ... and as speed-ups of the project's API decoding over one `generate` per prompt and over batched `generate`
+PROJECT_H100_RATIOS = {"api_naive": 600.0, "api_batched_generate": 2.5}
+
+
+def targets_table(results: dict[str, Any] | None, target_hours: float = 6.0):
+    """The H100 targets next to what a full-size GPU results file measured (`met` is None where nothing was)."""
+    import pandas as pd
+
+    measured = _measured(results)
+    benches = {b["name"]: b for b in (results or {}).get("benchmarks", [])} if measured else {}
+    api_paths = {name: p["seconds_per_unit"] for name, p in benches.get("api_generation", {}).get("paths", {}).items()}
+    project_api = api_paths.get("project")
+    hours = None
+    if "api" in measured and "image" in measured:  # the two units the DiffAgent total hangs on
+        table = cost_table(results)
+        hours = float(table.loc[table["method"] == "DiffAgent", "project GPU-h"].sum())
+    rows = [("API generation, s/API", "≤", PROJECT_H100_TARGETS["api"], project_api),
+            ("API generation, naive ÷ project", "≥", PROJECT_H100_RATIOS["api_naive"],
+             api_paths["naive"] / project_api if project_api else None),
+            ("API generation, batched generate ÷ project", "≥", PROJECT_H100_RATIOS["api_batched_generate"],
+             api_paths["batched_generate"] / project_api if project_api and "batched_generate" in api_paths else None),
+            ("image generation, s/image (512 px, 20 steps, CFG)", "≤", PROJECT_H100_TARGETS["image"],
+             measured.get("image", {}).get("project")),
+            ("DiffAgent SD 1.5 reproduction, H100-hours", "≤", target_hours, hours)]
+    device = results["device"].get("name") if measured else None
+    return pd.DataFrame([{"target": name, "bound": f"{sign} {bound:g}", "measured": value,
+                          "met": None if value is None else (value <= bound if sign == "≤" else value >= bound),
+                          "measured on": device if value is not None else "not measured on a GPU"}
+                         for name, sign, bound, value in rows])
 
 
 def budget_scenarios(results: dict[str, Any] | None = None, target_hours: float = 6.0):
@@ -247,6 +276,10 @@ def measured_table(documents: list[dict[str, Any]]):
                          "naive": naive["seconds_per_unit"], "project": project["seconds_per_unit"],
                          "naive ÷ project": bench["ratio"],
                          "other": "; ".join(f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project")})
+        for failure in document.get("failed", []):  # a benchmark that raised: its row says so instead of a time
+            rows.append({"device": document["device"].get("name"), "size": document["size"],
+                         "benchmark": failure["name"], "unit": "", "naive": float("nan"), "project": float("nan"),
+                         "naive ÷ project": float("nan"), "other": f"failed: {failure['error']}"})
     return pd.DataFrame(rows)
 
 

@@ -86,11 +86,13 @@ def headline(bench: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return bench["paths"][naive], bench["paths"][project]
 
 
-def results_document(size: str, device: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def results_document(size: str, device: str, rows: list[dict[str, Any]],
+                     failed: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """`failed` lists the benchmarks that raised ({"name", "error"}); readers treat it as empty when absent."""
     from ..manifest import library_versions
 
     return {"schema": SCHEMA, "size": size, "device": device_facts(device), "versions": library_versions(),
-            "created": time.strftime("%Y-%m-%d", time.gmtime()), "benchmarks": rows}
+            "created": time.strftime("%Y-%m-%d", time.gmtime()), "benchmarks": rows, "failed": list(failed or [])}
 
 
 def save_results(document: dict[str, Any], path: Path) -> Path:
@@ -134,4 +136,5 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
                            if name not in bench["headline"])
         lines.append(f"{bench['name']:<18} {bench['unit']:<8} {_seconds(naive['seconds_per_unit']):>12} "
                      f"{_seconds(project['seconds_per_unit']):>12} {bench['ratio']:>7.2f}x  {others}")
+    lines += [f"{failure['name']:<18} FAILED   {failure['error']}" for failure in document.get("failed", [])]
     return lines

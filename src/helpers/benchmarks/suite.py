@@ -7,7 +7,10 @@ Diffusion-DPO step. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px
 from __future__ import annotations
 
 import copy
+import gc
 import tempfile
+import time
+import traceback
 from typing import Any, Callable
 
 import numpy as np
@@ -74,8 +77,10 @@ def bench_api_generation(size: str, device: str) -> dict[str, Any]:
              time_path("batched_generate", batched(dynamic), device, warmup=lambda: warm(dynamic),
                        settings={"batch": plan["batch"], "cache": "dynamic"}),
              time_path("project", batched(project), device, warmup=lambda: warm(project),
-                       settings={"batch": plan["batch"], "cache": "static", "cuda_graphs": project.compile,
-                                 "bucket": project.bucket})]
+                       settings={"batch": plan["batch"], "cache": "static", "bucket": project.bucket})]
+    # what ran, not what was asked: greedy_decode decodes eagerly if compiling failed in the warm-up
+    paths[-1].settings.update(cuda_graphs=project.compile and project.compile_error is None,
+                              compile_error=project.compile_error)
     params = sum(p.numel() for p in model.parameters())
     return row("api_generation", "s/API", {"parameters": params, "dtype": str(_half(device)), **plan}, paths,
                "greedy decoding; project = helpers.speed.greedy_decode as helpers.agent uses it")
@@ -284,18 +289,37 @@ BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step}
 
 
-def run(size: str, device: str, names: list[str] | None = None, progress: Callable[[str], None] = print):
-    """Run the chosen benchmarks (all by default) and return the results document."""
+def run(size: str, device: str, names: list[str] | None = None, progress: Callable[[str], None] = print, *,
+        keep_going: bool = False, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the chosen benchmarks (all by default, in the order given) and return the results document.
+
+    `on_update` receives the document after every benchmark (the CLI saves it, so a run stopped by a time limit
+    keeps what it finished). With `keep_going`, a benchmark that raises is listed under `failed` with its error
+    and the next one runs: one out-of-memory at 7B shapes should not cost the other four measurements.
+    """
     from .harness import results_document
 
     names = names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    rows = []
+    rows, failed = [], []
     for name in names:
         progress(f"bench {name} ({size}, {device}) ...")
-        rows.append(BENCHMARKS[name](size, device))
+        started = time.perf_counter()
+        try:
+            rows.append(BENCHMARKS[name](size, device))
+        except Exception as error:  # noqa: BLE001 - recorded, and re-raised unless keep_going
+            if not keep_going:
+                raise
+            progress("".join(traceback.format_exception(error)).rstrip())
+            failed.append({"name": name, "error": f"{type(error).__name__}: {error}".splitlines()[0][:500]})
+            del error  # its traceback holds the benchmark's frames and, on a GPU, their tensors
+        gc.collect()
         if _on_cuda(device):
             torch.cuda.empty_cache()
-    return results_document(size, device, rows)
+        progress(f"bench {name}: {time.perf_counter() - started:.0f} s")
+        document = results_document(size, device, rows, failed)
+        if on_update is not None:
+            on_update(document)
+    return document
