@@ -32,9 +32,11 @@ def main(out: Path, llm: str) -> None:
                         "height": 512, "sampling_method": "Euler a", "sampling_steps": 20 + i, "cfg_scale": 7.0,
                         "model_description": "x"}}
                for i, animal in enumerate(["fox", "cat", "owl", "hare", "wolf", "deer", "lynx", "seal"])]
+    # no use_cpu here, as in notebook 06 (bf16 off on a CPU): on a CPU launch the config itself picks data
+    # parallelism over gloo
     settings = sft.AgentSFTConfig(output_dir=str(out / f"trainer{world_size}-{rank}"), max_steps=1,
                                   per_device_train_batch_size=8 // world_size, learning_rate=1e-2, report_to="none",
-                                  save_strategy="no", use_cpu=True, logging_steps=1, max_length=256, optim="sgd",
+                                  save_strategy="no", bf16=False, logging_steps=1, max_length=256, optim="sgd",
                                   disable_tqdm=True, seed=0, dataloader_drop_last=False)
     saved_to = folder / "sft" if rank == 0 else out / f"scratch{rank}"
     summary = sft.train(llm, sft.sft_dataset(records), settings, saved_to)

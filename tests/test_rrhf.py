@@ -212,10 +212,36 @@ def test_trainer_loss_is_weighted_sum_of_terms(llm_folder, tokenizer, tmp_path):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps = length_normalised_logps(logits, batch["labels"]).view(2, 3)
     rank = rrhf_loss(logps, batch["rewards"], batch["candidate_mask"])
-    best_labels = batch["labels"][[1, 3]]  # best candidates: reward 0.9 (row 1) and 1.0 (row 3)
-    ce = torch.nn.functional.cross_entropy(logits[[1, 3], :-1].flatten(0, 1), best_labels[:, 1:].flatten())
+    # best candidates: reward 0.9 (row 1) and 1.0 (row 3); CE is each one's token mean, then the mean of the two
+    ce = sum(torch.nn.functional.cross_entropy(logits[row, :-1], batch["labels"][row, 1:]) for row in (1, 3)) / 2
     assert loss.item() == pytest.approx((2.0 * rank + 0.5 * ce).item(), rel=1e-5)
     assert trainer._metric_sums["eval"]["ranking_accuracy"][1] == 3 + 1  # ordered pairs: 3 in prompt 1, 1 in 2
+
+
+def test_loss_of_a_batch_is_the_mean_of_its_halves(llm_folder, tokenizer, tmp_path):
+    # what data parallelism and gradient accumulation rely on: two processes (or two micro-batches) of one prompt
+    # each, averaged, give the loss and gradients of the two-prompt batch, also when the responses differ in length
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llm_folder)
+    trainer = RRHFTrainer(model=model, args=rrhf_args(tmp_path), processing_class=tokenizer)
+    collator = RRHFCollator(tokenizer)
+    rows = [ROWS[0], {**ROWS[1], "candidates": [api_call("CastleMix v3 ultra detailed edition"), api_call("CarMix")]}]
+    both, first, second = collator(rows), collator(rows[:1]), collator(rows[1:])
+    assert (both["labels"][1] != -100).sum() != (both["labels"][3] != -100).sum()  # best responses' lengths differ
+    model.eval()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads(both)
+    (a, grads_a), (b, grads_b) = loss_and_grads(first), loss_and_grads(second)
+    assert whole == pytest.approx((a + b) / 2, rel=1e-5)
+    for g, ga, gb in zip(whole_grads, grads_a, grads_b):
+        torch.testing.assert_close(g, (ga + gb) / 2, rtol=1e-4, atol=1e-7)
 
 
 def test_toy_reward_run_prefers_the_rewarded_model(llm_folder, tokenizer, tmp_path):

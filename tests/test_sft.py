@@ -101,3 +101,21 @@ def test_gathered_save_writes_the_same_agent_as_the_in_memory_one(llm, tmp_path,
     for name in one:
         assert torch.equal(one[name], other[name]), name
     assert AutoTokenizer.from_pretrained(tmp_path / "from_gathered").chat_template == models.CHAT_TEMPLATE
+
+
+def test_a_cpu_launch_of_several_processes_trains_data_parallel(monkeypatch):
+    from types import SimpleNamespace
+
+    from helpers import distributed
+
+    args = SimpleNamespace(use_cpu=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    sft.launch_device_default(args)
+    assert args.use_cpu is False  # one process: nothing to decide
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    sft.launch_device_default(args)
+    assert args.use_cpu is False and not distributed.cpu_launch()  # GPUs: accelerate picks DDP over NCCL itself
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    sft.launch_device_default(args)
+    assert args.use_cpu is True and distributed.cpu_launch()

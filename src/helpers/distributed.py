@@ -31,6 +31,15 @@ def is_main_process() -> bool:
     return launched_rank() == 0
 
 
+def cpu_launch() -> bool:
+    """Several processes launched on a machine without a GPU (the two-process CPU runs of the tests and book)."""
+    if launched_world_size() == 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), joining the launcher's process group on first use (gloo on CPU, NCCL on GPUs)."""
     if launched_world_size() == 1:

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .generation import user_message
-from .sft import LoraArguments, save_trained
+from .sft import LoraArguments, launch_device_default, save_trained
 
 IGNORE_INDEX = -100
 
@@ -216,6 +216,7 @@ class RRHFConfig(TrainingArguments, LoraArguments):
         "help": "Keep False: RRHFCollator reads the 'prompt', 'candidates' and 'rewards' columns itself."})
 
     def __post_init__(self):
+        launch_device_default(self)
         super().__post_init__()
         self.check_lora()
         for name in ("rank_loss_weight", "ce_loss_weight"):
@@ -276,10 +277,12 @@ class RRHFTrainer(Trainer):
         logps = row_logps.new_zeros(batch * n).masked_scatter(real, row_logps).view(batch, n)
         rank_loss = rrhf_loss(logps, rewards, candidate_mask)
 
-        # SFT on each prompt's best real candidate: token-level CE, Σ over its tokens / number of tokens
+        # SFT on each prompt's best real candidate: its token-mean CE (= −p_best), averaged over prompts like the
+        # ranking term. Per prompt, not per token of the whole batch: then a batch split across processes (or into
+        # accumulated micro-batches) of equal prompt counts averages to exactly the whole batch's loss
         best = rewards.masked_fill(~candidate_mask, -math.inf).argmax(dim=1)
         best_rows = (torch.cumsum(real, 0) - 1).view(batch, n).gather(1, best.unsqueeze(1)).squeeze(1)
-        ce_loss = -token_logps[best_rows].sum() / response[best_rows].sum().clamp(min=1)
+        ce_loss = -row_logps[best_rows].mean()
 
         loss = self.args.rank_loss_weight * rank_loss + self.args.ce_loss_weight * ce_loss
         correct, total = _ranking_counts(logps, rewards, candidate_mask)

@@ -68,11 +68,24 @@ class LoraArguments:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
+def launch_device_default(args) -> None:
+    """On a CPU launch of several processes, train data-parallel over gloo (`use_cpu`), as a GPU launch does over NCCL.
+
+    Without `use_cpu` accelerate sees no GPU and no CPU backend and leaves each process to train alone on all of the
+    data: the same model, computed once per process. Call before `TrainingArguments.__post_init__`.
+    """
+    from .distributed import cpu_launch
+
+    if cpu_launch():
+        args.use_cpu = True
+
+
 @dataclass
 class AgentSFTConfig(SFTConfig, LoraArguments):
     """TRL's SFTConfig plus the LoRA switch; defaults suit the tiny profile."""
 
     def __post_init__(self):
+        launch_device_default(self)
         super().__post_init__()
         self.check_lora()
         if not self.completion_only_loss and self.completion_only_loss is not None:

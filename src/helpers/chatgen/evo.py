@@ -151,6 +151,8 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
+    from ..distributed import cpu_launch
+
     if steps < 1 or batch_size < 1 or not conversations:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and conversations non-empty")
     if len(images) != len(conversations):
@@ -160,6 +162,8 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     model = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch.float32)
     rows = [{"messages": list(c), "image": i} for c, i in zip(conversations, images)]
     with tempfile.TemporaryDirectory() as scratch:  # save_strategy="no": the Trainer writes nothing to keep here
+        if cpu_launch():  # see sft.launch_device_default: data-parallel over gloo, not every process on all data
+            training_arguments.setdefault("use_cpu", True)
         args = TrainingArguments(output_dir=scratch, max_steps=steps, learning_rate=lr,
                                  per_device_train_batch_size=batch_size, seed=seed, report_to=report_to,
                                  save_strategy="no", logging_steps=training_arguments.pop("logging_steps", 1),
