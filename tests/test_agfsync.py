@@ -341,6 +341,15 @@ def test_vqa_scores_batch_images_encode_each_once_and_reuse_the_cache(tiny_ctx, 
     questions[2] = ["a boat?", "is it raining?"]
     agfsync.vqa_scores(generated, questions, tiny_ctx, scorer=scorer)
     assert calls == [2]
+    # a stage's open score cache is used as it is (the file is not read again) and receives the new answers
+    from helpers import scoring
+
+    shared = scoring.ScoreCache(tiny_ctx.runs_dir / "image_cache" / "scores.jsonl")
+    before = len(shared.values)
+    monkeypatch.setattr(scoring, "read_jsonl_rows", lambda *a, **k: pytest.fail("the open cache was read again"))
+    questions[0] = ["is there a cat?", "red?", "is it a painting?"]
+    agfsync.vqa_scores(generated, questions, tiny_ctx, scorer=scorer, cache=shared)
+    assert calls == [2, 3] and len(shared.values) == before + 1
 
 
 def test_aesthetic_clip_and_weighted_score_by_hand():

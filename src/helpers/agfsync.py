@@ -865,19 +865,20 @@ VQA_IMAGES_PER_BATCH = 16  # images per BLIP-2 call; each brings all its questio
 
 
 def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_batch: int = VQA_IMAGES_PER_BATCH,
-               scorer=None) -> list[float]:
+               scorer=None, cache=None) -> list[float]:
     """AGFSync's VQA score per image (its prompt's questions), each P(yes) cached like any other score.
 
     Only images with an unanswered question are asked, several images per BLIP-2 call, each image encoded once
     for all its questions; under a multi-process launch the images are split across processes. The model is
-    loaded only when something is left to ask (or passed in as `scorer`).
+    loaded only when something is left to ask (or passed in as `scorer`). `cache`: the run's `ScoreCache`, if one is
+    open already (at paper scale the file holds millions of rows: read it once per stage, not once per scorer).
     """
     from .distributed import broadcast_from_main, map_sharded
     from .models import resolve
     from .scorers.vqa import load_vqa, vqa_weights_id
     from .scoring import ScoreCache
 
-    cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
+    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
     weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
     # every process follows the main process's view of the cache: all enter the sharded call or none does, and an
@@ -918,10 +919,11 @@ def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_pr
 
     from .scoring import DIFFAGENT_CLIP_WEIGHT, ScoringRun
 
-    raw = ScoringRun.for_run(ctx, ("clip", "aesthetic")).score(generated, [o["prompt"] for o in owners])
+    run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
+    raw = run.score(generated, [o["prompt"] for o in owners])
     table = pd.DataFrame(owners)
     table["key"] = [g.key for g in generated]
-    table["vqa"] = vqa_scores(generated, [questions_by_prompt[o["prompt_id"]] for o in owners], ctx)
+    table["vqa"] = vqa_scores(generated, [questions_by_prompt[o["prompt_id"]] for o in owners], ctx, cache=run.cache)
     table["clip"] = raw["clip"].to_numpy() / DIFFAGENT_CLIP_WEIGHT  # 100·2.5·max(cos,0) → AGFSync's 100·max(cos,0)
     table["aesthetic"] = aesthetic_100(raw["aesthetic"].to_numpy())
     table["score"] = agfsync_score(table["vqa"], table["clip"], table["aesthetic"], weights)
