@@ -206,6 +206,7 @@ def _add_bench(commands) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from . import benchmarks
     from .benchmarks.harness import results_document, summary_lines
+    from .benchmarks.suite import check_names
     from .config import repo_root
     from .device import pick_device
 
@@ -215,16 +216,16 @@ def _bench(args: argparse.Namespace) -> int:
         print("t2ibook bench: --size full builds a 7B model and SD 1.5 at 512 px; run it on a GPU (or use --size "
               "tiny on a CPU)", file=sys.stderr)
         return 2
-    unknown = [name for name in args.only or [] if name not in benchmarks.BENCHMARKS]
-    if unknown:
-        print(f"t2ibook bench: unknown benchmark(s) {unknown}; choose from {', '.join(benchmarks.BENCHMARKS)}",
-              file=sys.stderr)
+    try:
+        names = check_names(args.only)
+    except ValueError as error:
+        print(f"t2ibook bench: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results"
     if out.is_dir():
         out = out / benchmarks.default_results_name(results_document(size, device, []))
     # saved after every benchmark: a run cut short by a time limit keeps the benchmarks it finished
-    document = benchmarks.run(size, device, args.only, progress=lambda line: print(line, flush=True),
+    document = benchmarks.run(size, device, names, progress=lambda line: print(line, flush=True),
                               keep_going=not args.fail_fast, on_update=lambda doc: benchmarks.save_results(doc, out))
     print("\n".join(summary_lines(document)))
     print(f"t2ibook bench: results -> {out}")

@@ -289,6 +289,15 @@ BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step}
 
 
+def check_names(names: list[str] | None) -> list[str]:
+    """The benchmarks to run, in order (all when `names` is empty); unknown names are refused with the choices."""
+    names = names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    return names
+
+
 def run(size: str, device: str, names: list[str] | None = None, progress: Callable[[str], None] = print, *,
         keep_going: bool = False, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the chosen benchmarks (all by default, in the order given) and return the results document.
@@ -299,10 +308,7 @@ def run(size: str, device: str, names: list[str] | None = None, progress: Callab
     """
     from .harness import results_document
 
-    names = names or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    names = check_names(names)
     rows, failed = [], []
     for name in names:
         progress(f"bench {name} ({size}, {device}) ...")
