@@ -206,11 +206,15 @@ QA_PROMPT = "two ducks swimming under a wooden bridge"
 
 def test_qa_messages_show_the_format_and_every_element_type():
     messages = agfsync.qa_messages("a cat on a red sofa")
-    user = messages[-1]["content"]
-    assert "Description: a cat on a red sofa" in user
-    assert all(t in user for t in agfsync.ELEMENT_TYPES)
-    shown = [json.loads(line) for line in user.splitlines() if line.startswith("{")]
-    assert shown and all(item["answer"] == "yes" and item["element_type"] in agfsync.ELEMENT_TYPES for item in shown)
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(agfsync.QA_EXAMPLES) + ["user"]
+    assert messages[-1]["content"] == "Description: a cat on a red sofa"
+    assert all(t in messages[0]["content"] for t in agfsync.ELEMENT_TYPES)
+    # every worked example is a reply the book itself accepts in full: each line valid, none dropped
+    for question, answer in zip(messages[1:-1:2], messages[2:-1:2]):
+        lines = answer["content"].splitlines()
+        valid, dropped = agfsync.validate_qa(agfsync.parse_qa(answer["content"]),
+                                             question["content"].removeprefix("Description: "))
+        assert dropped == [] and len(valid) == len(lines) >= 5
 
 
 def test_parse_qa_reads_lines_arrays_and_marks_what_is_not_json():
@@ -227,6 +231,31 @@ def test_parse_qa_reads_lines_arrays_and_marks_what_is_not_json():
     assert agfsync.parse_qa(array) == [{"question": "Is there a bridge?", "answer": "yes", "element_type": "object"},
                                        {"unparsed": "3"}]
     assert agfsync.parse_qa("") == []
+
+
+def test_parse_qa_reads_objects_spread_over_lines_and_several_on_one_line():
+    reply = ('{\n  "question": "Are there ducks?",\n  "answer": "yes",\n  "element_type": "animal"\n},\n'
+             '{"question": "Is there a bridge?", "answer": "yes", "element_type": "object"}, '
+             '{"question": "Is the bridge made of wood?", "answer": "yes", "element_type": "material"} trailing words\n'
+             '{\n  "question": "Are the ducks under the bridge?",\n  "answer": "y')  # cut off by max_new_tokens
+    items = agfsync.parse_qa(reply)
+    assert [item.get("question") for item in items[:3]] == ["Are there ducks?", "Is there a bridge?",
+                                                          "Is the bridge made of wood?"]
+    # the words after the third object, then each line of the cut-off object, are counted as not JSON
+    assert items[3:] == [{"unparsed": "trailing words"}, {"unparsed": "{"},
+                         {"unparsed": '"question": "Are the ducks under the bridge?",'}, {"unparsed": '"answer": "y'}]
+
+
+def test_element_type_names_map_synonyms_and_plurals_only_onto_known_types():
+    assert [agfsync.element_type_name(name) for name in ("Person", " colours ", "objects", "Spatial  Relation",
+                                                         "count", "human")] == \
+        ["human", "color", "object", "spatial", "counting", "human"]
+    assert agfsync.element_type_name("Weather") == "weather"  # unknown: left for validation to drop
+    valid, dropped = agfsync.validate_qa([{"question": "Is there a man?", "answer": "yes", "element_type": "person"},
+                                          {"question": "Is it raining outside?", "answer": "yes",
+                                           "element_type": "weather"}], "a man in the rain outside")
+    assert [v["element_type"] for v in valid] == ["human"]
+    assert [(d["reason"], d["detail"]) for d in dropped] == [("unknown element type", "'weather'")]
 
 
 def test_validate_qa_keeps_well_formed_questions_and_names_each_drop_reason():
@@ -295,6 +324,26 @@ def test_build_qa_with_an_llm_validates_its_replies():
     assert len(kept) == 1 and kept[0]["qa_stand_in"] is False and len(kept[0]["questions"]) == 5
     assert report["dropped: answer not yes"] == 1 and report["questions_kept"] == 5 and report["dropped_prompts"] == 1
     assert "Description: " + QA_PROMPT in generator.asked[0][-1]["content"]
+
+
+def test_split_prompts_numbers_holds_out_and_names_why_nothing_is_left_to_train_on():
+    rows = [{"prompt": f"prompt {i}", "questions": [{"question": f"Is there a thing {i}?", "element_type": "object"}]}
+            for i in range(8)]
+    prompts = agfsync.split_prompts(rows, 0.25, seed=3)
+    assert [p["prompt_id"] for p in prompts] == [f"p{i:05d}" for i in range(8)]
+    assert sum(p["split"] == "eval" for p in prompts) == 2
+    assert prompts[5]["questions"] == ["Is there a thing 5?"] and prompts[5]["element_types"] == ["object"]
+    assert [p["split"] for p in agfsync.split_prompts(rows, 0.25, seed=3)] == [p["split"] for p in prompts]
+    assert [p["split"] for p in agfsync.split_prompts(rows, 0.25, seed=4)] != [p["split"] for p in prompts]
+    # what the small profile once hit: a 135M LLM wrote no usable question, so no prompt survived
+    report = {"prompts": 46, "kept": 0, "dropped: not JSON": 323, "dropped: duplicate": 0}
+    with pytest.raises(ValueError, match=r"0 of 46 prompts kept at least 5 valid questions.*not JSON 323"
+                                         r".*Lower min_questions"):
+        agfsync.split_prompts([], 0.25, qa_report=report, min_questions=5)
+    with pytest.raises(ValueError, match="1 of them are held out"):
+        agfsync.split_prompts(rows[:1], 0.75)  # round(0.75) = 1: the only prompt is held out
+    with pytest.raises(ValueError, match="eval_share"):
+        agfsync.split_prompts(rows, 1.0)
 
 
 # --------------------------------------------------------------------------------------------- scores

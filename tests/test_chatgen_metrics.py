@@ -283,6 +283,37 @@ def test_table7_per_input_type():
     assert table.loc[("B", "multimodal"), "argument_accuracy"] == 0.4
 
 
+def test_grouping_rows_pick_one_table_and_none_where_fid_had_too_few_images(tmp_path):
+    from helpers.chatgen import experiment
+
+    # one image per group: no group reaches FID's two images, so the saved table has columns and no rows
+    scored = _rows().iloc[:2].assign(variant=metrics.ALL_PREDICTED)
+    empty = experiment.set_metrics(_rows(), scored, [None, None], {"s3": [], "s1": []}, "unused", "cpu")
+    empty.to_csv(tmp_path / "set_metrics.csv", index=False)
+    empty = pd.read_csv(tmp_path / "set_metrics.csv")  # as notebook 11 reads it back
+    assert empty.empty and {"grouping", "fid", "method", "input_type"} <= set(empty.columns)
+    assert all(experiment.grouping_rows(empty, keys) is None for keys in experiment.GROUPINGS)
+
+    # as a small profile saves it: FID for Table 4's groups, none for Table 7's input types
+    saved = pd.DataFrame(SET_METRICS.assign(grouping="method+setting", unified=1.0),
+                         columns=empty.columns)
+    saved.to_csv(tmp_path / "set_metrics.csv", index=False)
+    saved = pd.read_csv(tmp_path / "set_metrics.csv")
+    table4_rows = experiment.grouping_rows(saved, ("method", "setting"))
+    assert list(table4_rows.columns) == ["method", "setting", "fid", "unified"]
+    assert table4_rows["fid"].tolist() == [20.0, 60.0, 40.0]
+    assert experiment.grouping_rows(saved, ("method", "input_type")) is None
+    table4 = metrics.table4(_rows(), table4_rows, num_resamples=20)
+    assert table4.loc[("A", "supervised"), "unified"] == pytest.approx(61.25)  # as in the table-4 test
+    table7 = metrics.table7(_rows(), experiment.grouping_rows(saved, ("method", "input_type")), num_resamples=20)
+    assert "fid" not in table7 and table7.loc[("A", "single"), "clip"] == 30.0
+    # a grouping's FID that is NaN (FID computed but undefined) stays a column
+    nan_fid = experiment.grouping_rows(saved.assign(fid=float("nan")), ("method", "setting"))
+    assert "fid" in nan_fid and nan_fid["fid"].isna().all()
+    with pytest.raises(ValueError, match="unknown grouping"):
+        experiment.grouping_rows(saved, ("setting",))
+
+
 # ------------------------------------------------------------------------------------------ FID
 
 @pytest.fixture(scope="module")

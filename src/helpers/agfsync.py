@@ -316,30 +316,50 @@ def category_counts(rows: Sequence[Mapping[str, Any]], kept: Sequence[Mapping[st
 ELEMENT_TYPES = ("object", "human", "animal", "food", "activity", "attribute", "counting", "color", "material",
                  "spatial", "location", "shape", "other")
 
-_QA_EXAMPLE_PROMPT = "two ducks swimming under a wooden bridge"
-_QA_EXAMPLE = [("Are there ducks?", "animal"), ("Are there two ducks?", "counting"),
-               ("Are the ducks swimming?", "activity"), ("Is there a bridge?", "object"),
-               ("Is the bridge made of wood?", "material"), ("Are the ducks under the bridge?", "spatial")]
+# two worked examples, shown to the LLM as earlier turns of the chat (a 135M model follows turns far better than an
+# example embedded in one instruction); the tests check that each passes validate_qa in full
+QA_EXAMPLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("two ducks swimming under a wooden bridge",
+     (("Are there ducks?", "animal"), ("Are there two ducks?", "counting"), ("Are the ducks swimming?", "activity"),
+      ("Is there a bridge?", "object"), ("Is the bridge made of wood?", "material"),
+      ("Are the ducks under the bridge?", "spatial"))),
+    ("a little girl in a yellow raincoat holding a red umbrella on a city street",
+     (("Is there a girl?", "human"), ("Is the girl little?", "attribute"),
+      ("Is the girl wearing a raincoat?", "object"), ("Is the raincoat yellow?", "color"),
+      ("Is the girl holding an umbrella?", "activity"), ("Is the umbrella red?", "color"),
+      ("Is the girl on a city street?", "location"))),
+)
+
+
+def qa_lines(questions: Sequence[tuple[str, str]]) -> str:
+    """The reply format: one JSON object {"question", "answer": "yes", "element_type"} per line."""
+    return "\n".join(json.dumps({"question": q, "answer": "yes", "element_type": t}) for q, t in questions)
 
 
 def qa_messages(prompt: str) -> list[dict]:
     """A chat asking an LLM for questions whose answer is "yes" for an image that follows `prompt`, one JSON
-    object per line: {"question", "answer": "yes", "element_type"}."""
-    example = "\n".join(json.dumps({"question": q, "answer": "yes", "element_type": t}) for q, t in _QA_EXAMPLE)
+    object per line: {"question", "answer": "yes", "element_type"}. The instruction and the element types sit in
+    the system message; QA_EXAMPLES follow as user / assistant turns, then the prompt as the last user turn."""
     system = ("You turn an image description into simple yes/no questions, one per element of the description, "
-              "so that a visual question answering model can check an image against it.")
-    user = (f"Element types: {', '.join(ELEMENT_TYPES)}.\n\n"
-            f"Description: {_QA_EXAMPLE_PROMPT}\n{example}\n\n"
-            f"Description: {prompt}\n"
-            "Write one question for every object, person, animal, food, action, attribute, count, colour, material, "
-            "position, place and shape the description states, each answered \"yes\" by a faithful image. Answer "
-            "with JSON objects only, one per line, in the format shown.")
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+              "so that a visual question answering model can check an image against it. Write one question for "
+              "every object, person, animal, food, action, attribute, count, colour, material, position, place and "
+              "shape the description states, each answered \"yes\" by a faithful image. Element types: "
+              f"{', '.join(ELEMENT_TYPES)}. Answer with JSON objects only, one per line, in the format shown.")
+    messages = [{"role": "system", "content": system}]
+    for example, questions in QA_EXAMPLES:
+        messages += [{"role": "user", "content": f"Description: {example}"},
+                     {"role": "assistant", "content": qa_lines(questions)}]
+    return messages + [{"role": "user", "content": f"Description: {prompt}"}]
+
+
+_BULLET = re.compile(r"(?:[-*•]\s*|\d{1,3}[.)]\s*)?")
+_SEPARATORS = re.compile(r"[ \t,]*")
 
 
 def parse_qa(text: str) -> list[dict]:
-    """Objects from an LLM reply: a JSON array or one object per line (code fences, bullets and trailing commas
-    tolerated). A non-empty line that is not a JSON object becomes {"unparsed": line} so validation can count it."""
+    """Objects from an LLM reply: a JSON array, or objects one after another, each on one line or spread over
+    several (pretty-printed); code fences, bullets and separating commas are tolerated. A non-empty line that does
+    not start a JSON object becomes {"unparsed": line} so validation can count it."""
     text = (text or "").strip()
     try:
         whole = json.loads(re.sub(r"^```\w*\s*|\s*```$", "", text))
@@ -347,17 +367,27 @@ def parse_qa(text: str) -> list[dict]:
         whole = None
     if isinstance(whole, list):
         return [item if isinstance(item, dict) else {"unparsed": json.dumps(item)} for item in whole]
-    items = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("```") or line in ("[", "]"):
+    decoder, items, pos = json.JSONDecoder(), [], 0
+    while pos < len(text):
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        line = text[pos:end].strip()
+        if not line or line.startswith("```") or line in ("[", "]", "],"):
+            pos = end + 1
             continue
-        candidate = re.sub(r"^(?:[-*•]\s*|\d{1,3}[.)]\s*)", "", line).rstrip(",")
-        try:
-            item = json.loads(candidate)
-        except json.JSONDecodeError:
-            item = None
-        items.append(item if isinstance(item, dict) else {"unparsed": line})
+        body = _BULLET.match(text, pos + len(text[pos:end]) - len(text[pos:end].lstrip())).end()
+        item = None
+        if text.startswith("{", body):
+            try:
+                item, stop = decoder.raw_decode(text, body)
+            except json.JSONDecodeError:
+                item = None
+        if isinstance(item, dict):
+            items.append(item)
+            pos = _SEPARATORS.match(text, stop).end()  # the rest of its last line is read as a line of its own
+        else:
+            items.append({"unparsed": line})
+            pos = end + 1
     return items
 
 
@@ -378,6 +408,24 @@ def _stem(word: str) -> str:
 def _content_stems(text: str) -> set[str]:
     return {_stem(w) for w in re.findall(r"[a-z0-9]+(?:-[a-z]+)*", text.lower())
             if w not in STOP_WORDS and w not in _QA_WORDS}
+
+
+# names LLMs often use for an element type in place of ELEMENT_TYPES' own (plurals are handled separately)
+ELEMENT_TYPE_SYNONYMS = {"person": "human", "people": "human", "colour": "color", "count": "counting",
+                         "number": "counting", "quantity": "counting", "action": "activity", "place": "location",
+                         "position": "spatial", "spatial relation": "spatial", "size": "attribute"}
+
+
+def element_type_name(name: str) -> str:
+    """`name` lower-cased and mapped onto ELEMENT_TYPES where it is a synonym or plural of one ("Person" → "human",
+    "colours" → "color", "objects" → "object"); anything else is returned lower-cased, for validation to reject."""
+    name = " ".join(name.split()).lower()
+    for candidate in (name, name[:-1] if name.endswith("s") else None):
+        if candidate in ELEMENT_TYPES:
+            return candidate
+        if candidate in ELEMENT_TYPE_SYNONYMS:
+            return ELEMENT_TYPE_SYNONYMS[candidate]
+    return name
 
 
 def validate_qa(items: Sequence[Mapping[str, Any]], prompt: str, min_words: int = 3,
@@ -406,7 +454,7 @@ def validate_qa(items: Sequence[Mapping[str, Any]], prompt: str, min_words: int 
             continue
         question = " ".join(fields["question"].split())
         answer = fields["answer"].strip().lower().rstrip(".!")
-        element_type = fields["element_type"].strip().lower()
+        element_type = element_type_name(fields["element_type"])
         words = len(question.split())
         if not question.endswith("?"):
             drop(item, "no question mark", question)
@@ -940,11 +988,40 @@ def pair_rows(table, load_image, weights: Sequence[float] = PAPER_WEIGHTS) -> li
              **{c: getattr(p, c) for c in PREFERENCE_COLUMNS[4:]}} for p in pairs.itertuples()]
 
 
+def split_prompts(qa_rows: Sequence[Mapping[str, Any]], eval_share: float, seed: int = 0, *,
+                  qa_report: Mapping[str, int] | None = None, min_questions: int | None = None) -> list[dict]:
+    """Number the prompts that have questions (p00000, p00001 …) and hold out round(eval_share × n) of them at
+    random (`seed`) as "eval" prompts for notebook 13; the rest are "train". Each row's questions become two lists,
+    "questions" and "element_types".
+
+    Raises ValueError, with build_qa's drop counts (`qa_report`), when no training prompt is left: then there is
+    nothing to draw candidates for, and the usual cause is an LLM too small to write the questions in the format.
+    """
+    if not 0 <= eval_share < 1:
+        raise ValueError(f"eval_share must lie in [0, 1), got {eval_share}")
+    order = list(range(len(qa_rows)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:round(eval_share * len(order))])
+    prompts = [{**row, "prompt_id": f"p{i:05d}", "split": "eval" if i in held_out else "train",
+                "questions": [q["question"] for q in row["questions"]],
+                "element_types": [q["element_type"] for q in row["questions"]]} for i, row in enumerate(qa_rows)]
+    if not any(p["split"] == "train" for p in prompts):
+        report = dict(qa_report or {})
+        reasons = ", ".join(f"{k.removeprefix('dropped: ')} {v}" for k, v in report.items()
+                            if k.startswith("dropped: ") and v) or "none"
+        raise ValueError(
+            f"no training prompt is left: {len(qa_rows)} of {report.get('prompts', '?')} prompts kept at least "
+            f"{min_questions if min_questions is not None else 'the minimum of'} valid questions, and "
+            f"{len(held_out)} of them are held out (eval_share={eval_share}). Questions dropped by reason: {reasons}. "
+            "Lower min_questions, ask for more prompts (per_category), or write the questions with a stronger LLM "
+            "(backend openai).")
+    return prompts
+
+
 def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_threshold: float, min_questions: int,
                           num_candidates: int, text_noise: float, eval_share: float, architecture: str,
                           max_side: int | None, batch_size: int, thresholds: Mapping[str, Sequence[float]]):
     """Notebook 12: prompts → dedup → QA → candidates → scores → best/worst pairs as an HF dataset."""
-    import random
     from pathlib import Path
 
     import pandas as pd
@@ -959,12 +1036,7 @@ def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_th
                                    dedup_threshold)
     category_counts(rows, kept).to_csv(folder / "category_counts.csv")
     qa_rows, qa_report = build_qa(kept, generator, min_questions, seed=ctx.seed)
-    order = list(range(len(qa_rows)))
-    random.Random(ctx.seed).shuffle(order)
-    held_out = set(order[:round(eval_share * len(order))])
-    prompts = [{**row, "prompt_id": f"p{i:05d}", "split": "eval" if i in held_out else "train",
-                "questions": [q["question"] for q in row["questions"]],
-                "element_types": [q["element_type"] for q in row["questions"]]} for i, row in enumerate(qa_rows)]
+    prompts = split_prompts(qa_rows, eval_share, ctx.seed, qa_report=qa_report, min_questions=min_questions)
     for name in ("prompts.jsonl", "dropped_prompts.jsonl"):
         (folder / name).unlink(missing_ok=True)
     append_jsonl(folder / "prompts.jsonl", prompts)

@@ -146,4 +146,18 @@ def set_metrics(rows: pd.DataFrame, scored: pd.DataFrame, images: list, referenc
                                     device=device, image_size=64)
             frames.append({**dict(zip(keys, values)), "grouping": "+".join(keys), "fid": metrics["fid"],
                            "unified": metrics["unified"]})
-    return pd.DataFrame(frames)
+    # fixed columns, so that a run where no group had enough images still saves (and reads back) a table
+    return pd.DataFrame(frames, columns=[*dict.fromkeys(k for keys in GROUPINGS for k in keys), "grouping", "fid",
+                                         "unified"])
+
+
+def grouping_rows(set_level: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame | None:
+    """The rows of `set_metrics`' output for one of GROUPINGS, with only that grouping's key columns and the
+    set-level metrics, ready for metrics.table4/6/7; None when the grouping has no row (FID had too few images
+    in every group, as with a small profile's few test chats), so the table is built without FID."""
+    if keys not in GROUPINGS:
+        raise ValueError(f"unknown grouping {keys!r}; choose one of {GROUPINGS}")
+    chosen = set_level[set_level["grouping"] == "+".join(keys)]
+    if chosen.empty:
+        return None
+    return chosen[[*keys, *(c for c in ("fid", "unified") if c in chosen)]].reset_index(drop=True)
