@@ -116,7 +116,7 @@ def test_llm_generation_parses_drops_copies_and_caps_each_category():
     categories = ("animals", "plants")
     fox = agfsync.IN_CONTEXT_EXAMPLES["animals"][0]
     replies = ["1. a heron in fog\n2. " + fox + "\n3. a heron in fog\n4. a snail on a leaf",  # animals, request 0
-               "- an owl in a barn\n- a bee on clover\n- a moth at a lamp",                   # animals, request 1
+               "- an owl in a barn\nCities and Architecture\n- a bee on clover\n- a moth at a lamp",  # animals, req. 1
                "Here you go:\n1. a cactus in a pot\n2. a moss wall",                         # plants, request 0
                "Sorry, I cannot help with that."]                                             # plants, request 1
     generator = CannedGenerator(replies)

@@ -224,8 +224,8 @@ def generate_prompts(generator: TextGenerator, per_category: int, seed: int = 0,
     """Up to `per_category` prompts per category as rows {category, prompt, backend, stand_in}.
 
     An LLM is asked for `per_request` prompts per conversation, the examples shuffled differently in each so that
-    repeated requests differ even under one seed. Replies are parsed, copies of an example or of an earlier prompt
-    (ignoring case) are dropped, and each category keeps its first `per_category`; a category the LLM under-fills
+    repeated requests differ even under one seed. Replies are parsed, copies of an example, of a category's name or
+    of an earlier prompt (ignoring case) are dropped, and each category keeps its first `per_category`; a category the LLM under-fills
     simply has fewer rows (`category_counts` shows it). A stand-in generator (`generator.is_stand_in`, the template
     backend) cannot follow the instruction, so `stand_in_prompts` writes those rows, marked `stand_in: True`.
     """
@@ -248,7 +248,9 @@ def generate_prompts(generator: TextGenerator, per_category: int, seed: int = 0,
                                  temperature=temperature, seed=seed)
     if len(replies) != len(conversations):
         raise RuntimeError(f"{generator.name} returned {len(replies)} replies for {len(conversations)} conversations")
+    # an example or a category's own name (a small LLM echoes the "Category:" line) is not a new prompt
     seen = {example.lower() for category in categories for example in examples[category]}
+    seen |= {category.lower() for category in (*CATEGORIES, *categories)}
     collected: dict[str, list[str]] = {category: [] for category in categories}
     for category, reply in zip(asked_for, replies):
         for prompt in parse_prompts(reply):
