@@ -226,6 +226,25 @@ def test_make_samples_with_an_llm_samples_at_0_9_and_keeps_rejections():
     assert "missing final user turn" in rejected[0]["reason"]
 
 
+def test_rejected_table_groups_alike_reasons_with_the_shortest_reply_as_example():
+    replies = [(json.dumps(HISTORY[:1]), "history"),  # 1 user turn
+               (json.dumps(HISTORY[:1] * 5 + HISTORY[2:3]), "history"),  # 6 user turns: the same kind of reason
+               ("Just draw  a nice ship.", "history"),
+               (json.dumps([{"role": "narrator", "content": "Once"}]), "single"),
+               ('{"turns": [', "history")]
+    rejected = [{"input_type": kind, "reply": reply, "reason": bench.parse_roleplay(reply, kind)[1]}
+                for reply, kind in replies] + [{"input_type": "single", "reply": None, "reason": "no words left"}]
+    table = bench.rejected_table(rejected)
+    assert table.to_dict("records")[0] == {"reason": "history needs N-N user turns, got N", "input_type": "history",
+                                           "chats": 2, "example": json.dumps(HISTORY[:1])}
+    assert table["chats"].tolist() == [2, 1, 1, 1, 1] and table["chats"].sum() == len(rejected)
+    reasons = dict(zip(table["reason"], table["example"]))
+    assert reasons["history reply has neither JSON turns nor …/… lines"] == "Just draw a nice ship."
+    assert reasons["unknown speaker … in turn N"].startswith('[{"role": "narrator"')
+    assert "unparseable JSON" in reasons and reasons["no words left"] == ""
+    assert list(bench.rejected_table([]).columns) == ["reason", "input_type", "chats", "example"]
+
+
 # ---------------------------------------------------------------------------------------------- filters
 
 def test_length_filter_records_why():

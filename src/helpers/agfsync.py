@@ -225,9 +225,10 @@ def generate_prompts(generator: TextGenerator, per_category: int, seed: int = 0,
 
     An LLM is asked for `per_request` prompts per conversation, the examples shuffled differently in each so that
     repeated requests differ even under one seed. Replies are parsed, copies of an example, of a category's name or
-    of an earlier prompt (ignoring case) are dropped, and each category keeps its first `per_category`; a category the LLM under-fills
-    simply has fewer rows (`category_counts` shows it). A stand-in generator (`generator.is_stand_in`, the template
-    backend) cannot follow the instruction, so `stand_in_prompts` writes those rows, marked `stand_in: True`.
+    of an earlier prompt (ignoring case) are dropped, and each category keeps its first `per_category`; a category
+    the LLM under-fills simply has fewer rows (`category_counts` shows it). A stand-in generator
+    (`generator.is_stand_in`, the template backend) cannot follow the instruction, so `stand_in_prompts` writes those
+    rows, marked `stand_in: True`.
     """
     if per_category < 1 or per_request < 1:
         raise ValueError(f"per_category ({per_category}) and per_request ({per_request}) must be at least 1")
@@ -373,11 +374,12 @@ def parse_qa(text: str) -> list[dict]:
     while pos < len(text):
         end = text.find("\n", pos)
         end = len(text) if end < 0 else end
-        line = text[pos:end].strip()
+        raw = text[pos:end]
+        line = raw.strip()
         if not line or line.startswith("```") or line in ("[", "]", "],"):
             pos = end + 1
             continue
-        body = _BULLET.match(text, pos + len(text[pos:end]) - len(text[pos:end].lstrip())).end()
+        body = _BULLET.match(text, pos + len(raw) - len(raw.lstrip())).end()  # where the line's content starts
         item = None
         if text.startswith("{", body):
             try:

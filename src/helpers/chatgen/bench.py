@@ -637,6 +637,29 @@ def dedupe(samples: Iterable[ChatSample], scorer, threshold: float = 0.8) -> tup
     return kept, [(samples[i], reason) for i, reason in sorted(drop.items())]
 
 
+def rejected_table(rejected: Iterable[dict[str, Any]]):
+    """Role-play replies the parser refused (make_samples' `rejected`), one row per reason and input type: the
+    count and the shortest reply as an example. Numbers in a reason become N, and a quoted or bracketed detail is
+    left out, so that "history needs 2-4 user turns, got 1" and "… got 5" share a row."""
+    import pandas as pd
+
+    columns = ["reason", "input_type", "chats", "example"]
+    rows = [{"reason": _reason_kind(r["reason"]), "input_type": r["input_type"],
+             "reply": " ".join((r.get("reply") or "").split())} for r in rejected]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    table = (pd.DataFrame(rows).groupby(["reason", "input_type"], sort=False)
+             .agg(chats=("reply", "size"), example=("reply", lambda replies: min(replies, key=len)[:160]))
+             .reset_index())
+    return table.sort_values(["chats", "reason", "input_type"], ascending=[False, True, True],
+                             kind="stable").reset_index(drop=True)[columns]
+
+
+def _reason_kind(reason: str) -> str:
+    reason = re.sub(r"\s*\([^)]*\)", "", reason or "")
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason)).strip()
+
+
 def dropped_table(dropped: Dropped):
     """Dropped chats as a table: id, input type, filter, reason (for the notebook)."""
     import pandas as pd
@@ -836,6 +859,8 @@ def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *
     counts = save_bench(final, folder / "bench")
     bench_statistics(final).to_csv(folder / "statistics.csv")
     dropped_table(dropped).to_csv(folder / "dropped.csv", index=False)
+    # every refused reply with its reason, so a reader can see what the LLM wrote (rejected_table counts them)
+    atomic_write_text(folder / "rejected.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
     return {"records": len(chosen), "chats_made": len(samples), "chats_rejected": len(rejected),
             "dropped_by_filters": len(dropped), "reference_images": len(keys),
             "images_drawn": executor.stats["generated"], **{f"{split}_samples": n for split, n in counts.items()}}
