@@ -239,7 +239,7 @@ def test_rejected_table_groups_alike_reasons_with_the_shortest_reply_as_example(
                                            "chats": 2, "example": json.dumps(HISTORY[:1])}
     assert table["chats"].tolist() == [2, 1, 1, 1, 1] and table["chats"].sum() == len(rejected)
     reasons = dict(zip(table["reason"], table["example"]))
-    assert reasons["history reply has neither JSON turns nor …/… lines"] == "Just draw a nice ship."
+    assert reasons["history reply has neither JSON turns nor User: / Assistant: lines"] == "Just draw a nice ship."
     assert reasons["unknown speaker … in turn N"].startswith('[{"role": "narrator"')
     assert "unparseable JSON" in reasons and reasons["no words left"] == ""
     assert list(bench.rejected_table([]).columns) == ["reason", "input_type", "chats", "example"]

@@ -158,7 +158,7 @@ def parse_roleplay(text: str, input_type: str) -> tuple[list[dict[str, str]] | N
         turns = _transcript_turns(body)
     if turns is None:
         if input_type == "history":
-            return None, "history reply has neither JSON turns nor 'User:'/'Assistant:' lines"
+            return None, "history reply has neither JSON turns nor User: / Assistant: lines"
         turns = [{"role": "user", "content": _LEAD_IN.sub("", body, count=1)}]
     return _normalise(turns, input_type)
 
