@@ -153,7 +153,8 @@ def test_input_types_cycle_over_records_and_multimodal_needs_an_image_key():
     rejected = []
     empty = _record(prompt="masterpiece, (best quality:1.2), 8k")  # nothing a person would ask for
     assert bench.make_samples([empty], TemplateGenerator(), per_record_types=["single"], rejected=rejected) == []
-    assert rejected[0]["reply"] is None and "no words left" in rejected[0]["reason"]
+    assert rejected[0]["reply"] is None and rejected[0]["kind"] == "template: prompt has no words left"
+    assert "masterpiece" in rejected[0]["reason"]  # the detail names the prompt
 
 
 # ---------------------------------------------------------------------------------------------- role-play
@@ -184,21 +185,29 @@ def test_parse_roleplay_reads_clean_and_messy_history(reply):
     assert bench.parse_roleplay(reply, "history") == (HISTORY, None)
 
 
-@pytest.mark.parametrize("reply, input_type, reason", [
-    ("", "single", "empty reply"),
-    (json.dumps(HISTORY[:2]), "history", "missing final user turn"),
-    ('{"turns": [{"role": "user", "content": "a ship"}, ', "history", "unparseable JSON"),
-    (json.dumps(HISTORY[:1]), "history", "history needs 2-4 user turns, got 1"),
-    ("Just draw a nice ship, please.", "history", "neither JSON turns nor"),
-    (json.dumps({"turns": HISTORY}), "single", "needs one user message, got 3 turns"),
-    (json.dumps([{"role": "narrator", "content": "Once upon a time"}]), "single", "unknown speaker 'narrator'"),
-    ("Could you draw a ship in thick fog?", "multimodal", "does not refer to the attached picture"),
-    ("Could you make a picture of a ship in thick fog?", "multimodal", "does not refer to the attached picture"),
-    (json.dumps({"answer": 42}), "single", "JSON object has no turns"),
+@pytest.mark.parametrize("reply, input_type, kind, detail", [
+    ("", "single", "empty reply", ""),
+    (json.dumps(HISTORY[:2]), "history", "missing final user turn (the chat ends with the assistant)", ""),
+    ('{"turns": [{"role": "user", "content": "a ship"}, ', "history", "unparseable JSON",
+     "Expecting value at character 49"),  # the reply is cut off after its first turn
+    (json.dumps(HISTORY[:1]), "history", "history needs 2-4 user turns", "got 1"),
+    ("Just draw a nice ship, please.", "history",
+     "history reply has neither JSON turns nor 'User:' / 'Assistant:' lines", ""),
+    (json.dumps({"turns": HISTORY}), "single", "single input needs one user message", "got 3 turns"),
+    (json.dumps([{"role": "narrator", "content": "Once upon a time"}]), "single", "unknown speaker",
+     "'narrator' in turn 1"),
+    ("Could you draw a ship in thick fog?", "multimodal", "multimodal message does not refer to the attached picture",
+     ""),
+    ("Could you make a picture of a ship in thick fog?", "multimodal",
+     "multimodal message does not refer to the attached picture", ""),
+    (json.dumps({"answer": 42}), "single", "JSON object has no turns", "keys answer"),
+    ('[["user", "a ship"]]', "single", "a turn is not an object with role and content", "turn 1 is a list"),
+    ('[{"role": "user", "mood": 3}]', "single", "a turn lacks a role or a text content", "turn 1"),
 ])
-def test_parse_roleplay_rejects_with_a_reason(reply, input_type, reason):
+def test_parse_roleplay_rejects_with_a_kind_and_a_detail(reply, input_type, kind, detail):
     messages, why = bench.parse_roleplay(reply, input_type)
-    assert messages is None and reason in why
+    assert messages is None and why.kind == kind
+    assert why == (f"{kind}: {detail}" if detail else kind)  # the full reason, as a string, names the detail
 
 
 def test_parse_roleplay_strips_lead_ins_labels_and_quotes_from_one_message():
@@ -232,15 +241,17 @@ def test_rejected_table_groups_alike_reasons_with_the_shortest_reply_as_example(
                ("Just draw  a nice ship.", "history"),
                (json.dumps([{"role": "narrator", "content": "Once"}]), "single"),
                ('{"turns": [', "history")]
-    rejected = [{"input_type": kind, "reply": reply, "reason": bench.parse_roleplay(reply, kind)[1]}
-                for reply, kind in replies] + [{"input_type": "single", "reply": None, "reason": "no words left"}]
+    refusals = [bench.parse_roleplay(reply, kind)[1] for reply, kind in replies]
+    rejected = [{"input_type": kind, "reply": reply, "reason": str(why), "kind": why.kind}
+                for (reply, kind), why in zip(replies, refusals)]
+    rejected += [{"input_type": "single", "reply": None, "reason": "no words left"}]  # a row without a kind
     table = bench.rejected_table(rejected)
-    assert table.to_dict("records")[0] == {"reason": "history needs N-N user turns, got N", "input_type": "history",
+    assert table.to_dict("records")[0] == {"reason": "history needs 2-4 user turns", "input_type": "history",
                                            "chats": 2, "example": json.dumps(HISTORY[:1])}
     assert table["chats"].tolist() == [2, 1, 1, 1, 1] and table["chats"].sum() == len(rejected)
     reasons = dict(zip(table["reason"], table["example"]))
-    assert reasons["history reply has neither JSON turns nor User: / Assistant: lines"] == "Just draw a nice ship."
-    assert reasons["unknown speaker … in turn N"].startswith('[{"role": "narrator"')
+    assert reasons["history reply has neither JSON turns nor 'User:' / 'Assistant:' lines"] == "Just draw a nice ship."
+    assert reasons["unknown speaker"].startswith('[{"role": "narrator"')
     assert "unparseable JSON" in reasons and reasons["no words left"] == ""
     assert list(bench.rejected_table([]).columns) == ["reason", "input_type", "chats", "example"]
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .api_call import ARCHITECTURES, CFG_RANGE, KNOWN_SAMPLERS, MODEL_TYPES, SIZE_RANGE, STEPS_RANGE, schema_errors
 from .civitai import read_jsonl
-from .manifest import atomic_write_text
+from .manifest import write_jsonl
 
 LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
@@ -312,11 +312,6 @@ def assemble(pairs: list[dict[str, Any]], descriptions: dict[int, dict[str, Any]
 def invalid_records(records: list[dict[str, Any]]) -> list[str]:
     """Schema violations across records, `id: problem` lines (empty when every record validates)."""
     return [f"{r.get('id')}: {problem}" for r in records for problem in schema_errors(r)]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """All rows as JSON lines, written atomically."""
-    atomic_write_text(Path(path), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def api_key(record: dict[str, Any]) -> tuple:

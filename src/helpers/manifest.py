@@ -70,6 +70,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Rows as JSON lines (sorted keys, so equal rows give equal bytes), written atomically."""
+    atomic_write_text(Path(path), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
     """`atomic_write_text` for JSON (indented, sorted keys, trailing newline)."""
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")

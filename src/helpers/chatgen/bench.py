@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tqdm.auto import tqdm
 
-from ..manifest import atomic_write_text
+from ..manifest import atomic_write_text, write_jsonl
 from ..textgen import TextGenerator, prompt_words
 from . import INPUT_TYPES, SETTINGS, TARGET_FIELDS, ChatSample, target_from_record
 
@@ -139,8 +139,22 @@ _IMAGE_WORDS = re.compile(r"\b(attach\w*|upload\w*|sent|sending|reference|enclos
 HISTORY_USER_TURNS = (2, 4)  # a history chat refines the wish over this many user turns
 
 
-def parse_roleplay(text: str, input_type: str) -> tuple[list[dict[str, str]] | None, str | None]:
-    """(messages, None) from an LLM's role-play reply, or (None, why not).
+class Refusal(str):
+    """Why a reply or record gave no chat: the full reason as the string, its stable `kind` as an attribute.
+
+    The kind names the rule that was broken ("unknown speaker"), the detail says where ("'narrator' in turn 2"),
+    so reports can count refusals by kind while a reader of one refusal still sees the detail.
+    """
+    kind: str
+
+    def __new__(cls, kind: str, detail: str = "") -> "Refusal":
+        text = super().__new__(cls, f"{kind}: {detail}" if detail else kind)
+        text.kind = kind
+        return text
+
+
+def parse_roleplay(text: str, input_type: str) -> tuple[list[dict[str, str]] | None, Refusal | None]:
+    """(messages, None) from an LLM's role-play reply, or (None, why not) with the `Refusal`'s kind and detail.
 
     Reads JSON turns (a list, or {"turns"|"messages": [...]}, inside code fences or not), "User: ... /
     Assistant: ..." transcripts, and for one-message types also plain text. Messages end with the user's turn.
@@ -148,7 +162,7 @@ def parse_roleplay(text: str, input_type: str) -> tuple[list[dict[str, str]] | N
     _check_type(input_type)
     body = (text or "").strip()
     if not body:
-        return None, "empty reply"
+        return None, Refusal("empty reply")
     fenced = _FENCE.search(body)
     body = (fenced.group(1) if fenced else body).strip()
     turns, problem = _json_turns(body)
@@ -158,12 +172,12 @@ def parse_roleplay(text: str, input_type: str) -> tuple[list[dict[str, str]] | N
         turns = _transcript_turns(body)
     if turns is None:
         if input_type == "history":
-            return None, "history reply has neither JSON turns nor User: / Assistant: lines"
+            return None, Refusal("history reply has neither JSON turns nor 'User:' / 'Assistant:' lines")
         turns = [{"role": "user", "content": _LEAD_IN.sub("", body, count=1)}]
     return _normalise(turns, input_type)
 
 
-def _json_turns(body: str) -> tuple[list | None, str | None]:
+def _json_turns(body: str) -> tuple[list | None, Refusal | None]:
     """Turns from the first JSON value in `body`; (None, None) when there is none, (None, why) when it is broken."""
     start = _JSON_START.search(body)
     if not start:
@@ -171,15 +185,15 @@ def _json_turns(body: str) -> tuple[list | None, str | None]:
     try:
         value, _ = json.JSONDecoder().raw_decode(body[start.start():])
     except json.JSONDecodeError as error:
-        return None, f"unparseable JSON ({error.msg} at character {error.pos})"
+        return None, Refusal("unparseable JSON", f"{error.msg} at character {error.pos}")
     if isinstance(value, dict):
         listed = next((value[k] for k in ("turns", "messages", "chat", "conversation") if k in value), None)
         text = next((value[k] for k in ("message", "content", "text") if isinstance(value.get(k), str)), None)
         if listed is None and text is None:
-            return None, f"JSON object has no turns (keys: {', '.join(sorted(value)) or 'none'})"
+            return None, Refusal("JSON object has no turns", f"keys {', '.join(sorted(value)) or 'none'}")
         value = listed if listed is not None else [{"role": "user", "content": text}]
     if not isinstance(value, list):
-        return None, f"JSON turns are a {type(value).__name__}, not a list"
+        return None, Refusal("JSON turns are not a list", f"a {type(value).__name__}")
     turns = []
     for number, item in enumerate(value, 1):
         if isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), str):
@@ -188,9 +202,10 @@ def _json_turns(body: str) -> tuple[list | None, str | None]:
             speaker = next((item[k] for k in ("role", "speaker", "from", "author") if k in item), None)
             content = next((item[k] for k in ("content", "text", "message", "value") if k in item), None)
         else:
-            return None, f"turn {number} is a {type(item).__name__}, not an object with role and content"
+            return None, Refusal("a turn is not an object with role and content",
+                                 f"turn {number} is a {type(item).__name__}")
         if not isinstance(speaker, str) or not isinstance(content, str):
-            return None, f"turn {number} lacks a role or a text content"
+            return None, Refusal("a turn lacks a role or a text content", f"turn {number}")
         turns.append({"role": speaker, "content": content})
     return turns, None
 
@@ -207,13 +222,13 @@ def _transcript_turns(body: str) -> list[dict] | None:
     return turns or None
 
 
-def _normalise(turns: list[dict], input_type: str) -> tuple[list[dict[str, str]] | None, str | None]:
+def _normalise(turns: list[dict], input_type: str) -> tuple[list[dict[str, str]] | None, Refusal | None]:
     messages: list[dict[str, str]] = []
     for number, turn in enumerate(turns, 1):
         speaker = turn["role"].strip().lower()
         role = "user" if speaker in _USER_NAMES else "assistant" if speaker in _ASSISTANT_NAMES else None
         if role is None:
-            return None, f"unknown speaker {turn['role']!r} in turn {number}"
+            return None, Refusal("unknown speaker", f"{turn['role']!r} in turn {number}")
         content = _clean_content(turn["content"])
         if not content:
             continue
@@ -224,18 +239,18 @@ def _normalise(turns: list[dict], input_type: str) -> tuple[list[dict[str, str]]
     while messages and messages[0]["role"] == "assistant":  # an assistant greeting before the wish adds nothing
         messages.pop(0)
     if not messages:
-        return None, "no user message"
+        return None, Refusal("no user message")
     if messages[-1]["role"] != "user":
-        return None, "missing final user turn (the chat ends with the assistant)"
+        return None, Refusal("missing final user turn (the chat ends with the assistant)")
     user_turns = sum(m["role"] == "user" for m in messages)
     if input_type == "history":
         low, high = HISTORY_USER_TURNS
         if not low <= user_turns <= high:
-            return None, f"history needs {low}-{high} user turns, got {user_turns}"
+            return None, Refusal(f"history needs {low}-{high} user turns", f"got {user_turns}")
     elif len(messages) > 1:
-        return None, f"{input_type} input needs one user message, got {len(messages)} turns"
+        return None, Refusal(f"{input_type} input needs one user message", f"got {len(messages)} turns")
     if input_type == "multimodal" and not _IMAGE_WORDS.search(messages[-1]["content"]):
-        return None, "multimodal message does not refer to the attached picture"
+        return None, Refusal("multimodal message does not refer to the attached picture")
     return messages, None
 
 
@@ -372,14 +387,14 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
         raise ValueError("multimodal chats need image_key_for(record) -> the image-cache key of the demonstration's "
                          "image; pass it, or leave 'multimodal' out of per_record_types")
     replies: list[str | None] = [None] * len(plan)  # the LLM's raw text, kept for the rejection report
-    parsed: list[tuple[list | None, str | None]] = [(None, None)] * len(plan)
+    parsed: list[tuple[list | None, Refusal | None]] = [(None, None)] * len(plan)
     if generator.is_stand_in:
         for i, (record, input_type, role) in enumerate(tqdm(plan, desc="template chats", unit="chat")):
             try:
                 parsed[i] = (template_chat(record, role, input_type, random.Random(f"{seed}/{record['id']}/"
                                                                                    f"{input_type}")), None)
             except ValueError as error:  # a prompt that is all boilerplate: nothing to say
-                parsed[i] = (None, str(error))
+                parsed[i] = (None, Refusal("template: prompt has no words left", str(error)))
     else:
         tokens = {"single": 160, "multimodal": 160, "history": 400, **(max_new_tokens or {})}
         for input_type in INPUT_TYPES:
@@ -399,7 +414,7 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
         if messages is None:
             if rejected is not None:
                 rejected.append({"dabench_record_id": record["id"], "input_type": input_type, "role": role,
-                                 "reply": reply, "reason": reason})
+                                 "reply": reply, "reason": str(reason), "kind": reason.kind})
             continue
         samples.append(ChatSample(
             id=f"{record['id']}-{input_type}", dabench_id=int(record["image_id"]), input_type=input_type, role=role,
@@ -638,13 +653,13 @@ def dedupe(samples: Iterable[ChatSample], scorer, threshold: float = 0.8) -> tup
 
 
 def rejected_table(rejected: Iterable[dict[str, Any]]):
-    """Role-play replies the parser refused (make_samples' `rejected`), one row per reason and input type: the
-    count and the shortest reply as an example. Numbers in a reason become N, and a quoted or bracketed detail is
-    left out, so that "history needs 2-4 user turns, got 1" and "… got 5" share a row."""
+    """Role-play replies the parser refused (make_samples' `rejected`), one row per kind of refusal and input
+    type: the count and the shortest reply as an example. Rows are grouped by the `Refusal` kind, so that
+    "history needs 2-4 user turns: got 1" and "…: got 5" share a row (a row without a kind groups by its reason)."""
     import pandas as pd
 
     columns = ["reason", "input_type", "chats", "example"]
-    rows = [{"reason": _reason_kind(r["reason"]), "input_type": r["input_type"],
+    rows = [{"reason": r.get("kind") or r["reason"], "input_type": r["input_type"],
              "reply": " ".join((r.get("reply") or "").split())} for r in rejected]
     if not rows:
         return pd.DataFrame(columns=columns)
@@ -653,11 +668,6 @@ def rejected_table(rejected: Iterable[dict[str, Any]]):
              .reset_index())
     return table.sort_values(["chats", "reason", "input_type"], ascending=[False, True, True],
                              kind="stable").reset_index(drop=True)[columns]
-
-
-def _reason_kind(reason: str) -> str:
-    reason = re.sub(r"\s*\([^)]*\)", "", reason or "")
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason)).strip()
 
 
 def dropped_table(dropped: Dropped):
@@ -755,7 +765,7 @@ def save_bench(samples: Iterable[ChatSample], folder: Path | str) -> dict[str, i
 
     samples = list(samples)
     folder = Path(folder)
-    atomic_write_text(folder / BENCH_FILE, "".join(json.dumps(s.to_dict(), sort_keys=True) + "\n" for s in samples))
+    write_jsonl(folder / BENCH_FILE, (s.to_dict() for s in samples))
     shutil.rmtree(folder / "data", ignore_errors=True)
     counts = {}
     for split in ("train", "test"):
@@ -860,7 +870,7 @@ def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *
     bench_statistics(final).to_csv(folder / "statistics.csv")
     dropped_table(dropped).to_csv(folder / "dropped.csv", index=False)
     # every refused reply with its reason, so a reader can see what the LLM wrote (rejected_table counts them)
-    atomic_write_text(folder / "rejected.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rejected))
+    write_jsonl(folder / "rejected.jsonl", rejected)
     return {"records": len(chosen), "chats_made": len(samples), "chats_rejected": len(rejected),
             "dropped_by_filters": len(dropped), "reference_images": len(keys),
             "images_drawn": executor.stats["generated"], **{f"{split}_samples": n for split, n in counts.items()}}
