@@ -1,5 +1,6 @@
 import http.server
 import json
+import logging
 import random
 import threading
 from pathlib import Path
@@ -325,3 +326,45 @@ def test_text_noise_changes_the_image_and_zero_noise_matches_the_plain_path(exec
     assert np.array_equal(_pixels(alone[0]), _pixels(together[0]))  # embedding path = prompt path at σ = 0
     assert np.array_equal(_pixels(alone[1]), _pixels(together[1]))  # the noise depends on the request only
     assert not np.array_equal(_pixels(together[0]), _pixels(together[1]))
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("model,base", [("AlphaMix", "SD 1.5"), ("BetaXL", "SDXL 1.0")])
+def test_prompts_past_the_token_window_are_counted_once_not_warned_per_batch(run_ctx, catalog, tmp_path, capsys,
+                                                                             model, base):
+    long_prompt = " ".join(["a tall red lighthouse on a rocky shore"] * 12)  # 96 words: well past 77 tokens
+    requests = [t2i.Request(api(model, base), long_prompt, "", seed=1),
+                t2i.Request(api(model, base), long_prompt, "", seed=2, text_noise=0.3),  # the embedding path
+                t2i.Request(api(model, base), "a lighthouse", "blurry", seed=3)]
+    fresh = t2i.Executor(catalog, t2i.weights_store(run_ctx), t2i.ImageCache(tmp_path / "cache"),
+                         t2i.ExecutorConfig(max_side=32, batch_size=4))
+    collect = _Collect()
+    library_loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [log.level for log in library_loggers]
+    for log in library_loggers:
+        log.addHandler(collect)
+        log.setLevel(logging.WARNING)
+    try:
+        pipeline = fresh.pipeline(*fresh.plan(api(model, base)))
+        pipeline.encode_prompt(prompt=long_prompt, device="cpu", num_images_per_prompt=1,
+                               do_classifier_free_guidance=False)  # unfiltered, diffusers says it truncated
+        assert any("truncated because CLIP" in m for m in collect.messages)
+        collect.messages.clear()
+        fresh.generate(requests, progress=False)
+        fresh.generate([t2i.Request(api(model, base), long_prompt, "", seed=4)], progress=False)
+        logging.getLogger(type(pipeline).__module__).warning("another warning")  # other logs still pass
+    finally:
+        for log, level in zip(library_loggers, levels):
+            log.removeHandler(collect)
+            log.setLevel(level)
+    assert collect.messages == ["another warning"]
+    assert fresh.stats["texts_over_token_window"] == 3  # the three long prompts; the short ones are not counted
+    assert capsys.readouterr().out.count("longer than the text encoder's 77-token window") == 1

@@ -167,9 +167,8 @@ def _quiet_library_progress_bars() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
-    # the tiny CLIP tokenizer splits prompts finely, so long prompts meet CLIP's 77-token limit and every batch
-    # would print the truncated words; SD truncates the same way at every size, so the notice adds nothing here
-    diffusers.utils.logging.set_verbosity_error()
+    # (CLIP's per-batch "input was truncated" notices are filtered where prompts are encoded and counted instead:
+    # helpers.speed.quiet_clip_truncation; every other diffusers warning still shows)
 
 
 def _display_defaults() -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import launched_world_size, world
+from .speed import quiet_clip_truncation
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCES = ("copy", "lora-disabled")
@@ -289,11 +290,12 @@ class DiffusionDPOTrainer:
     @torch.no_grad()
     def _conditioning(self, prompts: list[str], original_sizes, crops) -> dict[str, Any]:
         """UNet keyword arguments for the prompts, from the pipeline's own encoders (no classifier-free guidance)."""
+        with quiet_clip_truncation(self.pipeline):  # long prompts: CLIP reads their first 77 tokens, as in sampling
+            encoded = self.pipeline.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
         if not self.is_sdxl:
-            prompt_embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
-            return {"encoder_hidden_states": prompt_embeds}
-        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return {"encoder_hidden_states": encoded[0]}
+        prompt_embeds, _, pooled, _ = encoded
         text_encoder_2 = getattr(self.pipeline, "text_encoder_2", None)
         projection_dim = (text_encoder_2.config.projection_dim if text_encoder_2 is not None
                           else int(pooled.shape[-1]))

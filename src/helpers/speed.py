@@ -8,6 +8,7 @@ Notebook 14 and `t2ibook bench` measure both side by side.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -151,6 +152,43 @@ def render(pipeline, prompts: Sequence[str], negative_prompts: Sequence[str], se
     generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
     if not conditioning:
         conditioning = {"prompt": list(prompts), "negative_prompt": list(negative_prompts)}
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_clip_truncation(pipeline):
         return pipeline(**conditioning, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                         generator=generators).images
+
+
+# What transformers and diffusers log for every batch with a prompt longer than CLIP's window. CLIP reads the first
+# 77 tokens either way (as the papers' pipelines did); callers count such prompts with `clip_overflow` instead.
+_TRUNCATION_NOTICES = ("Token indices sequence length is longer than",
+                       "The following part of your input was truncated because CLIP")
+
+
+class _DropTruncationNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TRUNCATION_NOTICES)
+
+
+@contextmanager
+def quiet_clip_truncation(pipeline):
+    """Inside: the tokenizer's and the pipeline's "input was truncated" warnings are not logged (other logs are)."""
+    loggers = [logging.getLogger(name) for name in ("transformers.tokenization_utils_base", type(pipeline).__module__)]
+    notice_filter = _DropTruncationNotices()
+    for log in loggers:
+        log.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(notice_filter)
+
+
+def clip_overflow(pipeline, texts: Sequence[str]) -> int:
+    """How many of `texts` are longer than the pipeline's text window (77 tokens for CLIP), so only their start
+    conditions the image. 0 for a pipeline without a tokenizer."""
+    tokenizer = getattr(pipeline, "tokenizer", None)
+    if tokenizer is None or not texts:
+        return 0
+    window = tokenizer.model_max_length
+    with quiet_clip_truncation(pipeline):
+        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+    return sum(length > window for length in lengths)

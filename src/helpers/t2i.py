@@ -22,7 +22,7 @@ from PIL import Image
 
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
 from .manifest import atomic_write_json, sha256_json
-from .speed import PipelineSettings, optimize_pipeline, render
+from .speed import PipelineSettings, clip_overflow, optimize_pipeline, quiet_clip_truncation, render
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -621,6 +621,15 @@ class Executor:
         return [Generated(request, images[key], key, key not in drawn, weights_id, size)
                 for request, key, weights_id, size in planned]
 
+    def _note_overflow(self, pipeline, texts: list[str]) -> None:
+        """Counts prompts longer than the text window in `stats["texts_over_token_window"]`; says so once per run."""
+        over = clip_overflow(pipeline, texts)
+        if over and not self.stats["texts_over_token_window"]:
+            print(f"Note: a prompt or negative prompt is longer than the text encoder's "
+                  f"{pipeline.tokenizer.model_max_length}-token window; only its start conditions the image, as in "
+                  "diffusers. The executor counts them in stats['texts_over_token_window'].")
+        self.stats["texts_over_token_window"] += over
+
     def _batches(self, group, items):
         size = 1 if group[3] in PER_IMAGE_SAMPLERS else images_per_batch(self.config.batch_size, *group[-1])
         return [items[i:i + size] for i in range(0, len(items), size)]
@@ -635,6 +644,7 @@ class Executor:
             scheduler.noise_sampler_seed = batch[0][1][0].seed
         pipeline.scheduler = scheduler
         requests = [planned[0] for _, planned in batch]
+        self._note_overflow(pipeline, [text for r in requests for text in (r.prompt, r.negative_prompt) if text])
         with torch.inference_mode():
             conditioning = text_conditioning(pipeline, requests, architecture, self.config.device) \
                 if any(r.text_noise for r in requests) else {}
@@ -656,13 +666,14 @@ def text_conditioning(pipeline, requests: Sequence[Request], architecture: str, 
     drawn from its own seed, so an image depends only on its request. SDXL's pooled embedding gets the same σ.
     """
     prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
-    if architecture == "SDXL 1.0":
-        embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=negatives)
-    else:
-        embeds, negative_embeds = pipeline.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
-        pooled = negative_pooled = None
+    with quiet_clip_truncation(pipeline):
+        if architecture == "SDXL 1.0":
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negatives)
+        else:
+            embeds, negative_embeds = pipeline.encode_prompt(prompts, device, 1, True, negative_prompt=negatives)
+            pooled = negative_pooled = None
     embeds = embeds.clone()
     pooled = pooled.clone() if pooled is not None else None
     for row, request in enumerate(requests):
