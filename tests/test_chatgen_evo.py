@@ -233,6 +233,9 @@ def test_stage3_sees_the_stage1_prompt_and_the_stage2_models_demonstrations(text
         assert chosen in NAMES and prediction.notes["selected_model"] == chosen
         content = stage3_content(spy, i)
         assert f"Prompt: {STAGE1_PROMPTS[sample.id]}\nArguments:" in content and f"Model: {chosen}" in content
+        description = CATALOG.lookup(chosen).description  # the paper loads the model's description too
+        assert f"About {chosen}: {description}" in content and description.startswith(chosen)
+        assert all(m.description not in content for m in CATALOG.models if m.name != chosen and m.description)
         shown = [r for r in RECORDS if r["api"]["model"] == chosen and r["split"] == "train"][:2]
         assert prediction.notes["demonstrations"] == [r["id"] for r in shown]
         for record in RECORDS:  # the selected model's train demonstrations, and nothing else

@@ -8,8 +8,9 @@ ChatGen (Sec. 4) turns a freestyle chat into a T2I call two ways:
   1. prompt writing: SFT on chat → {prompt, negative_prompt}, the last user turn prefixed with
      `TASK_PREFIXES["prompt"]` (`prompt_writing_example`, `train_stage1`, `write_prompts`);
   2. model selection: ModelTokens on chat + the stage-1 prompt (`model_tokens`, called by `select_models_for`);
-  3. argument configuration, training-free: an in-context prompt with k demonstrations of *the selected model*
-     from DABench train (prompt → arguments), then the written prompt (`configure_arguments`).
+  3. argument configuration, training-free: an in-context prompt with the selected model's description (the
+     rewritten one from DABench) and k demonstrations of *that model* from DABench train (prompt → arguments),
+     then the written prompt (`configure_arguments`).
   `run_evo` chains 1 → 2 → 3.
 
 The baseline (`run_baseline`) rewrites the chat into a prompt in context and always runs one SD base model with the
@@ -410,10 +411,14 @@ def demonstrations_for(model: str, records: Sequence[Mapping[str, Any]], k: int 
     return chosen
 
 
-def argument_messages(prompt: str, model: str, demonstrations: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Stage 3's in-context prompt: the selected model, its demonstrations (prompt → arguments), the written
-    prompt."""
-    lines = [f"{TASK_PREFIXES['arguments']} Model: {model}", ""]
+def argument_messages(prompt: str, model: str, demonstrations: Sequence[Mapping[str, Any]],
+                      description: str = "") -> list[dict[str, str]]:
+    """Stage 3's in-context prompt: the selected model and its description, its demonstrations (prompt →
+    arguments), the written prompt."""
+    lines = [f"{TASK_PREFIXES['arguments']} Model: {model}"]
+    if description:
+        lines.append(f"About {model}: {' '.join(description.split())}")
+    lines.append("")
     if demonstrations:
         lines.append(f"Examples of {model}:")
         for shown in demonstrations:
@@ -429,7 +434,8 @@ def configure_arguments(chat_model, samples: Sequence[ChatSample], prompts: Sequ
                         batch_size: int = 8, method: str = METHODS["evo"], progress: bool = True) -> list[Prediction]:
     """Stage 3 (training-free): arguments for each sample's written prompt on its selected model, in context.
 
-    `demonstrations` are DABench records; each sample gets the first k of its selected model (`demonstrations_for`).
+    `demonstrations` are DABench records; each sample gets the first k of its selected model (`demonstrations_for`)
+    and the model's description from `catalog` (DABench's rewritten one).
     Stage-1 Predictions passed as `prompts` carry over (negative prompt, notes). The answer's argument fields are
     validated with the selected model; missing or invalid ones take the model's defaults (`fallback=True`).
     """
@@ -438,7 +444,8 @@ def configure_arguments(chat_model, samples: Sequence[ChatSample], prompts: Sequ
                          "must give one of each per sample")
     shown = [demonstrations_for(m, demonstrations, k, s, split) if m else [] for s, m in zip(samples, models)]
     asked = [i for i, m in enumerate(models) if m]
-    conversations = [argument_messages(_prompt_text(prompts[i]), models[i], shown[i]) for i in asked]
+    conversations = [argument_messages(_prompt_text(prompts[i]), models[i], shown[i],
+                                       _description(models[i], catalog)) for i in asked]
     replies = dict(zip(asked, _generate(chat_model, conversations, [None] * len(asked), max_new_tokens, batch_size,
                                         "argument configuration", progress)))
     predictions = []
@@ -464,6 +471,11 @@ def configure_arguments(chat_model, samples: Sequence[ChatSample], prompts: Sequ
             prediction.notes["fallback_reason"] = f"unparseable arguments ({error}): every argument is the default"
         predictions.append(_settle(prediction, model, answer, catalog))
     return predictions
+
+
+def _description(model: str, catalog: ModelCatalog) -> str:
+    found = catalog.lookup(model)
+    return found.description if found is not None else ""
 
 
 def run_evo(chat_model, head, tokenizer, samples: Sequence[ChatSample], catalog: ModelCatalog,
