@@ -293,3 +293,57 @@ def test_bertscore_matches_the_bert_score_package(bert_scorer):
 def test_bertscore_rejects_a_layer_the_model_lacks():
     with pytest.raises(ValueError, match="num_layers=7 .* layers 1..6"):
         bertscore.BertScorer(num_layers=7)
+
+
+@pytest.fixture(scope="module")
+def t5_vqa_scorer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqa_t5")
+    vqa.build_tiny_vqa(folder, seed=1, text_model="t5")  # encoder-decoder, as the paper's Flan-T5 BLIP-2
+    return vqa.load_vqa(folder)
+
+
+CHOICES = [["yes", "no"], ["red", "dark blue", "green"], ["one", "two", "three", "four"]]
+
+
+def _reference_choice_scores(scorer, image, question, choices):
+    """One unbatched forward of the whole model per choice: mean log-probability of the choice's tokens."""
+    import torch
+
+    model, processor, tokenizer = scorer.model, scorer.processor, scorer.processor.tokenizer
+    prompt = vqa.PROMPT.format(question=question)
+    scores = []
+    with torch.no_grad():
+        for choice in choices:
+            if model.config.is_encoder_decoder:
+                inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+                labels = tokenizer([choice], return_tensors="pt")["input_ids"]
+                logits = model(**inputs, labels=labels).logits[0]
+                targets = labels[0]
+            else:
+                inputs = processor(images=[image], text=[f"{prompt} {choice}"], return_tensors="pt")
+                n = len(tokenizer(f"{prompt} {choice}")["input_ids"]) - len(tokenizer(prompt)["input_ids"])
+                logits = model(**inputs).logits[0, -n - 1:-1]
+                targets = inputs["input_ids"][0, -n:]
+            scores.append(logits.float().log_softmax(-1).gather(-1, targets[:, None]).mean().item())
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(which, vqa_scorer, t5_vqa_scorer):
+    scorer = vqa_scorer if which == "llama" else t5_vqa_scorer
+    assert scorer.model.config.is_encoder_decoder == (which == "t5")
+    images = _noise_images(3, seed=2)
+    batched = scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES)  # 9 (image, question, choice) rows at once
+    assert [len(s) for s in batched] == [2, 3, 4]
+    for image, question, options, scores in zip(images, QUESTIONS, CHOICES, batched):
+        np.testing.assert_allclose(scores, _reference_choice_scores(scorer, image, question, options), rtol=1e-4)
+        assert (scores < 0).all()  # log-probabilities of real tokens
+    chosen = scorer.choose(images, QUESTIONS, CHOICES)
+    assert chosen == [options[int(np.argmax(s))] for options, s in zip(CHOICES, batched)]
+    # yes/no answers on both kinds of text model: batched (padded) equals one at a time
+    one_by_one = [scorer.yes_probability([image], [q])[0] for image, q in zip(images, QUESTIONS)]
+    np.testing.assert_allclose(scorer.yes_probability(images, QUESTIONS), one_by_one, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one choice"):
+        scorer.choice_log_likelihoods(images[:1], QUESTIONS[:1], [[]])
+    with pytest.raises(ValueError, match="one of each per question"):
+        scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES[:2])

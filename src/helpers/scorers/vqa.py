@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..device import place
 from .base import local_weight_files, rgb, weights_id
@@ -42,45 +43,108 @@ class VqaScorer:
     def __init__(self, model, processor, weights: str):
         self.model, self.processor, self.weights_id = model, processor, weights
         self.yes_ids, self.no_ids = answer_token_ids(processor.tokenizer)
-        if not model.config.is_encoder_decoder:
-            # a decoder-only model answers after the last position, so padding must go on the left (OPT pads right)
-            processor.tokenizer.padding_side = "left"
+        # a decoder-only model answers after the last position, so padding must go on the left (OPT pads right); an
+        # encoder-decoder one (Flan-T5) reads the prompt padded on the right, as it was trained
+        processor.tokenizer.padding_side = "right" if model.config.is_encoder_decoder else "left"
 
-    @torch.no_grad()
-    def yes_probability(self, images: Sequence[Image.Image], questions: Sequence[str]) -> np.ndarray:
-        """P("yes") for each (image, question) pair: softmax over the yes-mass and no-mass of the first token.
+    def _embedded(self, images: Sequence[Image.Image], texts: Sequence[str]) -> tuple[dict[str, Any], Any]:
+        """The text model's inputs for one text per image, the query outputs in the image-token slots.
 
         Pairs that share an image (the same object, as when one image gets all its prompt's questions) send it
-        through the vision tower and the Q-Former once; only the text model runs once per question.
+        through the vision tower and the Q-Former once; only the text model runs once per text.
         """
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} images for {len(questions)} questions; pass one image per question")
-        if not questions:
-            return np.zeros(0)
         first_seen: dict[int, int] = {}
         which = [first_seen.setdefault(id(image), len(first_seen)) for image in images]
         unique = list({id(image): image for image in images}.values())
-        # the processor prepends the image tokens to every question, whatever the number of images
-        inputs = self.processor(images=rgb(unique), text=[PROMPT.format(question=q) for q in questions],
-                                return_tensors="pt", padding=True).to(self.model.device)
+        # the processor prepends the image tokens to every text, whatever the number of images
+        inputs = self.processor(images=rgb(unique), text=list(texts), return_tensors="pt",
+                                padding=True).to(self.model.device)
         model = self.model
         features = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.dtype),
                                             return_dict=True).pooler_output  # (images, query tokens, text width)
         features = features[torch.tensor(which, device=features.device)]
-        # what Blip2ForConditionalGeneration.generate does with the query outputs, for already-encoded images
+        # what Blip2ForConditionalGeneration does with the query outputs, for already-encoded images
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         slots = (inputs["input_ids"] == model.config.image_token_index).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
         text_inputs = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
-        if not model.config.is_encoder_decoder:
+        return text_inputs, inputs
+
+    @torch.no_grad()
+    def yes_probability(self, images: Sequence[Image.Image], questions: Sequence[str]) -> np.ndarray:
+        """P("yes") for each (image, question) pair: softmax over the yes-mass and no-mass of the first token."""
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions; pass one image per question")
+        if not questions:
+            return np.zeros(0)
+        text_inputs, inputs = self._embedded(images, [PROMPT.format(question=q) for q in questions])
+        if not self.model.config.is_encoder_decoder:
             text_inputs["input_ids"] = inputs["input_ids"]
         # one greedy step with raw logits: the same call serves decoder-only and encoder-decoder text models
-        out = model.language_model.generate(**text_inputs, max_new_tokens=1, do_sample=False, num_beams=1,
-                                            output_logits=True, return_dict_in_generate=True)
+        out = self.model.language_model.generate(**text_inputs, max_new_tokens=1, do_sample=False, num_beams=1,
+                                                 output_logits=True, return_dict_in_generate=True)
         logits = out.logits[0].float()
         # several spellings per word: compare the summed probability mass of each word (log-sum-exp of logits)
         pair = torch.stack([logits[:, self.yes_ids].logsumexp(-1), logits[:, self.no_ids].logsumexp(-1)], -1)
         return pair.softmax(-1)[:, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def choice_log_likelihoods(self, images: Sequence[Image.Image], questions: Sequence[str],
+                               choices: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """For each (image, question), the mean log-probability per token of each of its choices as the answer.
+
+        Multiple-choice questions (TIFA's) are answered by the choice the model finds likeliest, per token so that a
+        long choice is not penalised for its length. A decoder-only text model reads "Question: … Answer: <choice>"
+        and the choice's tokens are those after the prompt's; an encoder-decoder one reads the prompt and decodes the
+        choice.
+        """
+        if not len(images) == len(questions) == len(choices):
+            raise ValueError(f"got {len(images)} images, {len(questions)} questions and {len(choices)} choice lists; "
+                             "pass one of each per question")
+        if any(not options for options in choices):
+            raise ValueError("every question needs at least one choice; got an empty choice list")
+        flat = [(image, PROMPT.format(question=q), str(c)) for image, q, options in zip(images, questions, choices)
+                for c in options]
+        if not flat:
+            return []
+        scores = (self._choice_scores_seq2seq(flat) if self.model.config.is_encoder_decoder
+                  else self._choice_scores_causal(flat))
+        out, at = [], 0
+        for options in choices:
+            out.append(scores[at:at + len(options)])
+            at += len(options)
+        return out
+
+    def _choice_scores_causal(self, flat) -> np.ndarray:
+        tokenizer = self.processor.tokenizer
+        answered = [f"{prompt} {choice}" for _, prompt, choice in flat]
+        lengths = []
+        for (_, prompt, _), full in zip(flat, answered):
+            prompt_ids, full_ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
+            shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, full_ids)) if a != b),
+                          min(len(prompt_ids), len(full_ids)))
+            lengths.append(max(1, len(full_ids) - shared))  # the choice's tokens: those after the shared prefix
+        text_inputs, inputs = self._embedded([image for image, _, _ in flat], answered)
+        logits = self.model.language_model(**text_inputs).logits.float()  # left padding: every text ends last
+        log_probs = logits[:, :-1].log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+        return np.array([log_probs[row, -n:].mean().item() for row, n in enumerate(lengths)])
+
+    def _choice_scores_seq2seq(self, flat) -> np.ndarray:
+        tokenizer = self.processor.tokenizer
+        text_inputs, _ = self._embedded([image for image, _, _ in flat], [prompt for _, prompt, _ in flat])
+        # padded on the right whatever the tokenizer's side: the decoder reads the choice from its first position
+        labels = nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids in tokenizer([c for _, _, c in flat])["input_ids"]],
+                                           batch_first=True, padding_value=-100).to(self.model.device)
+        logits = self.model.language_model(**text_inputs, labels=labels).logits.float()
+        counted = labels != -100
+        log_probs = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
+        return (log_probs.sum(-1) / counted.sum(-1).clamp(min=1)).cpu().numpy()
+
+    def choose(self, images: Sequence[Image.Image], questions: Sequence[str],
+               choices: Sequence[Sequence[str]]) -> list[str]:
+        """The likeliest choice for each (image, question) (`choice_log_likelihoods`)."""
+        return [options[int(np.argmax(scores))] for options, scores
+                in zip(choices, self.choice_log_likelihoods(images, questions, choices))]
 
     def answers(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[bool]:
         """True where the model answers "yes" (P(yes) > 0.5)."""
@@ -113,8 +177,12 @@ def vqa_weights_id(source: str | Path) -> str:
     return weights_id(source, *local_weight_files(source))
 
 
-def build_tiny_vqa(folder: Path, seed: int = 0) -> dict[str, Any]:
-    """Tiny BLIP-2 (ViT, Q-Former, Llama text model, random init) + processor, saved as an HF folder."""
+def build_tiny_vqa(folder: Path, seed: int = 0, text_model: str = "llama") -> dict[str, Any]:
+    """Tiny BLIP-2 (ViT, Q-Former, random init) + processor, saved as an HF folder.
+
+    `text_model`: "llama" (decoder-only, the profiles' stand-in) or "t5" (encoder-decoder, like the paper's
+    Flan-T5 BLIP-2; the tests use it so that both answering paths run).
+    """
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
                               GenerationConfig)
 
@@ -125,10 +193,17 @@ def build_tiny_vqa(folder: Path, seed: int = 0) -> dict[str, Any]:
     processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
                                tokenizer=tokenizer, num_query_tokens=num_query_tokens)  # adds the <image> token
     image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token.content)
-    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    if text_model == "llama":
+        text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    elif text_model == "t5":
+        text = dict(model_type="t5", vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                    num_decoder_layers=2, num_heads=4, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"text_model={text_model!r}: use 'llama' (decoder-only) or 't5' (encoder-decoder)")
     config = Blip2Config(
         vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, initializer_range=0.02),
@@ -138,9 +213,10 @@ def build_tiny_vqa(folder: Path, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               decoder_start_token_id=text.get("decoder_start_token_id"))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    _model_card(folder, "BLIP-2 (ViT + Q-Former + Llama text model)", seed,
+    _model_card(folder, f"BLIP-2 (ViT + Q-Former + {'Llama' if text_model == 'llama' else 'T5'} text model)", seed,
                 f"{num_query_tokens} query tokens, {image_size} px images; answers yes/no at random.")
     return {"parameters": _count_parameters(model), "vocab_size": len(tokenizer), "num_query_tokens": num_query_tokens}
