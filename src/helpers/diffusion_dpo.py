@@ -543,13 +543,16 @@ def _load_base(path: str, ctx):
 
 def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompts_jsonl: Path, *, architecture: str,
               config_kwargs: Mapping[str, Any], variants: Mapping[str, Sequence[float]], eval_seeds: int,
-              max_side: int | None, batch_size: int) -> dict[str, Any]:
+              max_side: int | None, batch_size: int, tifa: str = "", hps_benchmark: str = "",
+              benchmark_limit: int = 0) -> dict[str, Any]:
     """Notebook 13: Diffusion-DPO on notebook 12's pairs (and on pairs chosen by other score weights), then the
-    base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates."""
+    base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates; and the
+    base and AGFSync models draw the TIFA and HPS v2 benchmarks (`tifa`, `hps_benchmark`: their sources; empty, the
+    held-out prompts stand in; `benchmark_limit`: prompts per set, per style for HPS v2, 0 for all)."""
     import pandas as pd
     from datasets import load_from_disk
 
-    from . import agfsync
+    from . import agfsync, agfsync_benchmarks
     from .manifest import read_jsonl_rows
     from .models import resolve
     from .t2i import ImageCache, ModelCatalog, Request, default_api
@@ -585,8 +588,14 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     generated = executor.generate(requests)
     table = agfsync.score_images(generated, owners, {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
     table.to_csv(folder / "evaluation.csv", index=False)
+    sets = agfsync_benchmarks.benchmark_sets(tifa, hps_benchmark, prompts, ctx.runs_dir / "downloads",
+                                             limit=benchmark_limit, seed=ctx.seed)
+    benchmarks = agfsync_benchmarks.evaluate(sets, {name: systems[name] for name in ("base", "AGFSync")}, executor,
+                                             ctx, eval_seeds)
+    benchmarks.to_csv(folder / "benchmarks.csv", index=False)
     first, last = logs["AGFSync"][0], logs["AGFSync"][-1]
     return {"pairs": len(load_from_disk(str(preferences))), "models_trained": len(logs),
             "steps": config_kwargs.get("max_steps"), "first_loss": first["loss"], "last_loss": last["loss"],
             "last_implicit_accuracy": last["implicit_accuracy"], "eval_prompts": len(prompts),
-            "eval_images": len(generated), "images_drawn": executor.stats["generated"]}
+            "eval_images": len(generated), **{f"{name} prompts": len(rows) for name, rows in sets.items()},
+            "benchmark_images": len(benchmarks), "images_drawn": executor.stats["generated"]}

@@ -1,0 +1,221 @@
+"""AGFSync's evaluation benchmarks (An et al., 2024, Sec. 4): TIFA v1.0 and the HPS v2 benchmark prompts.
+
+* **TIFA v1.0** (Hu et al., 2023): 4,081 captions, each with GPT-3-written questions (yes/no and multiple choice)
+  and their answers. The TIFA score of an image is the share of its caption's questions a VQA model answers
+  correctly, ×100. Here BLIP-2 answers each question with the choice it finds likeliest (`VqaScorer.choose`);
+  TIFA's own code maps a free-form answer onto the choices instead, so scores compare within this book only.
+* **HPS v2 benchmark** (Wu et al., 2023): 800 prompts in each of four styles (anime, concept-art, paintings,
+  photo), scored with HPS v2 (reported ×100, as the benchmark does).
+
+Sources are a local file or folder, an http(s) URL (downloaded once into `cache_dir`), or
+`hf://datasets/<owner>/<name>/<path>` (through `huggingface_hub`). The paper recipe names the public ones
+(`TIFA_SOURCE`, `HPS_SOURCE`). Without them — no machine here reaches the internet — notebook 13 evaluates on
+AGFSync's held-out prompts written in TIFA's form (`held_out_as_tifa`), and every row says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .manifest import sha256_json
+
+TIFA_SOURCE = "https://raw.githubusercontent.com/Yushi-Hu/tifa/main/tifa_v1.0/tifa_v1.0_question_answers.json"
+HPS_SOURCE = "hf://datasets/zhwang/HPDv2/benchmark"
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+STAND_IN = "held-out AGFSync prompts"  # the `source` of rows that stand in for a benchmark not given
+
+
+def fetch(source: str | Path, cache_dir: str | Path) -> Path:
+    """The file `source` names: a local path, an http(s) URL (downloaded once into `cache_dir`), or
+    `hf://datasets/<owner>/<name>/<path in the repo>`."""
+    text = str(source)
+    if text.startswith("hf://"):
+        parts = text.removeprefix("hf://").split("/")
+        if len(parts) < 4 or parts[0] != "datasets":
+            raise ValueError(f"{text!r}: write a hub dataset file as hf://datasets/<owner>/<name>/<path>")
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download("/".join(parts[1:3]), "/".join(parts[3:]), repo_type="dataset"))
+    if text.startswith(("http://", "https://")):
+        return _download(text, Path(cache_dir))
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; give a local file, an http(s) URL or "
+                                "hf://datasets/<owner>/<name>/<path>")
+    return path
+
+
+def _download(url: str, cache_dir: Path) -> Path:
+    import requests
+
+    from .manifest import atomic_write_text
+
+    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{url.rsplit('/', 1)[-1] or 'file'}"
+    if not target.is_file():
+        reply = requests.get(url, timeout=120)
+        if reply.status_code != 200:
+            raise RuntimeError(f"GET {url} answered {reply.status_code}; check the address, or download the file and "
+                               "give its local path")
+        atomic_write_text(target, reply.text)
+    return target
+
+
+def _join(source: str | Path, name: str) -> str:
+    text = str(source)
+    return f"{text.rstrip('/')}/{name}" if "://" in text else str(Path(text) / name)
+
+
+def _limit(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """At most `limit` rows, a seeded random sample kept in source order (all of them when limit is 0/None)."""
+    if not limit or limit >= len(rows):
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), limit))
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def load_tifa(source: str | Path, cache_dir: str | Path, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """TIFA v1.0's captions with their questions: one row per caption (`limit` of them, sampled with `seed`).
+
+    Each row: prompt_id ("tifa:<id>"), prompt, category ("TIFA"), source, and questions [{question, choices,
+    answer, element_type}].
+    """
+    with open(fetch(source, cache_dir)) as handle:
+        items = json.load(handle)
+    by_caption: dict[str, dict] = {}
+    for number, item in enumerate(items):
+        missing = [key for key in ("id", "caption", "question", "choices", "answer") if key not in item]
+        if missing:
+            raise ValueError(f"{source}: item {number} lacks {', '.join(missing)}; expected TIFA v1.0's "
+                             "question_answers format")
+        if item["answer"] not in item["choices"]:
+            raise ValueError(f"{source}: item {number} ({item['question']!r}) has answer {item['answer']!r} outside "
+                             f"its choices {item['choices']}")
+        row = by_caption.setdefault(str(item["id"]), {"prompt_id": f"tifa:{item['id']}", "prompt": item["caption"],
+                                                      "category": "TIFA", "source": str(source), "questions": []})
+        row["questions"].append({"question": item["question"], "choices": [str(c) for c in item["choices"]],
+                                 "answer": str(item["answer"]), "element_type": item.get("answer_type", "")})
+    return _limit(list(by_caption.values()), limit, seed)
+
+
+def load_hps_prompts(source: str | Path, cache_dir: str | Path, styles: Sequence[str] = HPS_STYLES,
+                     per_style: int | None = None, seed: int = 0) -> list[dict]:
+    """The HPS v2 benchmark prompts of each style (`<source>/<style>.json`, a JSON list of prompts)."""
+    rows = []
+    for style in styles:
+        with open(fetch(_join(source, f"{style}.json"), cache_dir)) as handle:
+            prompts = json.load(handle)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{_join(source, f'{style}.json')}: expected a JSON list of prompt strings")
+        chosen = _limit([{"prompt_id": f"hps:{style}:{i:04d}", "prompt": p, "category": style,
+                          "source": str(source)} for i, p in enumerate(prompts)], per_style, seed)
+        rows.extend(chosen)
+    return rows
+
+
+def held_out_as_tifa(prompts: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """AGFSync's held-out prompts in TIFA's form: each generated question is a yes/no question answered "yes"."""
+    return [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "category": p["category"], "source": STAND_IN,
+             "questions": [{"question": q, "choices": ["yes", "no"], "answer": "yes", "element_type": t}
+                           for q, t in zip(p["questions"], p.get("element_types") or [""] * len(p["questions"]))]}
+            for p in prompts]
+
+
+def benchmark_sets(tifa: str, hps: str, held_out: Sequence[Mapping[str, Any]], cache_dir: str | Path, *,
+                   limit: int | None = None, seed: int = 0) -> dict[str, list[dict]]:
+    """{"TIFA": rows, "HPS v2": rows}: each benchmark from its source, or the held-out prompts where none is given
+    (`limit`: prompts per set, per style for HPS v2)."""
+    return {"TIFA": load_tifa(tifa, cache_dir, limit, seed) if tifa else held_out_as_tifa(held_out),
+            "HPS v2": (load_hps_prompts(hps, cache_dir, per_style=limit, seed=seed) if hps else
+                       [{**{k: p[k] for k in ("prompt_id", "prompt", "category")}, "source": STAND_IN}
+                        for p in held_out])}
+
+
+def tifa_key(question: Mapping[str, Any]) -> str:
+    """The score-cache name of one TIFA question (its text, choices and answer)."""
+    return "tifa:" + sha256_json([question["question"], list(question["choices"]), question["answer"]])[:16]
+
+
+def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, scorer=None, cache=None,
+                images_per_batch: int = 16) -> list[float]:
+    """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice.
+
+    Each answer is cached (1 right, 0 wrong) like any score, so an image is never asked the same question twice;
+    under a multi-process launch the images are split across processes.
+    """
+    from .distributed import broadcast_from_main, map_sharded
+    from .models import resolve
+    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scoring import ScoreCache
+
+    if any(not asked for asked in questions):
+        raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
+    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
+    names = [[tifa_key(q) for q in asked] for asked in questions]
+    weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
+    right = broadcast_from_main([[cache.get(item.key, name, weights) for name in row]
+                                 for item, row in zip(generated, names)])
+    todo = [i for i, row in enumerate(right) if any(v is None for v in row)]
+    if todo:
+        scorer = scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device)
+
+        def ask(share: list[int]) -> list[list[float]]:
+            from tqdm.auto import tqdm
+
+            answered = []
+            for start in tqdm(range(0, len(share), images_per_batch), desc="TIFA", unit="batch",
+                              disable=len(share) <= images_per_batch):
+                batch = share[start:start + images_per_batch]
+                asked = [q for i in batch for q in questions[i]]
+                chosen = scorer.choose([generated[i].image for i in batch for _ in questions[i]],
+                                       [q["question"] for q in asked], [q["choices"] for q in asked])
+                for i in batch:
+                    answered.append([float(c == q["answer"]) for c, q in zip(chosen, questions[i])])
+                    chosen = chosen[len(questions[i]):]
+            return answered
+
+        fresh = map_sharded(ask, todo, chunk=images_per_batch)
+        cache.put_many([(generated[i].key, name, weights, v)
+                        for i, row in zip(todo, fresh) for name, v in zip(names[i], row)])
+        for i, row in zip(todo, fresh):
+            right[i] = row
+    return [100.0 * sum(row) / len(row) for row in right]
+
+
+def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
+             ctx, seeds: int):
+    """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA, HPS v2 (×100) on
+    HPS v2. One row per image: benchmark, source, system, prompt_id, category, prompt, seed, key, metric, value."""
+    import pandas as pd
+
+    from .scoring import ScoringRun
+    from .t2i import Request
+
+    tables = []
+    for benchmark, rows in sets.items():
+        requests, owners = [], []
+        for system, api in systems.items():
+            for row in rows:
+                for seed in range(seeds):
+                    requests.append(Request(dict(api), row["prompt"], "", seed))
+                    owners.append({"benchmark": benchmark, "source": row["source"], "system": system,
+                                   "prompt_id": row["prompt_id"], "category": row["category"], "prompt": row["prompt"],
+                                   "seed": seed})
+        if not requests:
+            continue
+        generated = executor.generate(requests)
+        table = pd.DataFrame(owners)
+        table["key"] = [g.key for g in generated]
+        if benchmark == "TIFA":
+            by_id = {row["prompt_id"]: row["questions"] for row in rows}
+            table["metric"] = "TIFA score"
+            table["value"] = tifa_scores(generated, [by_id[o["prompt_id"]] for o in owners], ctx)
+        else:
+            table["metric"] = "HPS v2 (×100)"
+            table["value"] = 100.0 * ScoringRun.for_run(ctx, ("hps",)).score(generated)["hps"].to_numpy()
+        tables.append(table)
+    columns = ["benchmark", "source", "system", "prompt_id", "category", "prompt", "seed", "key", "metric", "value"]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

@@ -1,0 +1,179 @@
+import http.server
+import json
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from helpers import agfsync_benchmarks as bench
+from helpers.scoring import ScoreCache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# TIFA v1.0's question_answers format: one item per question, several per caption
+TIFA_ITEMS = [
+    {"id": "coco_1", "caption": "a surfer carrying a white board on a beach", "question": "is this a surfer?",
+     "choices": ["yes", "no"], "answer": "yes", "answer_type": "animal/human", "element": "surfer"},
+    {"id": "coco_1", "caption": "a surfer carrying a white board on a beach", "question": "what color is the board?",
+     "choices": ["white", "black", "red", "blue"], "answer": "white", "answer_type": "color", "element": "white"},
+    {"id": "drawbench_7", "caption": "two cats on a red sofa", "question": "how many cats are there?",
+     "choices": ["1", "2", "3"], "answer": "2", "answer_type": "counting", "element": "two"},
+    {"id": "parti_3", "caption": "a lighthouse at dusk", "question": "is there a lighthouse?",
+     "choices": ["yes", "no"], "answer": "yes", "answer_type": "object", "element": "lighthouse"},
+]
+
+
+@pytest.fixture
+def tifa_file(tmp_path):
+    path = tmp_path / "tifa_v1.0_question_answers.json"
+    path.write_text(json.dumps(TIFA_ITEMS))
+    return path
+
+
+@pytest.fixture
+def hps_folder(tmp_path):
+    folder = tmp_path / "benchmark"
+    folder.mkdir()
+    for style in bench.HPS_STYLES:
+        (folder / f"{style}.json").write_text(json.dumps([f"{style} prompt {i}" for i in range(5)]))
+    return folder
+
+
+def test_tifa_groups_questions_by_caption_and_keeps_choices_and_answers(tifa_file, tmp_path):
+    rows = bench.load_tifa(tifa_file, tmp_path / "cache")
+    assert [r["prompt_id"] for r in rows] == ["tifa:coco_1", "tifa:drawbench_7", "tifa:parti_3"]
+    surfer = rows[0]
+    assert surfer["prompt"] == "a surfer carrying a white board on a beach" and surfer["category"] == "TIFA"
+    assert surfer["questions"][1] == {"question": "what color is the board?", "choices": ["white", "black", "red", "blue"],
+                                      "answer": "white", "element_type": "color"}
+    assert rows[1]["questions"][0]["choices"] == ["1", "2", "3"] and rows[1]["questions"][0]["answer"] == "2"
+    sample = bench.load_tifa(tifa_file, tmp_path / "cache", limit=2, seed=3)
+    assert len(sample) == 2 and sample == bench.load_tifa(tifa_file, tmp_path / "cache", limit=2, seed=3)
+    assert [r["prompt_id"] for r in sample] == sorted(r["prompt_id"] for r in sample)  # source order kept
+
+
+def test_tifa_refuses_an_answer_outside_its_choices_and_missing_fields(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**TIFA_ITEMS[0], "answer": "maybe"}]))
+    with pytest.raises(ValueError, match="answer 'maybe' outside its choices"):
+        bench.load_tifa(bad, tmp_path)
+    bad.write_text(json.dumps([{"id": "x", "caption": "c"}]))
+    with pytest.raises(ValueError, match="lacks question, choices, answer"):
+        bench.load_tifa(bad, tmp_path)
+    with pytest.raises(FileNotFoundError, match="hf://datasets"):
+        bench.load_tifa(tmp_path / "nowhere.json", tmp_path)
+
+
+def test_hps_prompts_come_per_style_with_a_per_style_limit(hps_folder, tmp_path):
+    rows = bench.load_hps_prompts(hps_folder, tmp_path)
+    assert len(rows) == 20 and [r["category"] for r in rows[::5]] == list(bench.HPS_STYLES)
+    assert rows[0] == {"prompt_id": "hps:anime:0000", "prompt": "anime prompt 0", "category": "anime",
+                       "source": str(hps_folder)}
+    limited = bench.load_hps_prompts(hps_folder, tmp_path, per_style=2, seed=1)
+    assert len(limited) == 8 and all(sum(r["category"] == s for r in limited) == 2 for s in bench.HPS_STYLES)
+    (hps_folder / "photo.json").write_text(json.dumps({"prompts": []}))
+    with pytest.raises(ValueError, match="photo.json: expected a JSON list"):
+        bench.load_hps_prompts(hps_folder, tmp_path)
+
+
+def test_an_http_source_is_downloaded_once(tmp_path):
+    payload = json.dumps(TIFA_ITEMS).encode()
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            status = 200 if self.path.endswith("qa.json") else 404
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(payload) if status == 200 else 0))
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/tifa/qa.json"
+    try:
+        first = bench.load_tifa(url, tmp_path / "downloads")
+        again = bench.load_tifa(url, tmp_path / "downloads")
+        with pytest.raises(RuntimeError, match="answered 404"):
+            bench.fetch(url.replace("qa.json", "missing.json"), tmp_path / "downloads")
+    finally:
+        server.shutdown()
+    assert seen == ["/tifa/qa.json", "/tifa/missing.json"]  # the second load read the saved copy
+    assert first == again and len(first) == 3 and first[0]["source"] == url
+
+
+def test_a_hub_source_names_the_dataset_repo_and_the_file(monkeypatch, hps_folder, tmp_path):
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, filename, repo_type=None):
+        asked.append((repo_id, filename, repo_type))
+        return str(hps_folder / Path(filename).name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    rows = bench.load_hps_prompts(bench.HPS_SOURCE, tmp_path, styles=["anime"])
+    assert asked == [("zhwang/HPDv2", "benchmark/anime.json", "dataset")] and len(rows) == 5
+    with pytest.raises(ValueError, match="hf://datasets/<owner>/<name>/<path>"):
+        bench.fetch("hf://models/someone/thing/file.json", tmp_path)
+
+
+def test_the_paper_recipe_reads_the_public_benchmarks():
+    recipe = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    stage = recipe["notebooks"]["13_diffusion_dpo"]
+    assert stage["tifa"] == bench.TIFA_SOURCE and stage["hps_benchmark"] == bench.HPS_SOURCE
+    assert stage["benchmark_limit"] == 0  # all 4,081 TIFA captions and 4 × 800 HPS v2 prompts
+
+
+HELD_OUT = [{"prompt_id": "p00003", "prompt": "a red fox in snow", "category": "animals",
+             "questions": ["is there a fox?", "is the fox red?"], "element_types": ["animal", "color"]}]
+
+
+def test_without_sources_the_held_out_prompts_stand_in_and_say_so(tmp_path):
+    sets = bench.benchmark_sets("", "", HELD_OUT, tmp_path)
+    tifa, hps = sets["TIFA"], sets["HPS v2"]
+    assert tifa == [{"prompt_id": "p00003", "prompt": "a red fox in snow", "category": "animals",
+                     "source": bench.STAND_IN,
+                     "questions": [{"question": "is there a fox?", "choices": ["yes", "no"], "answer": "yes",
+                                    "element_type": "animal"},
+                                   {"question": "is the fox red?", "choices": ["yes", "no"], "answer": "yes",
+                                    "element_type": "color"}]}]
+    assert hps == [{"prompt_id": "p00003", "prompt": "a red fox in snow", "category": "animals",
+                    "source": bench.STAND_IN}]
+
+
+class ScriptedVqa:
+    """Answers from a script, counting the questions it was asked."""
+
+    weights_id = "scripted@1"
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def choose(self, images, questions, choices):
+        assert len(images) == len(questions) == len(choices)
+        self.asked += list(questions)
+        return [self.answers[q] for q in questions]
+
+
+def test_tifa_score_is_the_share_of_right_choices_and_each_answer_is_cached(tifa_file, tmp_path):
+    rows = bench.load_tifa(tifa_file, tmp_path)
+    images = [SimpleNamespace(key=f"img{i}", image=object()) for i in range(3)]
+    questions = [rows[0]["questions"], rows[1]["questions"], rows[0]["questions"]]
+    scripted = ScriptedVqa({"is this a surfer?": "yes", "what color is the board?": "blue",
+                            "how many cats are there?": "2"})
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    scores = bench.tifa_scores(images, questions, None, scorer=scripted, cache=cache, images_per_batch=2)
+    assert scores == [50.0, 100.0, 50.0]  # surfer right, board wrong; the cats counted right
+    assert len(scripted.asked) == 5
+    again = bench.tifa_scores(images, questions, None, scorer=scripted, cache=ScoreCache(tmp_path / "scores.jsonl"))
+    assert again == scores and len(scripted.asked) == 5  # read back from the file: nothing asked twice
+    with pytest.raises(ValueError, match="at least one TIFA question"):
+        bench.tifa_scores(images[:1], [[]], None, scorer=scripted, cache=cache)
