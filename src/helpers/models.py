@@ -191,7 +191,7 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, num_lay
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=64)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

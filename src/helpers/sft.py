@@ -68,6 +68,12 @@ class LoraArguments:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def launch_device_default(args) -> None:
     """On a CPU launch of several processes, train data-parallel over gloo (`use_cpu`), as a GPU launch does over NCCL.
 
@@ -86,6 +92,12 @@ class AgentSFTConfig(SFTConfig, LoraArguments):
 
     def __post_init__(self):
         launch_device_default(self)
+        if getattr(self, "activation_checkpointing", False) is None:
+            # transformers 5 renamed gradient_checkpointing (TRL's default: on); naming the new field keeps the
+            # same setting without a deprecation warning on every training page
+            self.activation_checkpointing = self.gradient_checkpointing
+        if not torch_cuda_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU; on CPU torch warns
         super().__post_init__()
         self.check_lora()
         if not self.completion_only_loss and self.completion_only_loss is not None:

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -566,10 +567,13 @@ class Executor:
             level = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()  # Civitai LoRAs often train the UNet only: not worth a warning
             try:
-                if lora.kind == "file":
-                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                else:
-                    pipeline.load_lora_weights(str(path), adapter_name=name)
+                with warnings.catch_warnings():
+                    # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
+                    warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+                    if lora.kind == "file":
+                        pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                    else:
+                        pipeline.load_lora_weights(str(path), adapter_name=name)
             finally:
                 diffusers_logging.set_verbosity(level)
             loaded.add(name)
