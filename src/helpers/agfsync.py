@@ -925,42 +925,17 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     loaded only when something is left to ask (or passed in as `scorer`). `cache`: the run's `ScoreCache`, if one is
     open already (at paper scale the file holds millions of rows: read it once per stage, not once per scorer).
     """
-    from .distributed import broadcast_from_main, map_sharded
     from .models import resolve
     from .scorers.vqa import load_vqa, vqa_weights_id
-    from .scoring import ScoreCache
+    from .scoring import ScoreCache, cached_answers
 
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
     weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
-    # every process follows the main process's view of the cache: all enter the sharded call or none does, and an
-    # answer this process's own read missed comes from the main one
-    probabilities = broadcast_from_main([[cache.get(item.key, name, weights) for name in row]
-                                         for item, row in zip(generated, names)])
-    todo = [i for i, row in enumerate(probabilities) if any(p is None for p in row)]
-    if todo:
-        if scorer is None:
-            scorer = load_vqa(resolve("vqa", ctx), ctx.device)
-
-        def ask(share: list[int]) -> list[list[float]]:
-            from tqdm.auto import tqdm
-
-            answered = []
-            for start in tqdm(range(0, len(share), images_per_batch), desc="VQA", unit="batch",
-                              disable=len(share) <= images_per_batch):
-                batch = share[start:start + images_per_batch]
-                images = [generated[i].image for i in batch for _ in questions[i]]
-                flat = scorer.yes_probability(images, [q for i in batch for q in questions[i]]).tolist()
-                for i in batch:
-                    answered.append([float(p) for p in flat[:len(questions[i])]])
-                    flat = flat[len(questions[i]):]
-            return answered
-
-        fresh = map_sharded(ask, todo, chunk=images_per_batch)
-        cache.put_many([(generated[i].key, name, weights, p)
-                        for i, row in zip(todo, fresh) for name, p in zip(names[i], row)])
-        for i, row in zip(todo, fresh):
-            probabilities[i] = row
+    probabilities = cached_answers(
+        generated, questions, names, weights, cache, desc="VQA", images_per_batch=images_per_batch,
+        load=lambda: scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device),
+        answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
     return [vqa_score(row) for row in probabilities]
 
 

@@ -146,42 +146,23 @@ def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx
     Each answer is cached (1 right, 0 wrong) like any score, so an image is never asked the same question twice;
     under a multi-process launch the images are split across processes.
     """
-    from .distributed import broadcast_from_main, map_sharded
     from .models import resolve
     from .scorers.vqa import load_vqa, vqa_weights_id
-    from .scoring import ScoreCache
+    from .scoring import ScoreCache, cached_answers
 
     if any(not asked for asked in questions):
         raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[tifa_key(q) for q in asked] for asked in questions]
     weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
-    right = broadcast_from_main([[cache.get(item.key, name, weights) for name in row]
-                                 for item, row in zip(generated, names)])
-    todo = [i for i, row in enumerate(right) if any(v is None for v in row)]
-    if todo:
-        scorer = scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device)
 
-        def ask(share: list[int]) -> list[list[float]]:
-            from tqdm.auto import tqdm
+    def answer(model, images, asked) -> list[float]:
+        chosen = model.choose(images, [q["question"] for q in asked], [q["choices"] for q in asked])
+        return [float(c == q["answer"]) for c, q in zip(chosen, asked)]
 
-            answered = []
-            for start in tqdm(range(0, len(share), images_per_batch), desc="TIFA", unit="batch",
-                              disable=len(share) <= images_per_batch):
-                batch = share[start:start + images_per_batch]
-                asked = [q for i in batch for q in questions[i]]
-                chosen = scorer.choose([generated[i].image for i in batch for _ in questions[i]],
-                                       [q["question"] for q in asked], [q["choices"] for q in asked])
-                for i in batch:
-                    answered.append([float(c == q["answer"]) for c, q in zip(chosen, questions[i])])
-                    chosen = chosen[len(questions[i]):]
-            return answered
-
-        fresh = map_sharded(ask, todo, chunk=images_per_batch)
-        cache.put_many([(generated[i].key, name, weights, v)
-                        for i, row in zip(todo, fresh) for name, v in zip(names[i], row)])
-        for i, row in zip(todo, fresh):
-            right[i] = row
+    right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
+                           load=lambda: scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device),
+                           answer=answer)
     return [100.0 * sum(row) / len(row) for row in right]
 
 
