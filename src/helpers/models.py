@@ -176,7 +176,7 @@ def train_llm_tokenizer(vocab_size: int = 1024, seed: int = 0):
     backend.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|pad|>", unk_token=None, chat_template=CHAT_TEMPLATE,
-                                   model_max_length=1024, padding_side="left")
+                                   model_max_length=2048, padding_side="left")
 
 
 def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 64, num_lay
     tokenizer = train_llm_tokenizer(seed=seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
