@@ -182,3 +182,17 @@ def test_tied_embeddings_stay_tied(folders, tmp_path):
     assert counts["parameters"] == sum(p.numel() for p in model.parameters())  # the shared tensor counted once
     lm = LlamaForCausalLM.from_pretrained(tmp_path / "tied_llama")
     assert torch.equal(model.lm_head.weight[:-1], lm.lm_head.weight)
+
+
+def test_the_language_tower_is_the_chat_models_text_model(folders, vlm, tmp_path):
+    from helpers.chatgen.vlm import language_tower
+
+    llama, folder, _ = folders
+    model, processor = vlm
+    assert language_tower(llama, tmp_path / "unused") == str(llama)  # a causal LM is its own tower
+    tower_path = language_tower(folder, tmp_path / "tower")
+    tower, tokenizer = models.load_causal_lm(tower_path)
+    assert len(tokenizer) == len(processor.tokenizer) and IMAGE_TOKEN in tokenizer.get_vocab()
+    ids = torch.tensor([tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]])
+    with torch.no_grad():  # without an image, the chat model and its tower give the same logits, <image> row included
+        assert torch.allclose(model(input_ids=ids).logits, tower(input_ids=ids).logits, atol=1e-5)

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .generation import user_message
-from .sft import LoraArguments, launch_device_default, save_trained
+from .sft import LoraArguments, save_trained, training_defaults
 
 IGNORE_INDEX = -100
 
@@ -216,7 +216,7 @@ class RRHFConfig(TrainingArguments, LoraArguments):
         "help": "Keep False: RRHFCollator reads the 'prompt', 'candidates' and 'rewards' columns itself."})
 
     def __post_init__(self):
-        launch_device_default(self)
+        training_defaults(self)
         super().__post_init__()
         self.check_lora()
         for name in ("rank_loss_weight", "ce_loss_weight"):

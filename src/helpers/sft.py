@@ -68,10 +68,18 @@ class LoraArguments:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def torch_cuda_available() -> bool:
+def training_defaults(args) -> None:
+    """What the project's training configs settle before `TrainingArguments.__post_init__`: the launch's device
+    (`launch_device_default`), transformers 5's name for gradient checkpointing (the old name, TRL's default on,
+    keeps its value without a deprecation warning on every training page), and no pinned memory without a GPU
+    (it only speeds up copies to one; torch warns on CPU)."""
     import torch
 
-    return torch.cuda.is_available()
+    launch_device_default(args)
+    if getattr(args, "activation_checkpointing", False) is None:
+        args.activation_checkpointing = args.gradient_checkpointing
+    if not torch.cuda.is_available():
+        args.dataloader_pin_memory = False
 
 
 def launch_device_default(args) -> None:
@@ -91,13 +99,7 @@ class AgentSFTConfig(SFTConfig, LoraArguments):
     """TRL's SFTConfig plus the LoRA switch; defaults suit the tiny profile."""
 
     def __post_init__(self):
-        launch_device_default(self)
-        if getattr(self, "activation_checkpointing", False) is None:
-            # transformers 5 renamed gradient_checkpointing (TRL's default: on); naming the new field keeps the
-            # same setting without a deprecation warning on every training page
-            self.activation_checkpointing = self.gradient_checkpointing
-        if not torch_cuda_available():
-            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU; on CPU torch warns
+        training_defaults(self)
         super().__post_init__()
         self.check_lora()
         if not self.completion_only_loss and self.completion_only_loss is not None:

@@ -7,7 +7,8 @@ ChatGen (Sec. 4) turns a freestyle chat into a T2I call two ways:
 * **ChatGen-Evo**: three stages, each feeding the next —
   1. prompt writing: SFT on chat → {prompt, negative_prompt}, the last user turn prefixed with
      `TASK_PREFIXES["prompt"]` (`prompt_writing_example`, `train_stage1`, `write_prompts`);
-  2. model selection: ModelTokens on chat + the stage-1 prompt (`model_tokens`, called by `select_models_for`);
+  2. model selection: ModelTokens on chat + the stage-1 prompt, added to the stage-1 model's text model
+     (`vlm.language_tower`; `model_tokens`, called by `select_models_for`);
   3. argument configuration, training-free: an in-context prompt with the selected model's description (the
      rewritten one from DABench) and k demonstrations of *that model* from DABench train (prompt → arguments),
      then the written prompt (`configure_arguments`).
@@ -165,6 +166,7 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     with tempfile.TemporaryDirectory() as scratch:  # save_strategy="no": the Trainer writes nothing to keep here
         if cpu_launch():  # see sft.launch_device_default: data-parallel over gloo, not every process on all data
             training_arguments.setdefault("use_cpu", True)
+        training_arguments.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # a GPU's copies only
         args = TrainingArguments(output_dir=scratch, max_steps=steps, learning_rate=lr,
                                  per_device_train_batch_size=batch_size, seed=seed, report_to=report_to,
                                  save_strategy="no", logging_steps=training_arguments.pop("logging_steps", 1),

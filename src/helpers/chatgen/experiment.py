@@ -2,6 +2,7 @@
 draw and score every answer, and write the per-sample table the paper's Tables 4, 6 and 7 are read from."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +12,15 @@ from . import ChatSample
 from .bench import load_bench
 from .metrics import (ALL_PREDICTED, TABLE6_VARIANTS, image_metrics, image_requests, per_sample_frame,
                       reference_requests, with_ground_truth)
+
+
+STAGE2_BASE = "stage1_language_model"  # the stage-1 chat model's text model, when stage 1 trained a LLaVA
+
+
+def stage2_base(folder: Path) -> str:
+    """The causal LM the ModelTokens sit on: the stage-1 model's text model (or the stage-1 model, if text only)."""
+    tower = Path(folder) / STAGE2_BASE
+    return str(tower if tower.is_dir() else Path(folder) / "stage1")
 
 
 def ensure_chat_model(ctx, source: str) -> str:
@@ -33,12 +43,13 @@ def ensure_chat_model(ctx, source: str) -> str:
 def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_config, *, token_steps: int,
           token_lr: float, token_batch_size: int, image_for) -> dict[str, Any]:
     """ChatGen-Base (one SFT model answering everything), Evo stage 1 (prompt writing) and Evo stage 2 (ModelTokens
-    on the agent LLM, only the new rows train). Stage 3 needs no training."""
+    on the text model of the stage-1 model, only the new rows train). Stage 3 needs no training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..manifest import atomic_write_json
     from .evo import train_base, train_stage1
     from .model_tokens import ModelTokenHead, selection_example, train_model_tokens
+    from .vlm import language_tower
 
     train_samples = [s for s in samples if s.split == "train"]
     counts = {f"base_{k}": v for k, v in train_base(chat_source, train_samples, sft_config, folder / "base",
@@ -46,10 +57,11 @@ def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_co
     counts.update({f"stage1_{k}": v for k, v in train_stage1(chat_source, train_samples, sft_config,
                                                              folder / "stage1", image_for).items()
                    if isinstance(v, (int, float))})
-    llm = ctx.model_path("agent_llm")
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+    shutil.rmtree(folder / STAGE2_BASE, ignore_errors=True)  # a text-only stage 1 leaves none: no stale copy either
+    tower = language_tower(folder / "stage1", folder / STAGE2_BASE)
+    tokenizer = AutoTokenizer.from_pretrained(tower)
     names = sorted({s.target["model"] for s in samples})
-    head = ModelTokenHead(AutoModelForCausalLM.from_pretrained(llm), names, tokenizer)
+    head = ModelTokenHead(AutoModelForCausalLM.from_pretrained(tower), names, tokenizer)
     log = train_model_tokens(head, tokenizer, [selection_example(s) for s in train_samples], steps=token_steps,
                              lr=token_lr, batch_size=token_batch_size, seed=ctx.seed)
     head.save(folder / "model_tokens")
@@ -70,7 +82,7 @@ def predict(folder: Path, ctx, samples: list[ChatSample], records, catalog, chat
     test = [s for s in samples if s.split == "test"]
     train_samples = [s for s in samples if s.split == "train"]
     demonstrations = [r for r in records if r["split"] == "train"]
-    head, tokenizer = ModelTokenHead.load(folder / "model_tokens", ctx.model_path("agent_llm"), ctx.device)
+    head, tokenizer = ModelTokenHead.load(folder / "model_tokens", stage2_base(folder), ctx.device)
     evo = run_evo(load_chat_model(folder / "stage1", ctx.device), head, tokenizer, test, catalog, demonstrations,
                   image_for, k=k, prompt_tokens=max_new_tokens)
     base = run_base(load_chat_model(folder / "base", ctx.device), test, catalog, image_for,

@@ -234,6 +234,30 @@ def is_image_text_to_text(path: str | Path) -> bool:
         getattr(config, "vision_config", None) is not None
 
 
+def language_tower(path: str | Path, output: str | Path) -> str:
+    """The causal LM inside a chat model: `path` itself when it is a causal LM; for an image-text-to-text model (a
+    LLaVA), its language model and LM head saved in `output` as a plain causal LM with the chat model's tokenizer.
+
+    ChatGen-Evo's stage 2 adds its ModelTokens to the model stage 1 trained, which reads the chat as text.
+    """
+    if not is_image_text_to_text(path):
+        return str(path)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    chat_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    inner = getattr(getattr(chat_model, "model", None), "language_model", None)
+    if inner is None:
+        raise ValueError(f"{path}: a {type(chat_model).__name__} keeps no `model.language_model`; stage 2 needs the "
+                         "text model of a LLaVA-style chat model (or give a causal LM)")
+    causal = AutoModelForCausalLM.from_config(chat_model.config.text_config, dtype=torch.float32)
+    causal.get_decoder().load_state_dict(inner.state_dict())  # strict: every weight has its place
+    causal.get_output_embeddings().load_state_dict(chat_model.get_output_embeddings().state_dict())
+    output = Path(output)
+    causal.save_pretrained(output)
+    AutoProcessor.from_pretrained(path).tokenizer.save_pretrained(output)
+    return str(output)
+
+
 def load_chat_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> ChatModel:
     """A ChatModel from a causal LM folder / hub id (text only) or an image-text-to-text one (uses its processor)."""
     if is_image_text_to_text(path):
