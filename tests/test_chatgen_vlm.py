@@ -1,6 +1,8 @@
 """The tiny LLaVA chat model: built from a tiny Llama, loaded through the Auto classes, images change the logits."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,17 @@ def test_the_language_tower_is_the_chat_models_text_model(folders, vlm, tmp_path
     ids = torch.tensor([tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]])
     with torch.no_grad():  # without an image, the chat model and its tower give the same logits, <image> row included
         assert torch.allclose(model(input_ids=ids).logits, tower(input_ids=ids).logits, atol=1e-5)
+
+
+def test_the_language_tower_keeps_the_chat_models_dtype(vlm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from helpers.chatgen.vlm import language_tower
+
+    model, processor = vlm
+    half = tmp_path / "bf16"
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(half)  # the shared fixture stays in float32
+    processor.save_pretrained(half)
+    tower = AutoModelForCausalLM.from_pretrained(language_tower(half, tmp_path / "tower"), dtype="auto")
+    assert tower.dtype == torch.bfloat16  # a 7B chat model's text model is not written out at twice its size
+    assert torch.equal(tower.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))

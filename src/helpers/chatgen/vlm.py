@@ -244,12 +244,12 @@ def language_tower(path: str | Path, output: str | Path) -> str:
         return str(path)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-    chat_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    chat_model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")  # a 7B copy stays in bf16/fp16
     inner = getattr(getattr(chat_model, "model", None), "language_model", None)
     if inner is None:
         raise ValueError(f"{path}: a {type(chat_model).__name__} keeps no `model.language_model`; stage 2 needs the "
                          "text model of a LLaVA-style chat model (or give a causal LM)")
-    causal = AutoModelForCausalLM.from_config(chat_model.config.text_config, dtype=torch.float32)
+    causal = AutoModelForCausalLM.from_config(chat_model.config.text_config, dtype=chat_model.dtype)
     causal.get_decoder().load_state_dict(inner.state_dict())  # strict: every weight has its place
     causal.get_output_embeddings().load_state_dict(chat_model.get_output_embeddings().state_dict())
     output = Path(output)
