@@ -106,3 +106,16 @@ def test_state_file_records_key_and_owned_manifests(two_notebooks):
     state = json.loads((two_notebooks / "data" / "runs" / "tiny" / "_runner" / "01_second.json").read_text())
     assert list(state["manifests"]) == ["01_second/manifest.json"]
     assert len(state["key"]) == 64
+
+
+def test_kernels_talk_over_private_unix_sockets(book_root, capfd):
+    body = ("from ipykernel.kernelapp import IPKernelApp\n"
+            "app = IPKernelApp.instance()\n"
+            "print(app.transport, app.ip)")
+    _notebook(book_root / "notebooks" / "00_kernel.ipynb", body)
+    assert _run(book_root) == ["ran"]
+    executed = nbformat.read(book_root / "book" / "00_kernel.ipynb", as_version=4)
+    transport, ip = executed.cells[-1].outputs[0]["text"].split()
+    assert transport == "ipc" and Path(ip).name == "kernel" and Path(ip).parent.name.startswith("t2ibook-kernel-")
+    assert not Path(ip).parent.exists()  # the socket folder went with the kernel
+    assert "without encryption" not in capfd.readouterr().err

@@ -145,6 +145,18 @@ def _failure_message(path: Path, output: Path, error: Exception, root: Path) -> 
             f"executed copy with the full traceback: {shown}")
 
 
+def ipc_kernel_manager(folder: Path):
+    """A kernel-manager class whose kernels talk over Unix sockets in `folder` (a private temporary folder), not
+    over unencrypted local TCP ports, which the kernel warns about on every start."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=str(folder / "kernel"), **kwargs)
+
+    return IpcKernelManager
+
+
 def _process_group_env(index: int) -> dict[str, str]:
     """Under a multi-process launch: a rendezvous of its own for each notebook's kernels.
 
@@ -195,10 +207,12 @@ def run_notebooks(recipe: Recipe, first: str | None = None, last: str | None = N
         before = {k: os.environ.get(k) for k in kernel_env}
         os.environ.update(kernel_env)  # the kernel inherits the runner's environment
         try:
-            papermill.execute_notebook(str(path), str(output),
-                                       parameters=parameters, kernel_name="python3", cwd=str(root / "notebooks"),
-                                       progress_bar={"desc": path.stem, "leave": False} if progress else False,
-                                       request_save_on_cell_execute=True)
+            with tempfile.TemporaryDirectory(prefix="t2ibook-kernel-") as sockets:
+                papermill.execute_notebook(str(path), str(output),
+                                           parameters=parameters, kernel_name="python3", cwd=str(root / "notebooks"),
+                                           progress_bar={"desc": path.stem, "leave": False} if progress else False,
+                                           request_save_on_cell_execute=True,
+                                           kernel_manager_class=ipc_kernel_manager(Path(sockets)))
         except PapermillExecutionError as error:
             raise NotebookFailed(_failure_message(path, output, error, root)) from None
         finally:
