@@ -626,7 +626,7 @@ class Executor:
                 for request, key, weights_id, size in planned]
 
     def _note_overflow(self, pipeline, texts: list[str]) -> None:
-        """Counts prompts longer than the text window in `stats["texts_over_token_window"]`; says so once per run."""
+        """Counts prompts past the text window in `stats["texts_over_token_window"]`; says so once per executor."""
         over = clip_overflow(pipeline, texts)
         if over and not self.stats["texts_over_token_window"]:
             print(f"Note: a prompt or negative prompt is longer than the text encoder's "
