@@ -170,10 +170,80 @@ def test_tifa_score_is_the_share_of_right_choices_and_each_answer_is_cached(tifa
     scripted = ScriptedVqa({"is this a surfer?": "yes", "what color is the board?": "blue",
                             "how many cats are there?": "2"})
     cache = ScoreCache(tmp_path / "scores.jsonl")
-    scores = bench.tifa_scores(images, questions, None, scorer=scripted, cache=cache, images_per_batch=2)
+    scores = bench.tifa_scores(images, questions, None, answering="likeliest", scorer=scripted, cache=cache,
+                               images_per_batch=2)
     assert scores == [50.0, 100.0, 50.0]  # surfer right, board wrong; the cats counted right
     assert len(scripted.asked) == 5
-    again = bench.tifa_scores(images, questions, None, scorer=scripted, cache=ScoreCache(tmp_path / "scores.jsonl"))
+    again = bench.tifa_scores(images, questions, None, answering="likeliest", scorer=scripted,
+                              cache=ScoreCache(tmp_path / "scores.jsonl"))
     assert again == scores and len(scripted.asked) == 5  # read back from the file: nothing asked twice
     with pytest.raises(ValueError, match="at least one TIFA question"):
-        bench.tifa_scores(images[:1], [[]], None, scorer=scripted, cache=cache)
+        bench.tifa_scores(images[:1], [[]], None, answering="likeliest", scorer=scripted, cache=cache)
+
+
+class FreeVqa:
+    """Free answers from a script, counting the prompts' choice lists it was shown."""
+
+    weights_id = "free@1"
+
+    def __init__(self, answers):
+        self.answers, self.shown = answers, []
+
+    def free_form_answers(self, images, questions, choices):
+        assert len(images) == len(questions) == len(choices)
+        self.shown += [list(c) for c in choices]
+        return [self.answers[q] for q in questions]
+
+
+class CountingEncoder:
+    """A real sentence encoder that counts the texts it embeds."""
+
+    weights_id = "minilm@test"
+
+    def __init__(self, encoder):
+        self.encoder, self.texts, self.calls = encoder, [], 0
+
+    def encode(self, texts, **kwargs):
+        self.texts += list(texts)
+        self.calls += 1
+        return self.encoder.encode(texts, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from helpers.models import load_text_encoder, minilm_path
+
+    return load_text_encoder(str(minilm_path()))
+
+
+def test_a_free_answer_maps_onto_the_nearest_choice_and_a_choice_stands(minilm):
+    encoder = CountingEncoder(minilm)
+    answers = ["pale green", "two", "yes", "a cat"]  # TIFA's own example first: "pale green" → "green"
+    choices = [["black", "green", "yellow", "brown"], ["1", "2", "3"], ["yes", "no"], ["dog", "cat", "horse"]]
+    assert bench.nearest_choices(answers, choices, encoder) == ["green", "2", "yes", "cat"]
+    assert encoder.calls == 1  # one call; "yes" is a choice already, so neither it nor "no" is embedded
+    assert sorted(encoder.texts) == sorted(set(encoder.texts)) and "no" not in encoder.texts
+    assert bench.nearest_choices(["yes"], [["yes", "no"]], encoder) == ["yes"] and encoder.calls == 1
+    with pytest.raises(ValueError, match="one of each per question"):
+        bench.nearest_choices(answers, choices[:2], encoder)
+
+
+def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_file, tmp_path, minilm):
+    rows = bench.load_tifa(tifa_file, tmp_path)
+    images = [SimpleNamespace(key=f"img{i}", image=object()) for i in range(2)]
+    questions = [rows[0]["questions"], rows[1]["questions"]]
+    free = FreeVqa({"is this a surfer?": "yes", "what color is the board?": "snow white",
+                    "how many cats are there?": "three"})
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    encoder = CountingEncoder(minilm)
+    scores = bench.tifa_scores(images, questions, None, scorer=free, encoder=encoder, cache=cache)
+    assert scores == [100.0, 0.0]  # "snow white" → white (right); "three" → 3, but the answer is 2
+    assert free.shown == [["yes", "no"], ["white", "black", "red", "blue"], ["1", "2", "3"]]
+    assert bench.tifa_scores(images, questions, None, scorer=free, encoder=encoder, cache=cache) == scores
+    assert len(free.shown) == 3  # cached: nothing asked twice
+    scripted = ScriptedVqa({"is this a surfer?": "no", "what color is the board?": "white",
+                            "how many cats are there?": "2"})
+    likeliest = bench.tifa_scores(images, questions, None, answering="likeliest", scorer=scripted, cache=cache)
+    assert likeliest == [50.0, 100.0] and len(scripted.asked) == 3  # its own cache entries, asked afresh
+    with pytest.raises(ValueError, match="answering='sbert' is not a TIFA answering method; use one of 'free_form'"):
+        bench.tifa_scores(images, questions, None, answering="sbert", scorer=free, cache=cache)

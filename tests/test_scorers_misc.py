@@ -347,3 +347,26 @@ def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(wh
         scorer.choice_log_likelihoods(images[:1], QUESTIONS[:1], [[]])
     with pytest.raises(ValueError, match="one of each per question"):
         scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES[:2])
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_free_form_answers_are_the_models_own_greedy_answers_to_tifas_prompt(which, vqa_scorer, t5_vqa_scorer):
+    import torch
+
+    scorer = vqa_scorer if which == "llama" else t5_vqa_scorer
+    images = _noise_images(3, seed=4)
+    batched = scorer.free_form_answers(images, QUESTIONS, CHOICES)  # padded together
+    tokenizer = scorer.processor.tokenizer
+    for image, question, options, answer in zip(images, QUESTIONS, CHOICES, batched):
+        prompt = f"Answer the multiple-choice question. Question: {question} Choices: {', '.join(options)} Answer:"
+        inputs = scorer.processor(images=[image], text=[prompt], return_tensors="pt")
+        with torch.no_grad():  # the whole model's own generate, one question at a time, unpadded
+            out = scorer.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        new = out[0] if which == "t5" else out[0, inputs["input_ids"].shape[1]:]  # decoder-only repeats the prompt
+        assert answer == tokenizer.decode(new, skip_special_tokens=True).strip()
+        assert "Question:" not in answer
+    free = scorer.free_form_answers(images[:1], QUESTIONS[:1])  # no choices: TIFA's plain question prompt
+    assert isinstance(free[0], str)
+    assert scorer.free_form_answers([], []) == []
+    with pytest.raises(ValueError, match="one image .and choice list. per question"):
+        scorer.free_form_answers(images, QUESTIONS, CHOICES[:2])

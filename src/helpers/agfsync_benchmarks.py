@@ -2,8 +2,10 @@
 
 * **TIFA v1.0** (Hu et al., 2023): 4,081 captions, each with GPT-3-written questions (yes/no and multiple choice)
   and their answers. The TIFA score of an image is the share of its caption's questions a VQA model answers
-  correctly, ×100. Here BLIP-2 answers each question with the choice it finds likeliest (`VqaScorer.choose`);
-  TIFA's own code maps a free-form answer onto the choices instead, so scores compare within this book only.
+  correctly, ×100. By default the answer follows TIFA's code (`answering="free_form"`): BLIP-2 answers freely,
+  the choices listed in its prompt, and an answer that is not one of the choices becomes the choice nearest to it
+  by sentence embedding (`nearest_choices`; TIFA's all-mpnet-base-v2 in the paper profile, MiniLM in the small
+  ones). `answering="likeliest"` takes the choice BLIP-2 finds likeliest per token instead (`VqaScorer.choose`).
 * **HPS v2 benchmark** (Wu et al., 2023): 800 prompts in each of four styles (anime, concept-art, paintings,
   photo), scored with HPS v2 (reported ×100, as the benchmark does).
 
@@ -27,6 +29,8 @@ TIFA_SOURCE = "https://raw.githubusercontent.com/Yushi-Hu/tifa/main/tifa_v1.0/ti
 HPS_SOURCE = "hf://datasets/zhwang/HPDv2/benchmark"
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 STAND_IN = "held-out AGFSync prompts"  # the `source` of rows that stand in for a benchmark not given
+ANSWERING = {"free_form": "TIFA's protocol: BLIP-2's free answer, mapped onto the nearest choice",
+             "likeliest": "the choice BLIP-2 finds likeliest per token"}
 
 
 def fetch(source: str | Path, cache_dir: str | Path) -> Path:
@@ -134,47 +138,100 @@ def benchmark_sets(tifa: str, hps: str, held_out: Sequence[Mapping[str, Any]], c
                         for p in held_out])}
 
 
-def tifa_key(question: Mapping[str, Any]) -> str:
-    """The score-cache name of one TIFA question (its text, choices and answer)."""
-    return "tifa:" + sha256_json([question["question"], list(question["choices"]), question["answer"]])[:16]
+def tifa_key(question: Mapping[str, Any], answering: str = "free_form") -> str:
+    """The score-cache name of one TIFA question (its text, choices and answer) under one answering method."""
+    return f"tifa-{answering}:" + sha256_json([question["question"], list(question["choices"]),
+                                               question["answer"]])[:16]
 
 
-def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, scorer=None, cache=None,
-                images_per_batch: int = 16) -> list[float]:
+def check_answering(answering: str) -> str:
+    if answering not in ANSWERING:
+        raise ValueError(f"answering={answering!r} is not a TIFA answering method; use one of "
+                         + ", ".join(f"{name!r} ({what})" for name, what in ANSWERING.items()))
+    return answering
+
+
+def nearest_choices(answers: Sequence[str], choices: Sequence[Sequence[str]], encoder) -> list[str]:
+    """TIFA's mapping of free answers onto choices: an answer that is one of its choices stands; any other becomes
+    the choice whose normalised sentence embedding is nearest to the answer's (cosine similarity).
+
+    Every distinct text (answers and choices) is embedded once, in one call to `encoder.encode`.
+    """
+    import numpy as np
+
+    if len(answers) != len(choices):
+        raise ValueError(f"got {len(answers)} answers for {len(choices)} choice lists; pass one of each per question")
+    texts = sorted({str(a) for a, options in zip(answers, choices) if a not in options}
+                   | {str(c) for a, options in zip(answers, choices) if a not in options for c in options})
+    if not texts:
+        return list(answers)
+    at = {text: i for i, text in enumerate(texts)}
+    embeddings = np.asarray(encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                           show_progress_bar=False), dtype=np.float32)
+    mapped = []
+    for answer, options in zip(answers, choices):
+        if answer in options:
+            mapped.append(answer)
+            continue
+        similarity = embeddings[[at[str(c)] for c in options]] @ embeddings[at[str(answer)]]
+        mapped.append(options[int(similarity.argmax())])
+    return mapped
+
+
+def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, answering: str = "free_form",
+                scorer=None, encoder=None, cache=None, images_per_batch: int = 16) -> list[float]:
     """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice.
 
-    Each answer is cached (1 right, 0 wrong) like any score, so an image is never asked the same question twice;
-    under a multi-process launch the images are split across processes.
+    `answering`: "free_form" (TIFA's protocol; `encoder`, a sentence encoder, maps answers onto choices) or
+    "likeliest" (`VqaScorer.choose`). Each answer is cached (1 right, 0 wrong) like any score, under the method and
+    the weights of both models, so an image is never asked the same question twice; under a multi-process launch
+    the images are split across processes.
     """
-    from .models import resolve
+    from .models import load_text_encoder, resolve
+    from .scorers.base import local_weight_files, weights_id
     from .scorers.vqa import load_vqa, vqa_weights_id
     from .scoring import ScoreCache, cached_answers
 
+    check_answering(answering)
     if any(not asked for asked in questions):
         raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
-    names = [[tifa_key(q) for q in asked] for asked in questions]
+    names = [[tifa_key(q, answering) for q in asked] for asked in questions]
     weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
+    if answering == "free_form":
+        if encoder is None:
+            sbert = resolve("tifa_sbert", ctx)
+            weights += "+" + weights_id(sbert, *local_weight_files(sbert))
+        else:
+            weights += "+" + getattr(encoder, "weights_id", type(encoder).__name__)
 
-    def answer(model, images, asked) -> list[float]:
-        chosen = model.choose(images, [q["question"] for q in asked], [q["choices"] for q in asked])
+    def load():
+        vqa = scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device)
+        if answering == "likeliest":
+            return vqa, None
+        return vqa, encoder if encoder is not None else load_text_encoder(resolve("tifa_sbert", ctx), ctx.device)
+
+    def answer(models, images, asked) -> list[float]:
+        (vqa, sbert), texts, options = models, [q["question"] for q in asked], [q["choices"] for q in asked]
+        chosen = (vqa.choose(images, texts, options) if sbert is None else
+                  nearest_choices(vqa.free_form_answers(images, texts, options), options, sbert))
         return [float(c == q["answer"]) for c, q in zip(chosen, asked)]
 
     right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
-                           load=lambda: scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device),
-                           answer=answer)
+                           load=load, answer=answer)
     return [100.0 * sum(row) / len(row) for row in right]
 
 
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
-             ctx, seeds: int):
-    """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA, HPS v2 (×100) on
-    HPS v2. One row per image: benchmark, source, system, prompt_id, category, prompt, seed, key, metric, value."""
+             ctx, seeds: int, tifa_answering: str = "free_form"):
+    """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA (answered by
+    `tifa_answering`, see `tifa_scores`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system, prompt_id, category, prompt, seed, key, metric, value."""
     import pandas as pd
 
     from .scoring import ScoringRun
     from .t2i import Request
 
+    check_answering(tifa_answering)  # before any image is drawn
     tables = []
     for benchmark, rows in sets.items():
         requests, owners = [], []
@@ -193,7 +250,8 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
         if benchmark == "TIFA":
             by_id = {row["prompt_id"]: row["questions"] for row in rows}
             table["metric"] = "TIFA score"
-            table["value"] = tifa_scores(generated, [by_id[o["prompt_id"]] for o in owners], ctx)
+            table["value"] = tifa_scores(generated, [by_id[o["prompt_id"]] for o in owners], ctx,
+                                         answering=tifa_answering)
         else:
             table["metric"] = "HPS v2 (×100)"
             table["value"] = 100.0 * ScoringRun.for_run(ctx, ("hps",)).score(generated)["hps"].to_numpy()

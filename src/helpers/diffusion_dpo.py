@@ -544,11 +544,12 @@ def _load_base(path: str, ctx):
 def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompts_jsonl: Path, *, architecture: str,
               config_kwargs: Mapping[str, Any], variants: Mapping[str, Sequence[float]], eval_seeds: int,
               max_side: int | None, batch_size: int, tifa: str = "", hps_benchmark: str = "",
-              benchmark_limit: int = 0) -> dict[str, Any]:
+              benchmark_limit: int = 0, tifa_answering: str = "free_form") -> dict[str, Any]:
     """Notebook 13: Diffusion-DPO on notebook 12's pairs (and on pairs chosen by other score weights), then the
     base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates; and the
     base and AGFSync models draw the TIFA and HPS v2 benchmarks (`tifa`, `hps_benchmark`: their sources; empty, the
-    held-out prompts stand in; `benchmark_limit`: prompts per set, per style for HPS v2, 0 for all)."""
+    held-out prompts stand in; `benchmark_limit`: prompts per set, per style for HPS v2, 0 for all;
+    `tifa_answering`: how BLIP-2's answers become choices, see `agfsync_benchmarks.tifa_scores`)."""
     import pandas as pd
     from datasets import load_from_disk
 
@@ -558,6 +559,7 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     from .t2i import ImageCache, ModelCatalog, Request, default_api
 
     folder = Path(folder)
+    agfsync_benchmarks.check_answering(tifa_answering)  # before hours of training
     base_path = resolve("t2i_pipeline_xl" if architecture == "SDXL 1.0" else "t2i_pipeline", ctx)
 
     def config(name: str) -> DiffusionDPOConfig:
@@ -591,7 +593,7 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     sets = agfsync_benchmarks.benchmark_sets(tifa, hps_benchmark, prompts, ctx.runs_dir / "downloads",
                                              limit=benchmark_limit, seed=ctx.seed)
     benchmarks = agfsync_benchmarks.evaluate(sets, {name: systems[name] for name in ("base", "AGFSync")}, executor,
-                                             ctx, eval_seeds)
+                                             ctx, eval_seeds, tifa_answering)
     benchmarks.to_csv(folder / "benchmarks.csv", index=False)
     first, last = logs["AGFSync"][0], logs["AGFSync"][-1]
     return {"pairs": len(load_from_disk(str(preferences))), "models_trained": len(logs),

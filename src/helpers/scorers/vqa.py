@@ -17,6 +17,9 @@ from ..device import place
 from .base import local_weight_files, rgb, weights_id
 
 PROMPT = "Question: {question} Answer:"
+# TIFA's BLIP-2 prompts (Hu et al., 2023): the multiple-choice one lists the choices, the free one does not
+TIFA_CHOICE_PROMPT = "Answer the multiple-choice question. Question: {question} Choices: {choices} Answer:"
+TIFA_FREE_PROMPT = "Answer the question. Question: {question} Answer:"
 # Spellings the first answer token can take: plain, after a space (byte BPE "Ġyes"), sentencepiece ("▁yes").
 YES_VARIANTS = ("yes", " yes")
 NO_VARIANTS = ("no", " no")
@@ -145,6 +148,29 @@ class VqaScorer:
         """The likeliest choice for each (image, question) (`choice_log_likelihoods`)."""
         return [options[int(np.argmax(scores))] for options, scores
                 in zip(choices, self.choice_log_likelihoods(images, questions, choices))]
+
+    @torch.no_grad()
+    def free_form_answers(self, images: Sequence[Image.Image], questions: Sequence[str],
+                          choices: Sequence[Sequence[str]] | None = None, max_new_tokens: int = 10) -> list[str]:
+        """BLIP-2's own greedy answer to each (image, question), as TIFA asks it: with the choices listed in the
+        prompt where `choices` is given (TIFA's multiple-choice prompt), else the free question."""
+        if len(images) != len(questions) or (choices is not None and len(choices) != len(questions)):
+            raise ValueError(f"got {len(images)} images and {len(choices) if choices is not None else 'no'} choice "
+                             f"lists for {len(questions)} questions; pass one image (and choice list) per question")
+        if not questions:
+            return []
+        texts = ([TIFA_FREE_PROMPT.format(question=q) for q in questions] if choices is None else
+                 [TIFA_CHOICE_PROMPT.format(question=q, choices=", ".join(map(str, c)))
+                  for q, c in zip(questions, choices)])
+        text_inputs, inputs = self._embedded(images, texts)
+        if not self.model.config.is_encoder_decoder:
+            text_inputs["input_ids"] = inputs["input_ids"]
+        tokenizer = self.processor.tokenizer
+        sequences = self.model.language_model.generate(**text_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                                       num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        if not self.model.config.is_encoder_decoder:  # a decoder-only model returns the prompt before the answer
+            sequences = sequences[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
 
     def answers(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[bool]:
         """True where the model answers "yes" (P(yes) > 0.5)."""
