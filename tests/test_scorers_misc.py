@@ -333,7 +333,14 @@ def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(wh
     scorer = vqa_scorer if which == "llama" else t5_vqa_scorer
     assert scorer.model.config.is_encoder_decoder == (which == "t5")
     images = _noise_images(3, seed=2)
+    encoded_rows = []
+    if which == "t5":  # the encoder reads each question once, not once per choice
+        hook = scorer.model.language_model.get_encoder().register_forward_hook(
+            lambda module, args, kwargs, out: encoded_rows.append(out.last_hidden_state.shape[0]), with_kwargs=True)
     batched = scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES)  # 9 (image, question, choice) rows at once
+    if which == "t5":
+        hook.remove()
+        assert encoded_rows == [3]
     assert [len(s) for s in batched] == [2, 3, 4]
     for image, question, options, scores in zip(images, QUESTIONS, CHOICES, batched):
         np.testing.assert_allclose(scores, _reference_choice_scores(scorer, image, question, options), rtol=1e-4)

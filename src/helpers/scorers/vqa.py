@@ -98,20 +98,20 @@ class VqaScorer:
 
         Multiple-choice questions (TIFA's) are answered by the choice the model finds likeliest, per token so that a
         long choice is not penalised for its length. A decoder-only text model reads "Question: … Answer: <choice>"
-        and the choice's tokens are those after the prompt's; an encoder-decoder one reads the prompt and decodes the
-        choice.
+        and the choice's tokens are those after the prompt's; an encoder-decoder one encodes the prompt once per
+        question and decodes each choice from it.
         """
         if not len(images) == len(questions) == len(choices):
             raise ValueError(f"got {len(images)} images, {len(questions)} questions and {len(choices)} choice lists; "
                              "pass one of each per question")
         if any(not options for options in choices):
             raise ValueError("every question needs at least one choice; got an empty choice list")
-        flat = [(image, PROMPT.format(question=q), str(c)) for image, q, options in zip(images, questions, choices)
-                for c in options]
-        if not flat:
+        if not questions:
             return []
-        scores = (self._choice_scores_seq2seq(flat) if self.model.config.is_encoder_decoder
-                  else self._choice_scores_causal(flat))
+        prompts = [PROMPT.format(question=q) for q in questions]
+        scores = (self._choice_scores_seq2seq(images, prompts, choices) if self.model.config.is_encoder_decoder
+                  else self._choice_scores_causal([(image, prompt, str(c)) for image, prompt, options
+                                                   in zip(images, prompts, choices) for c in options]))
         out, at = [], 0
         for options in choices:
             out.append(scores[at:at + len(options)])
@@ -132,13 +132,22 @@ class VqaScorer:
         log_probs = logits[:, :-1].log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
         return np.array([log_probs[row, -n:].mean().item() for row, n in enumerate(lengths)])
 
-    def _choice_scores_seq2seq(self, flat) -> np.ndarray:
-        tokenizer = self.processor.tokenizer
-        text_inputs, _ = self._embedded([image for image, _, _ in flat], [prompt for _, prompt, _ in flat])
+    def _choice_scores_seq2seq(self, images, prompts, choices) -> np.ndarray:
+        """The encoder reads each (image, question) once; its output is repeated for the decoder, once per choice."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        tokenizer, language_model = self.processor.tokenizer, self.model.language_model
+        text_inputs, _ = self._embedded(images, prompts)
+        encoded = language_model.get_encoder()(**text_inputs).last_hidden_state
+        per_question = torch.tensor([len(options) for options in choices], device=encoded.device)
+        flat = [str(c) for options in choices for c in options]
         # padded on the right whatever the tokenizer's side: the decoder reads the choice from its first position
-        labels = nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids in tokenizer([c for _, _, c in flat])["input_ids"]],
+        labels = nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids in tokenizer(flat)["input_ids"]],
                                            batch_first=True, padding_value=-100).to(self.model.device)
-        logits = self.model.language_model(**text_inputs, labels=labels).logits.float()
+        logits = language_model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.repeat_interleave(
+                                    per_question, 0)),
+                                attention_mask=text_inputs["attention_mask"].repeat_interleave(per_question, 0),
+                                labels=labels).logits.float()
         counted = labels != -100
         log_probs = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
         return (log_probs.sum(-1) / counted.sum(-1).clamp(min=1)).cpu().numpy()
