@@ -1,6 +1,8 @@
 """ChatGen-Evo stage 2 (ModelTokens) on a tiny random Llama: the freeze, learning, greedy selection, save/load."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -212,3 +214,28 @@ def test_save_load_round_trip(lm, llama_folder, tmp_path):
         assert select_models(loaded, loaded_tokenizer, examples, max_new_tokens=max_new_tokens,
                              return_written=True) == \
             select_models(head, tokenizer, examples, max_new_tokens=max_new_tokens, return_written=True)
+
+
+def test_a_saved_head_names_a_local_base_model_relative_to_itself_so_the_run_folder_can_move(llama_folder, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_folder, run / "lm")
+    model, tokenizer = models.load_causal_lm(str(run / "lm"))
+    head = ModelTokenHead(model, MODEL_NAMES, tokenizer)
+    with torch.no_grad():
+        head.rows.add_(0.5)  # rows unlike a fresh head's
+    head.save(run / "tokens")
+    meta = json.loads((run / "tokens" / "model_tokens.json").read_text())
+    assert meta["base_model"] == "../lm"  # no absolute path of this machine in the saved files
+    assert str(tmp_path) not in (run / "tokens" / "README.md").read_text()
+    run.rename(tmp_path / "moved")
+    loaded, _ = ModelTokenHead.load(tmp_path / "moved" / "tokens")  # the base model found from the head's folder
+    assert torch.equal(loaded.rows, head.rows)
+    assert Path(loaded.model.config._name_or_path).resolve() == (tmp_path / "moved" / "lm").resolve()
+    meta["base_model"] = ""
+    (tmp_path / "moved" / "tokens" / "model_tokens.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names no base model; pass base_model_path"):
+        ModelTokenHead.load(tmp_path / "moved" / "tokens")
+

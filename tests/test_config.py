@@ -73,3 +73,33 @@ def test_setup_seeds_and_goes_offline(book_root, monkeypatch):
 
 def test_repo_root_prefers_environment(book_root):
     assert config.repo_root() == book_root.resolve()
+
+
+@pytest.mark.parametrize("library", ["transformers", "diffusers"])
+def test_errors_only_silences_warnings_inside_and_restores_the_level_after_an_error(library):
+    import importlib
+    import logging
+
+    library_logging = importlib.import_module(f"{library}.utils.logging")
+    before = library_logging.get_verbosity()
+    log = library_logging.get_logger(f"{library}.t2ibook_test")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library_logging.get_logger().addHandler(handler)  # the library's root logger (it does not propagate)
+    with pytest.raises(RuntimeError, match="inside"):
+        with config.errors_only(library):
+            assert library_logging.get_verbosity() == logging.ERROR
+            raise RuntimeError("inside")
+    assert library_logging.get_verbosity() == before != logging.ERROR  # restored although the block failed
+    try:
+        with config.errors_only(library):
+            log.warning("expected notice")
+            log.error("a real error")
+        log.warning("a later warning")
+    finally:
+        library_logging.get_logger().removeHandler(handler)
+    assert seen == ["a real error", "a later warning"]
+    with pytest.raises(ValueError, match="only 'transformers' and 'diffusers'"):
+        with config.errors_only("torch"):
+            pass

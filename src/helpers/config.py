@@ -1,8 +1,10 @@
 """Profiles, recipes and the per-notebook run context (paths, seed, device)."""
 from __future__ import annotations
 
+import importlib
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,21 @@ def _quiet_library_progress_bars() -> None:
     diffusers.utils.logging.disable_progress_bar()
     # (CLIP's per-batch "input was truncated" notices are filtered where prompts are encoded and counted instead:
     # helpers.speed.quiet_clip_truncation; every other diffusers warning still shows)
+
+
+@contextmanager
+def errors_only(library: str):
+    """Inside: `library` ("transformers" or "diffusers") logs errors only, for a notice the caller expects and has
+    no use for; the library's level before is restored afterwards, also on an exception."""
+    if library not in ("transformers", "diffusers"):
+        raise ValueError(f"errors_only({library!r}): only 'transformers' and 'diffusers' have a verbosity to set")
+    library_logging = importlib.import_module(f"{library}.utils.logging")
+    level = library_logging.get_verbosity()
+    library_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        library_logging.set_verbosity(level)
 
 
 def _display_defaults() -> None:

@@ -561,21 +561,17 @@ class Executor:
         loaded = pipeline.__dict__.setdefault("_t2i_loras", set())
         name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
         if name not in loaded:
-            from diffusers.utils import logging as diffusers_logging
+            from .config import errors_only
 
             path = Path(lora.path)
-            level = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()  # Civitai LoRAs often train the UNet only: not worth a warning
-            try:
-                with warnings.catch_warnings():
-                    # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
-                    warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
-                    if lora.kind == "file":
-                        pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                    else:
-                        pipeline.load_lora_weights(str(path), adapter_name=name)
-            finally:
-                diffusers_logging.set_verbosity(level)
+            # Civitai LoRAs often train the UNet only: not worth a warning
+            with errors_only("diffusers"), warnings.catch_warnings():
+                # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
+                warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+                if lora.kind == "file":
+                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                else:
+                    pipeline.load_lora_weights(str(path), adapter_name=name)
             loaded.add(name)
         pipeline.enable_lora()
         pipeline.set_adapters([name], adapter_weights=[1.0])

@@ -21,6 +21,7 @@ the assistant's reply, where the model token is predicted.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -159,26 +160,34 @@ class ModelTokenHead(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"rows": self.rows.detach().cpu().contiguous()}, folder / ROWS_FILE)
         base = str(getattr(self.model.config, "_name_or_path", ""))
+        if base and Path(base).is_absolute() and Path(base).exists():  # a local LM: where it lies from `folder`, so
+            base = os.path.relpath(base, folder)                       # the run folder can move as one piece
         meta = {"model_names": self.model_names, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                 "init": self.init, "base_model": base}
         (folder / NAMES_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         (folder / "README.md").write_text(
             "# ChatGen-Evo ModelTokens\n\nOne output row per catalog model for the frozen causal LM "
             f"`{base}` (vocabulary {self.vocab_size}, hidden size {self.hidden_size}); model token i has id "
-            f"{self.vocab_size} + i. Load with `helpers.chatgen.model_tokens.ModelTokenHead.load(folder, "
-            f"base_model_path)`.\n\nModels: {', '.join(self.model_names)}\n")
+            f"{self.vocab_size} + i. Load with `helpers.chatgen.model_tokens.ModelTokenHead.load(folder)` (a local "
+            f"base model is named relative to this folder) or pass another `base_model_path`.\n\nModels: {', '.join(self.model_names)}\n")
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, base_model_path: str | Path, device: str = "cpu",
+    def load(cls, folder: str | Path, base_model_path: str | Path | None = None, device: str = "cpu",
              dtype: torch.dtype | None = None):
-        """(head, tokenizer): the base causal LM from `base_model_path` with the saved rows on top."""
+        """(head, tokenizer): the base causal LM from `base_model_path` with the saved rows on top. Without
+        `base_model_path`, the base model the rows were saved with: a hub id, or a folder relative to `folder`."""
         from safetensors.torch import load_file
 
         from ..models import load_causal_lm
 
         folder = Path(folder)
         meta = json.loads((folder / NAMES_FILE).read_text())
+        if base_model_path is None:
+            if not meta.get("base_model"):
+                raise ValueError(f"{folder / NAMES_FILE} names no base model; pass base_model_path")
+            recorded = Path(meta["base_model"])
+            base_model_path = (folder / recorded).resolve() if (folder / recorded).exists() else meta["base_model"]
         rows = load_file(folder / ROWS_FILE)["rows"]
         model, tokenizer = load_causal_lm(str(base_model_path), device=device, dtype=dtype)
         head = cls(model, meta["model_names"], init=rows)

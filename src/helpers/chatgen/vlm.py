@@ -73,14 +73,10 @@ def build_tiny_vlm(folder: str | Path, llm_folder: str | Path, seed: int = 0, im
     torch.manual_seed(seed)
     # the new row (input and output) is drawn around the old embeddings' mean, so it is on their scale (asked for
     # here, so transformers' notice that it does so is not shown)
-    from transformers.utils import logging as transformers_logging
+    from ..config import errors_only
 
-    level = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
+    with errors_only("transformers"):
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    finally:
-        transformers_logging.set_verbosity(level)
     tokenizer.chat_template = VLM_CHAT_TEMPLATE
 
     num_patches = (image_size // patch_size) ** 2
