@@ -357,7 +357,7 @@ def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(wh
 
 
 @pytest.mark.parametrize("which", ["llama", "t5"])
-def test_free_form_answers_are_the_models_own_greedy_answers_to_tifas_prompt(which, vqa_scorer, t5_vqa_scorer):
+def test_free_form_answers_are_the_models_own_beam_search_answers_to_tifas_prompt(which, vqa_scorer, t5_vqa_scorer):
     import torch
 
     scorer = vqa_scorer if which == "llama" else t5_vqa_scorer
@@ -368,7 +368,7 @@ def test_free_form_answers_are_the_models_own_greedy_answers_to_tifas_prompt(whi
         prompt = f"Answer the multiple-choice question. Question: {question} Choices: {', '.join(options)} Answer:"
         inputs = scorer.processor(images=[image], text=[prompt], return_tensors="pt")
         with torch.no_grad():  # the whole model's own generate, one question at a time, unpadded
-            out = scorer.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+            out = scorer.model.generate(**inputs, max_new_tokens=30, num_beams=5, do_sample=False)
         new = out[0] if which == "t5" else out[0, inputs["input_ids"].shape[1]:]  # decoder-only repeats the prompt
         assert answer == tokenizer.decode(new, skip_special_tokens=True).strip()
         assert "Question:" not in answer

@@ -160,9 +160,11 @@ class VqaScorer:
 
     @torch.no_grad()
     def free_form_answers(self, images: Sequence[Image.Image], questions: Sequence[str],
-                          choices: Sequence[Sequence[str]] | None = None, max_new_tokens: int = 10) -> list[str]:
-        """BLIP-2's own greedy answer to each (image, question), as TIFA asks it: with the choices listed in the
-        prompt where `choices` is given (TIFA's multiple-choice prompt), else the free question."""
+                          choices: Sequence[Sequence[str]] | None = None, max_new_tokens: int = 30,
+                          num_beams: int = 5) -> list[str]:
+        """BLIP-2's own answer to each (image, question), as TIFA asks it: with the choices listed in the prompt
+        where `choices` is given (TIFA's multiple-choice prompt), else the free question; beam search with TIFA's
+        BLIP-2 settings (LAVIS's defaults: 5 beams, up to 30 new tokens)."""
         if len(images) != len(questions) or (choices is not None and len(choices) != len(questions)):
             raise ValueError(f"got {len(images)} images and {len(choices) if choices is not None else 'no'} choice "
                              f"lists for {len(questions)} questions; pass one image (and choice list) per question")
@@ -176,7 +178,7 @@ class VqaScorer:
             text_inputs["input_ids"] = inputs["input_ids"]
         tokenizer = self.processor.tokenizer
         sequences = self.model.language_model.generate(**text_inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                                       num_beams=1, pad_token_id=tokenizer.pad_token_id)
+                                                       num_beams=num_beams, pad_token_id=tokenizer.pad_token_id)
         if not self.model.config.is_encoder_decoder:  # a decoder-only model returns the prompt before the answer
             sequences = sequences[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
