@@ -189,8 +189,9 @@ class FreeVqa:
     def __init__(self, answers):
         self.answers, self.shown = answers, []
 
-    def free_form_answers(self, images, questions, choices):
+    def free_form_answers(self, images, questions, choices, **decoding):
         assert len(images) == len(questions) == len(choices)
+        assert decoding == {"num_beams": 5, "max_new_tokens": 30}  # TIFA's BLIP-2 decoding
         self.shown += [list(c) for c in choices]
         return [self.answers[q] for q in questions]
 
@@ -228,7 +229,8 @@ def test_a_free_answer_maps_onto_the_nearest_choice_and_a_choice_stands(minilm):
         bench.nearest_choices(answers, choices[:2], encoder)
 
 
-def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_file, tmp_path, minilm):
+def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_file, tmp_path, minilm,
+                                                                         monkeypatch):
     rows = bench.load_tifa(tifa_file, tmp_path)
     images = [SimpleNamespace(key=f"img{i}", image=object()) for i in range(2)]
     questions = [rows[0]["questions"], rows[1]["questions"]]
@@ -245,5 +247,8 @@ def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_f
                             "how many cats are there?": "2"})
     likeliest = bench.tifa_scores(images, questions, None, answering="likeliest", scorer=scripted, cache=cache)
     assert likeliest == [50.0, 100.0] and len(scripted.asked) == 3  # its own cache entries, asked afresh
+    key = bench.tifa_key(questions[0][0])
+    monkeypatch.setitem(bench.FREE_FORM_DECODING, "num_beams", 1)
+    assert bench.tifa_key(questions[0][0]) != key  # other decoding settings: other answers, asked afresh
     with pytest.raises(ValueError, match="answering='sbert' is not a TIFA answering method; use one of 'free_form'"):
         bench.tifa_scores(images, questions, None, answering="sbert", scorer=free, cache=cache)

@@ -31,6 +31,7 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 STAND_IN = "held-out AGFSync prompts"  # the `source` of rows that stand in for a benchmark not given
 ANSWERING = {"free_form": "TIFA's protocol: BLIP-2's free answer, mapped onto the nearest choice",
              "likeliest": "the choice BLIP-2 finds likeliest per token"}
+FREE_FORM_DECODING = {"num_beams": 5, "max_new_tokens": 30}  # TIFA's BLIP-2 settings (LAVIS's generate defaults)
 
 
 def fetch(source: str | Path, cache_dir: str | Path) -> Path:
@@ -139,9 +140,11 @@ def benchmark_sets(tifa: str, hps: str, held_out: Sequence[Mapping[str, Any]], c
 
 
 def tifa_key(question: Mapping[str, Any], answering: str = "free_form") -> str:
-    """The score-cache name of one TIFA question (its text, choices and answer) under one answering method."""
-    return f"tifa-{answering}:" + sha256_json([question["question"], list(question["choices"]),
-                                               question["answer"]])[:16]
+    """The score-cache name of one TIFA question (its text, choices and answer) under one answering method (free
+    answers: with their decoding settings, so a change of them asks afresh)."""
+    how = [answering, FREE_FORM_DECODING] if answering == "free_form" else [answering]
+    return f"tifa-{answering}:" + sha256_json([question["question"], list(question["choices"]), question["answer"],
+                                               *how])[:16]
 
 
 def check_answering(answering: str) -> str:
@@ -214,7 +217,8 @@ def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx
     def answer(models, images, asked) -> list[float]:
         (vqa, sbert), texts, options = models, [q["question"] for q in asked], [q["choices"] for q in asked]
         chosen = (vqa.choose(images, texts, options) if sbert is None else
-                  nearest_choices(vqa.free_form_answers(images, texts, options), options, sbert))
+                  nearest_choices(vqa.free_form_answers(images, texts, options, **FREE_FORM_DECODING), options,
+                                  sbert))
         return [float(c == q["answer"]) for c, q in zip(chosen, asked)]
 
     right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
