@@ -252,3 +252,18 @@ def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_f
     assert bench.tifa_key(questions[0][0]) != key  # other decoding settings: other answers, asked afresh
     with pytest.raises(ValueError, match="answering='sbert' is not a TIFA answering method; use one of 'free_form'"):
         bench.tifa_scores(images, questions, None, answering="sbert", scorer=free, cache=cache)
+
+
+def test_a_transcript_shows_what_was_said_the_choice_that_counts_and_the_right_answer(tifa_file, tmp_path, minilm):
+    questions = bench.load_tifa(tifa_file, tmp_path)[0]["questions"]
+    free = FreeVqa({"is this a surfer?": "no", "what color is the board?": "snow white"})
+    table = bench.tifa_transcript(object(), questions, None, scorer=free, encoder=CountingEncoder(minilm))
+    assert table.to_dict("records") == [
+        {"question": "is this a surfer?", "choices": "yes, no", "BLIP-2 said": "no", "chosen": "no", "answer": "yes",
+         "right": False},
+        {"question": "what color is the board?", "choices": "white, black, red, blue", "BLIP-2 said": "snow white",
+         "chosen": "white", "answer": "white", "right": True}]
+    scripted = ScriptedVqa({"is this a surfer?": "yes", "what color is the board?": "red"})
+    likeliest = bench.tifa_transcript(object(), questions, None, answering="likeliest", scorer=scripted)
+    assert list(likeliest.columns) == ["question", "choices", "chosen", "answer", "right"]
+    assert likeliest["right"].tolist() == [True, False]

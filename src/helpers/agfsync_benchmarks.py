@@ -181,25 +181,13 @@ def nearest_choices(answers: Sequence[str], choices: Sequence[Sequence[str]], en
     return mapped
 
 
-def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, answering: str = "free_form",
-                scorer=None, encoder=None, cache=None, images_per_batch: int = 16) -> list[float]:
-    """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice.
-
-    `answering`: "free_form" (TIFA's protocol; `encoder`, a sentence encoder, maps answers onto choices) or
-    "likeliest" (`VqaScorer.choose`). Each answer is cached (1 right, 0 wrong) like any score, under the method and
-    the weights of both models, so an image is never asked the same question twice; under a multi-process launch
-    the images are split across processes.
-    """
+def _answerers(ctx, answering: str, scorer=None, encoder=None) -> tuple[str, Any]:
+    """(cache weights id, loader of (VQA scorer, sentence encoder or None)) for one answering method."""
     from .models import load_text_encoder, resolve
     from .scorers.base import local_weight_files, weights_id
     from .scorers.vqa import load_vqa, vqa_weights_id
-    from .scoring import ScoreCache, cached_answers
 
     check_answering(answering)
-    if any(not asked for asked in questions):
-        raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
-    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
-    names = [[tifa_key(q, answering) for q in asked] for asked in questions]
     weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
     if answering == "free_form":
         if encoder is None:
@@ -214,16 +202,56 @@ def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx
             return vqa, None
         return vqa, encoder if encoder is not None else load_text_encoder(resolve("tifa_sbert", ctx), ctx.device)
 
-    def answer(models, images, asked) -> list[float]:
-        (vqa, sbert), texts, options = models, [q["question"] for q in asked], [q["choices"] for q in asked]
-        chosen = (vqa.choose(images, texts, options) if sbert is None else
-                  nearest_choices(vqa.free_form_answers(images, texts, options, **FREE_FORM_DECODING), options,
-                                  sbert))
-        return [float(c == q["answer"]) for c, q in zip(chosen, asked)]
+    return weights, load
 
+
+def _answer(models, images, asked: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (image, question): what the VQA model said (its free answer; none for "likeliest"), the choice that
+    counts, and whether it is the right one."""
+    (vqa, sbert), texts, options = models, [q["question"] for q in asked], [q["choices"] for q in asked]
+    if sbert is None:
+        said, chosen = [None] * len(asked), vqa.choose(images, texts, options)
+    else:
+        said = vqa.free_form_answers(images, texts, options, **FREE_FORM_DECODING)
+        chosen = nearest_choices(said, options, sbert)
+    return [{"said": s, "chosen": c, "right": c == q["answer"]} for s, c, q in zip(said, chosen, asked)]
+
+
+def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, answering: str = "free_form",
+                scorer=None, encoder=None, cache=None, images_per_batch: int = 16) -> list[float]:
+    """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice.
+
+    `answering`: "free_form" (TIFA's protocol; `encoder`, a sentence encoder, maps answers onto choices) or
+    "likeliest" (`VqaScorer.choose`). Each answer is cached (1 right, 0 wrong) like any score, under the method and
+    the weights of both models, so an image is never asked the same question twice; under a multi-process launch
+    the images are split across processes.
+    """
+    from .scoring import ScoreCache, cached_answers
+
+    weights, load = _answerers(ctx, answering, scorer, encoder)
+    if any(not asked for asked in questions):
+        raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
+    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
+    names = [[tifa_key(q, answering) for q in asked] for asked in questions]
     right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
-                           load=load, answer=answer)
+                           load=load,
+                           answer=lambda models, images, asked: [float(a["right"])
+                                                                 for a in _answer(models, images, asked)])
     return [100.0 * sum(row) / len(row) for row in right]
+
+
+def tifa_transcript(image, questions: Sequence[Mapping[str, Any]], ctx, *, answering: str = "free_form",
+                    scorer=None, encoder=None):
+    """One image's TIFA questions as a table: the choices, what BLIP-2 said, the choice that counts, the right
+    answer. For the reader: it asks the model again (the scores themselves come from the cache)."""
+    import pandas as pd
+
+    _, load = _answerers(ctx, answering, scorer, encoder)
+    answered = _answer(load(), [image] * len(questions), questions)
+    return pd.DataFrame([{"question": q["question"], "choices": ", ".join(map(str, q["choices"])),
+                          **({"BLIP-2 said": a["said"]} if answering == "free_form" else {}),
+                          "chosen": a["chosen"], "answer": q["answer"], "right": a["right"]}
+                         for q, a in zip(questions, answered)])
 
 
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,

@@ -554,7 +554,7 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     from datasets import load_from_disk
 
     from . import agfsync, agfsync_benchmarks
-    from .manifest import read_jsonl_rows
+    from .manifest import read_jsonl_rows, write_jsonl
     from .models import resolve
     from .t2i import ImageCache, ModelCatalog, Request, default_api
 
@@ -595,6 +595,7 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     benchmarks = agfsync_benchmarks.evaluate(sets, {name: systems[name] for name in ("base", "AGFSync")}, executor,
                                              ctx, eval_seeds, tifa_answering)
     benchmarks.to_csv(folder / "benchmarks.csv", index=False)
+    write_jsonl(folder / "tifa_questions.jsonl", sets["TIFA"])  # what the benchmark asked, for the page
     first, last = logs["AGFSync"][0], logs["AGFSync"][-1]
     return {"pairs": len(load_from_disk(str(preferences))), "models_trained": len(logs),
             "steps": config_kwargs.get("max_steps"), "first_loss": first["loss"], "last_loss": last["loss"],
