@@ -88,3 +88,29 @@ def test_normalisation_sensitivity_reports_rank_agreement():
     assert tau["default"] == pytest.approx(1.0)
     # with HPS over [0.20, 0.30], b wins; over [0, 1] HPS barely moves and CLIP decides: a wins
     assert means["default"].idxmax() == "b" and means["wide hps"].idxmax() == "a" and tau["wide hps"] < 0
+
+
+def test_block_wise_scoring_equals_one_pass_and_caches_each_block_before_the_next(tiny_ctx):
+    from helpers.t2i import Executor, ModelCatalog, Request, default_api
+
+    catalog = ModelCatalog.from_records([])
+    api = default_api(catalog.base("SD 1.5"))
+    requests = [Request({**api, "sampling_steps": steps}, f"a kite over the sea {i}", "", i)
+                for i, steps in enumerate([4, 5, 4, 5, 4])]
+    executor = Executor.for_run(tiny_ctx, catalog, max_side=32, batch_size=4)
+    run = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    cache_file = tiny_ctx.runs_dir / "image_cache" / "scores.jsonl"
+    rows_when_drawn = []
+    generate = executor.generate
+
+    def counting_generate(block, progress=True):
+        rows_when_drawn.append(len(cache_file.read_text().splitlines()) if cache_file.exists() else 0)
+        return generate(block, progress)
+
+    executor.generate = counting_generate
+    blocks = run.generate_and_score(executor, requests, block_size=2)
+    assert rows_when_drawn == [0, 2, 4]  # each block's scores were written before the next block was drawn
+    assert blocks["key"].tolist() == [g.key for g in generate(requests, progress=False)]  # the order of requests
+    whole = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).score(generate(requests, progress=False))
+    np.testing.assert_allclose(blocks["clip"], whole["clip"])
+    assert run.computed == 5 and len(run.generate_and_score(executor, [])) == 0

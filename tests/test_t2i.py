@@ -368,3 +368,21 @@ def test_prompts_past_the_token_window_are_counted_once_not_warned_per_batch(run
     assert collect.messages == ["another warning"]
     assert fresh.stats["texts_over_token_window"] == 3  # the three long prompts; the short ones are not counted
     assert capsys.readouterr().out.count("longer than the text encoder's 77-token window") == 1
+
+
+def test_blocks_cover_every_request_once_grouped_by_settings_and_equal_one_call(executor):
+    samplers = ["Euler a", "DPM++ 2M Karras"] * 4  # interleaved settings
+    requests = [t2i.Request(api(sampling_method=s), f"a paper boat {i}", "", i) for i, s in enumerate(samplers)]
+    whole = executor.generate(requests, progress=False)
+    blocks = list(executor.generate_in_blocks(requests, block_size=3, progress=False))
+    assert [len(indices) for indices, _ in blocks] == [3, 3, 2]
+    assert sorted(i for indices, _ in blocks for i in indices) == list(range(8))
+    for indices, images in blocks:
+        assert [g.key for g in images] == [whole[i].key for i in indices]
+        assert all(np.array_equal(_pixels(g), _pixels(whole[i])) for g, i in zip(images, indices))
+    # ordered by settings: the first block holds one sampler only, in the input order
+    assert blocks[0][0] == [1, 3, 5] and {samplers[i] for i in blocks[0][0]} == {"DPM++ 2M Karras"}
+    single = list(executor.generate_in_blocks(requests, block_size=8, progress=False))
+    assert len(single) == 1 and single[0][0] == list(range(8))  # one block keeps the input order
+    with pytest.raises(ValueError, match="block_size=0 must be at least 1"):
+        next(executor.generate_in_blocks(requests, block_size=0))

@@ -113,9 +113,8 @@ def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *,
                 requests.append(Request(candidate["api"], row["prompt"], row["negative_prompt"], seed))
                 owners.append(candidate)
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
-    generated = executor.generate(requests)
     scorer = ScoringRun.for_run(ctx, scorer_names)
-    scores = scorer.score(generated)
+    scores = scorer.generate_and_score(executor, requests)  # in blocks: ~240,000 images at paper scale
     for candidate in {id(c): c for c in owners}.values():
         candidate["image_keys"], candidate["unified"] = [], []
     for owner, key, unified in zip(owners, scores["key"], scores["unified"]):
@@ -123,7 +122,7 @@ def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *,
         owner["unified"].append(float(unified))
     for owner in {id(c): c for c in owners}.values():
         owner["reward"] = sum(owner["unified"]) / len(owner["unified"])
-    return {"images": len(generated), "images_drawn": executor.stats["generated"],
+    return {"images": len(requests), "images_drawn": executor.stats["generated"],
             "scores_computed": scorer.computed, "scores_reused": scorer.reused}
 
 

@@ -280,12 +280,11 @@ def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path],
                                    "model": call["api"]["model"], "base_model": call["api"]["base_model"],
                                    "sampler": call["api"]["sampling_method"], "fallback": call["fallback"]})
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
-    generated = executor.generate(requests)
     scorer = ScoringRun.for_run(ctx, scorer_names)
-    images = pd.concat([pd.DataFrame(owners), scorer.score(generated)], axis=1)
+    images = pd.concat([pd.DataFrame(owners), scorer.generate_and_score(executor, requests)], axis=1)
     images.to_csv(Path(folder) / "images.csv", index=False)
     pd.DataFrame(calls).to_csv(Path(folder) / "calls.csv", index=False)
     return {"prompt_sets": len(sets), "prompts": sum(len(items) for items in sets.values()),
             "api_calls": len(calls), "hallucinated_calls": sum(c["category"] != "ok" for c in calls),
-            "images": len(generated), "images_drawn": executor.stats["generated"],
+            "images": len(requests), "images_drawn": executor.stats["generated"],
             "scores_computed": scorer.computed, "scores_reused": scorer.reused}

@@ -19,7 +19,7 @@ from .scorers.base import local_weight_files, pooled, rgb, weights_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
-    from .t2i import Generated
+    from .t2i import Generated, Request
 
 # Fixed normalisation ranges, raw units (DESIGN.md "Algorithms"): CLIP on its 0–100 scale, HPS v2 raw cosine,
 # ImageReward normalised output, FID. Configuration, shown in the book with a sensitivity check.
@@ -218,6 +218,17 @@ class ScoringRun:
         if present:
             table["unified"] = unified_metric(present, mode="fixed")
         return table
+
+
+    def generate_and_score(self, executor, requests: Sequence["Request"], block_size: int | None = None):
+        """`score(executor.generate(requests))`, one block of requests at a time (`Executor.generate_in_blocks`):
+        at paper scale the images of a whole stage do not fit in memory, and each block's scores reach the cache
+        before the next block is drawn. Rows come back in the order of `requests`."""
+        import pandas as pd
+
+        blocks = executor.generate_in_blocks(requests, **({"block_size": block_size} if block_size else {}))
+        parts = [self.score(generated).set_index(pd.Index(indices)) for indices, generated in blocks]
+        return pd.concat(parts).sort_index().reset_index(drop=True) if parts else self.score([])
 
 
 def load_scorer(name: str, ctx: "RunContext"):
