@@ -536,3 +536,30 @@ def test_plot_conversion_efficiency_draws_one_line_per_aesthetic_threshold():
     assert len(lines) == 3  # two DreamSync curves and AGFSync's reference line
     assert lines[-1].get_ydata()[0] == pytest.approx(50.0)
     plt.close(figure)
+
+
+def test_block_wise_candidate_scores_equal_one_pass_with_blip2_loaded_once(tiny_ctx, monkeypatch):
+    from helpers.models import resolve
+    from helpers.scorers import vqa
+    from helpers.t2i import Executor, ModelCatalog, Request, default_api
+
+    api = default_api(ModelCatalog.from_records([]).base("SD 1.5"))
+    prompts = {"p0": "a red kite", "p1": "a green boat"}
+    questions = {"p0": ["is there a kite?", "is it red?"], "p1": ["is there a boat?"]}
+    requests, owners = [], []
+    for prompt_id, prompt in prompts.items():
+        for seed in range(3):
+            requests.append(Request(api, prompt, "", seed))
+            owners.append({"prompt_id": prompt_id, "prompt": prompt, "category": "things", "candidate": seed})
+    executor = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    whole = agfsync.score_images(executor.generate(requests, progress=False), owners, questions, tiny_ctx)
+    (tiny_ctx.runs_dir / "image_cache" / "scores.jsonl").unlink()  # the block-wise pass computes everything afresh
+    loads, load = [], vqa.load_vqa
+    monkeypatch.setattr(vqa, "load_vqa", lambda *a, **k: (loads.append(1), load(*a, **k))[1])
+    blocks = agfsync.generate_and_score_images(executor, requests, owners, questions, tiny_ctx, block_size=4)
+    assert len(loads) == 1  # one BLIP-2 for both blocks
+    pd.testing.assert_frame_equal(blocks, whole, check_exact=False, atol=1e-9)
+    again = agfsync.generate_and_score_images(executor, requests, owners, questions, tiny_ctx, block_size=4)
+    assert len(loads) == 1  # all cached: BLIP-2 not loaded at all
+    pd.testing.assert_frame_equal(again, whole, check_exact=False, atol=1e-9)
+    assert resolve("vqa", tiny_ctx)  # the tiny BLIP-2 was built by the first pass

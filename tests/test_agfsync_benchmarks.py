@@ -4,6 +4,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -267,3 +268,22 @@ def test_a_transcript_shows_what_was_said_the_choice_that_counts_and_the_right_a
     likeliest = bench.tifa_transcript(object(), questions, None, answering="likeliest", scorer=scripted)
     assert list(likeliest.columns) == ["question", "choices", "chosen", "answer", "right"]
     assert likeliest["right"].tolist() == [True, False]
+
+
+def test_benchmarks_drawn_in_blocks_equal_one_block_and_load_each_model_once(tiny_ctx, monkeypatch):
+    from helpers.models import resolve
+    from helpers.scorers import vqa
+    from helpers.t2i import Executor, ModelCatalog, default_api
+
+    sets = bench.benchmark_sets("", "", HELD_OUT + [{**HELD_OUT[0], "prompt_id": "p00004", "prompt": "a grey owl"}],
+                                tiny_ctx.runs_dir / "downloads")
+    systems = {"base": default_api(ModelCatalog.from_records([]).base("SD 1.5"))}
+    executor = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    whole = bench.evaluate(sets, systems, executor, tiny_ctx, seeds=2)
+    (tiny_ctx.runs_dir / "image_cache" / "scores.jsonl").unlink()  # score everything again, three images a block
+    loads, load = [], vqa.load_vqa
+    monkeypatch.setattr(vqa, "load_vqa", lambda *a, **k: (loads.append(1), load(*a, **k))[1])
+    blocks = bench.evaluate(sets, systems, executor, tiny_ctx, seeds=2, block_size=3)
+    assert len(loads) == 1 and resolve("vqa", tiny_ctx)
+    pd.testing.assert_frame_equal(blocks, whole, check_exact=False, atol=1e-9)
+    assert whole.groupby("benchmark").size().to_dict() == {"HPS v2": 4, "TIFA": 4}

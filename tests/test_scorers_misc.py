@@ -377,3 +377,16 @@ def test_free_form_answers_are_the_models_own_beam_search_answers_to_tifas_promp
     assert scorer.free_form_answers([], []) == []
     with pytest.raises(ValueError, match="one image .and choice list. per question"):
         scorer.free_form_answers(images, QUESTIONS, CHOICES[:2])
+
+
+def test_a_model_loaded_on_use_loads_once_and_only_when_used():
+    from helpers.scorers.base import LoadedOnUse
+
+    loads = []
+    lazy = LoadedOnUse(lambda: loads.append(1) or {"answer": 42}, "weights@1")
+    assert lazy.weights_id == "weights@1" and not lazy.loaded and not loads  # the id needs no load
+    with pytest.raises(AttributeError):
+        lazy._private  # noqa: B018 - private look-ups (copy, pickle) never load
+    assert not loads
+    assert lazy.get("answer") == 42 and lazy.get("other") is None
+    assert loads == [1] and lazy.loaded  # loaded on first use, once

@@ -940,21 +940,40 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
 
 
 def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_prompt: Mapping[str, Sequence[str]],
-                 ctx, weights: Sequence[float] = PAPER_WEIGHTS):
-    """Per-image VQA, CLIP (γ = 100) and aesthetic on 0–100 and their weighted sum, as a DataFrame."""
+                 ctx, weights: Sequence[float] = PAPER_WEIGHTS, *, run=None, vqa=None):
+    """Per-image VQA, CLIP (γ = 100) and aesthetic on 0–100 and their weighted sum, as a DataFrame. `run` (a
+    `ScoringRun` with clip and aesthetic) and `vqa` (a BLIP-2 scorer) are loaded here unless given."""
     import pandas as pd
 
     from .scoring import DIFFAGENT_CLIP_WEIGHT, ScoringRun
 
-    run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
+    run = run if run is not None else ScoringRun.for_run(ctx, ("clip", "aesthetic"))
     raw = run.score(generated, [o["prompt"] for o in owners])
-    table = pd.DataFrame(owners)
+    table = pd.DataFrame(list(owners))
     table["key"] = [g.key for g in generated]
-    table["vqa"] = vqa_scores(generated, [questions_by_prompt[o["prompt_id"]] for o in owners], ctx, cache=run.cache)
+    table["vqa"] = vqa_scores(generated, [questions_by_prompt[o["prompt_id"]] for o in owners], ctx, scorer=vqa,
+                              cache=run.cache)
     table["clip"] = raw["clip"].to_numpy() / DIFFAGENT_CLIP_WEIGHT  # 100·2.5·max(cos,0) → AGFSync's 100·max(cos,0)
     table["aesthetic"] = aesthetic_100(raw["aesthetic"].to_numpy())
     table["score"] = agfsync_score(table["vqa"], table["clip"], table["aesthetic"], weights)
     return table
+
+
+def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, Any]],
+                              questions_by_prompt: Mapping[str, Sequence[str]], ctx,
+                              weights: Sequence[float] = PAPER_WEIGHTS, block_size: int | None = None):
+    """`score_images(executor.generate(requests), owners, …)` one block of requests at a time
+    (`scoring.score_in_blocks`), the scorers loaded once for all blocks (BLIP-2 only if a question is unanswered)."""
+    from .models import resolve
+    from .scorers.base import LoadedOnUse
+    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scoring import ScoringRun, score_in_blocks
+
+    run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
+    source = resolve("vqa", ctx)
+    vqa = LoadedOnUse(lambda: load_vqa(source, ctx.device), vqa_weights_id(source))
+    return score_in_blocks(executor, requests, lambda indices, generated: score_images(
+        generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run, vqa=vqa), block_size)
 
 
 def pair_rows(table, load_image, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:
@@ -1025,13 +1044,12 @@ def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_th
     requests, owners = candidate_requests(train, default_api(catalog.base(architecture)),
                                           num_candidates=num_candidates, text_noise=text_noise, seed=ctx.seed)
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
-    generated = executor.generate(requests)
-    table = score_images(generated, owners, {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
+    table = generate_and_score_images(executor, requests, owners, {p["prompt_id"]: p["questions"] for p in prompts},
+                                      ctx)
     table.to_csv(folder / "candidates.csv", index=False)
-    images = {g.key: g.image for g in generated}
-    pairs = pair_rows(table, images.__getitem__)
+    pairs = pair_rows(table, executor.cache.get)  # only the winners' and losers' images are read back
     preference_dataset(pairs).save_to_disk(str(folder / "preferences"))
     conversion_efficiency(table, thresholds).to_csv(folder / "conversion_efficiency.csv", index=False)
     return {"prompts_generated": len(rows), "prompts_after_dedup": len(kept), "prompts_with_qa": len(qa_rows),
-            "train_prompts": len(train), "eval_prompts": len(prompts) - len(train), "images": len(generated),
+            "train_prompts": len(train), "eval_prompts": len(prompts) - len(train), "images": len(requests),
             "images_drawn": executor.stats["generated"], "pairs": len(pairs), **qa_report}

@@ -255,15 +255,25 @@ def tifa_transcript(image, questions: Sequence[Mapping[str, Any]], ctx, *, answe
 
 
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
-             ctx, seeds: int, tifa_answering: str = "free_form"):
+             ctx, seeds: int, tifa_answering: str = "free_form", block_size: int | None = None):
     """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA (answered by
-    `tifa_answering`, see `tifa_scores`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system, prompt_id, category, prompt, seed, key, metric, value."""
+    `tifa_answering`, see `tifa_scores`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system,
+    prompt_id, category, prompt, seed, key, metric, value. Drawn and scored in blocks (`scoring.score_in_blocks`;
+    at paper scale TIFA alone is 4,081 captions × systems × seeds), every model loaded once."""
     import pandas as pd
 
-    from .scoring import ScoringRun
+    from .models import load_text_encoder, resolve
+    from .scorers.base import LoadedOnUse, local_weight_files, weights_id
+    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scoring import ScoringRun, score_in_blocks
     from .t2i import Request
 
     check_answering(tifa_answering)  # before any image is drawn
+    vqa_source, sbert_source = resolve("vqa", ctx), resolve("tifa_sbert", ctx)
+    vqa = LoadedOnUse(lambda: load_vqa(vqa_source, ctx.device), vqa_weights_id(vqa_source))
+    sbert = LoadedOnUse(lambda: load_text_encoder(sbert_source, ctx.device),
+                        weights_id(sbert_source, *local_weight_files(sbert_source)))
+    hps = None
     tables = []
     for benchmark, rows in sets.items():
         requests, owners = [], []
@@ -276,17 +286,21 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
                                    "seed": seed})
         if not requests:
             continue
-        generated = executor.generate(requests)
-        table = pd.DataFrame(owners)
-        table["key"] = [g.key for g in generated]
         if benchmark == "TIFA":
             by_id = {row["prompt_id"]: row["questions"] for row in rows}
-            table["metric"] = "TIFA score"
-            table["value"] = tifa_scores(generated, [by_id[o["prompt_id"]] for o in owners], ctx,
-                                         answering=tifa_answering)
+
+            def values(indices, generated):
+                return tifa_scores(generated, [by_id[owners[i]["prompt_id"]] for i in indices], ctx,
+                                   answering=tifa_answering, scorer=vqa, encoder=sbert)
+            metric = "TIFA score"
         else:
-            table["metric"] = "HPS v2 (×100)"
-            table["value"] = 100.0 * ScoringRun.for_run(ctx, ("hps",)).score(generated)["hps"].to_numpy()
-        tables.append(table)
+            hps = hps if hps is not None else ScoringRun.for_run(ctx, ("hps",))
+
+            def values(indices, generated):
+                return 100.0 * hps.score(generated)["hps"].to_numpy()
+            metric = "HPS v2 (×100)"
+        table = score_in_blocks(executor, requests, lambda indices, generated: pd.DataFrame(
+            {"key": [g.key for g in generated], "value": values(indices, generated)}), block_size)
+        tables.append(pd.DataFrame(owners).assign(key=table["key"], metric=metric, value=table["value"]))
     columns = ["benchmark", "source", "system", "prompt_id", "category", "prompt", "seed", "key", "metric", "value"]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

@@ -587,8 +587,8 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
                 owners.append({"system": system, "prompt_id": prompt["prompt_id"], "category": prompt["category"],
                                "prompt": prompt["prompt"], "seed": seed})
     executor = aligned_executor(ctx, architecture, pipelines, max_side=max_side, batch_size=batch_size)
-    generated = executor.generate(requests)
-    table = agfsync.score_images(generated, owners, {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
+    table = agfsync.generate_and_score_images(executor, requests, owners,
+                                              {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
     table.to_csv(folder / "evaluation.csv", index=False)
     sets = agfsync_benchmarks.benchmark_sets(tifa, hps_benchmark, prompts, ctx.runs_dir / "downloads",
                                              limit=benchmark_limit, seed=ctx.seed)
@@ -600,5 +600,5 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     return {"pairs": len(load_from_disk(str(preferences))), "models_trained": len(logs),
             "steps": config_kwargs.get("max_steps"), "first_loss": first["loss"], "last_loss": last["loss"],
             "last_implicit_accuracy": last["implicit_accuracy"], "eval_prompts": len(prompts),
-            "eval_images": len(generated), **{f"{name} prompts": len(rows) for name, rows in sets.items()},
+            "eval_images": len(requests), **{f"{name} prompts": len(rows) for name, rows in sets.items()},
             "benchmark_images": len(benchmarks), "images_drawn": executor.stats["generated"]}

@@ -221,14 +221,19 @@ class ScoringRun:
 
 
     def generate_and_score(self, executor, requests: Sequence["Request"], block_size: int | None = None):
-        """`score(executor.generate(requests))`, one block of requests at a time (`Executor.generate_in_blocks`):
-        at paper scale the images of a whole stage do not fit in memory, and each block's scores reach the cache
-        before the next block is drawn. Rows come back in the order of `requests`."""
-        import pandas as pd
+        """`score(executor.generate(requests))`, one block of requests at a time (`score_in_blocks`)."""
+        return score_in_blocks(executor, requests, lambda indices, generated: self.score(generated), block_size)
 
-        blocks = executor.generate_in_blocks(requests, **({"block_size": block_size} if block_size else {}))
-        parts = [self.score(generated).set_index(pd.Index(indices)) for indices, generated in blocks]
-        return pd.concat(parts).sort_index().reset_index(drop=True) if parts else self.score([])
+
+def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None):
+    """One table for `requests`, in their order: `score_block(indices, images)` for each block the executor draws
+    (`Executor.generate_in_blocks`). At paper scale a stage's images do not fit in memory at once, and each
+    block's scores reach the score cache before the next block is drawn, so a crash loses one block at most."""
+    import pandas as pd
+
+    blocks = executor.generate_in_blocks(requests, **({"block_size": block_size} if block_size else {}))
+    parts = [score_block(indices, generated).set_index(pd.Index(indices)) for indices, generated in blocks]
+    return pd.concat(parts).sort_index().reset_index(drop=True)
 
 
 def load_scorer(name: str, ctx: "RunContext"):

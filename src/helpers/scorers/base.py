@@ -22,6 +22,25 @@ class ImageScorer(Protocol):
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray: ...
 
 
+class LoadedOnUse:
+    """A model loaded the first time one of its attributes is used, under a weights id known without loading it:
+    blocks of a long run share one copy, and a run whose answers are all cached never loads it."""
+
+    def __init__(self, load, weights_id: str):
+        self._load, self._model, self.weights_id = load, None, weights_id
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # never load for private or dunder look-ups (copy, pickle)
+            raise AttributeError(name)
+        if self._model is None:
+            self._model = self._load()
+        return getattr(self._model, name)
+
+
 def is_local(source: str | Path) -> bool:
     return Path(source).exists()
 
