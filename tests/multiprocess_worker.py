@@ -69,12 +69,15 @@ def main(out: Path, llm: str) -> None:
             "sampling_method": "Euler a", "sampling_steps": 3, "cfg_scale": 7.0}
     prompts = [f"a lighthouse at dusk, style {i}" for i in range(5)]
     fresh = t2i.Request({**call, "model": "Fresh"}, "a quiet harbour", seed=9)
-    generated = executor.generate([t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)] + [fresh],
-                                  progress=False)
+    requests = [t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)] + [fresh]
+    generated = executor.generate(requests, progress=False)
 
     # sharded scoring and sharded API-call decoding
     scores = ScoringRun({"clip": load_scorer("clip", ctx)}, ScoreCache(out / f"scores{world_size}.jsonl"))
     table = scores.score(generated)
+    # the same requests again in blocks of 4, each block sharded (images from the cache, scores computed afresh)
+    in_blocks = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"block_scores{world_size}.jsonl"))
+    block_table = in_blocks.generate_and_score(executor, requests, block_size=4)
     agent = Agent.load(llm)
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
@@ -138,7 +141,8 @@ def main(out: Path, llm: str) -> None:
         np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
         (folder / "result.json").write_text(json.dumps({
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
-            "clip": table["clip"].tolist(), "texts": texts, "drawn_here": executor.stats["generated"],
+            "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
+            "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "dpo_log": dpo_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
     # every process reports its own share of the drawing, so the test sees the work was split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))

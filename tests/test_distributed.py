@@ -104,6 +104,10 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert two["keys"][:5] == one["keys"][:5] and len(two["keys"]) == 6 and two["keys"][5] != one["keys"][5]
     np.testing.assert_array_equal(np.load(out / "world2" / "images.npy")[:5], np.load(out / "world1" / "images.npy")[:5])
     assert two["clip"][:5] == pytest.approx(one["clip"][:5], abs=1e-5)
+    # drawn and scored in blocks of 4, each block split across the processes: the same rows, in request order
+    for run in (one, two):
+        assert run["block_keys"] == run["keys"] and run["block_clip"] == pytest.approx(run["clip"], rel=1e-6)  # batch sums
+        assert run["block_computed"] == 6
     assert two["texts"] == one["texts"]
     assert two["proposals"] == one["proposals"] and all(len(c) == 4 for c in one["proposals"])
     # a stage under two processes: both return the main process's manifest; only its files are in the folder
