@@ -288,7 +288,7 @@ def test_grouping_rows_pick_one_table_and_none_where_fid_had_too_few_images(tmp_
 
     # one image per group: no group reaches FID's two images, so the saved table has columns and no rows
     scored = _rows().iloc[:2].assign(variant=metrics.ALL_PREDICTED)
-    empty = experiment.set_metrics(_rows(), scored, [None, None], {"s3": [], "s1": []}, "unused", "cpu")
+    empty = experiment.set_metrics(_rows(), scored, np.zeros((2, 4)), {"s3": np.zeros((0, 4)), "s1": np.zeros((0, 4))})
     empty.to_csv(tmp_path / "set_metrics.csv", index=False)
     empty = pd.read_csv(tmp_path / "set_metrics.csv")  # as notebook 11 reads it back
     assert empty.empty and {"grouping", "fid", "method", "input_type"} <= set(empty.columns)
@@ -342,3 +342,24 @@ def test_image_metrics_fid_zero_for_identical_sets(tiny_clip):
     assert metrics.image_metrics(scores, brighter, images, feature=tiny_clip, image_size=32)["fid"] > 1e-2
     with pytest.raises(ValueError, match="lacks \\['hps'\\]"):
         metrics.image_metrics(scores.drop(columns="hps"), images, images, feature=tiny_clip, image_size=32)
+
+
+def test_set_metrics_from_features_extracted_once_equal_image_metrics_per_group(tiny_clip):
+    from helpers.chatgen import experiment
+    from helpers.scorers.fid import FidFeatures
+
+    scored = _rows()  # six images; groups (A, supervised), (B, supervised), (A, single), …
+    images = _noise_images(6, seed=7)
+    references = {"s1": _noise_images(2, seed=8), "s2": _noise_images(2, seed=9), "s3": _noise_images(1, seed=10)}
+    features = FidFeatures(tiny_clip, image_size=32)
+    table = experiment.set_metrics(_rows(), scored, features(images),
+                                   {sample: features(found) for sample, found in references.items()})
+    by_group = table[table["grouping"] == "method+setting"].set_index(["method", "setting"])
+    assert set(by_group.index) == {("A", "supervised"), ("B", "supervised")}  # (A, few-shot): one image only
+    for method in ("A", "B"):
+        group = scored[(scored["method"] == method) & (scored["setting"] == "supervised")
+                       & (scored["variant"] == metrics.ALL_PREDICTED)]
+        expected = metrics.image_metrics(group, [images[i] for i in group.index], references["s1"] + references["s2"],
+                                         feature=tiny_clip, image_size=32)  # embeds the images again, per group
+        assert by_group.loc[(method, "supervised"), "fid"] == pytest.approx(expected["fid"], rel=1e-6)  # float32 batches
+        assert by_group.loc[(method, "supervised"), "unified"] == pytest.approx(expected["unified"], rel=1e-6)

@@ -217,6 +217,29 @@ def test_fid_matches_an_independent_frechet_distance(aesthetic_folder):
     assert math.isclose(fid.fid_score(real, fake, feature=aesthetic_folder / "clip"), expected, rel_tol=1e-3)
 
 
+def test_fid_from_features_equals_torchmetrics_and_each_keyed_image_is_embedded_once(aesthetic_folder):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    clip = aesthetic_folder / "clip"
+    real, fake = _noise_images(6, seed=4), _noise_images(5, seed=5)
+    metric = FrechetInceptionDistance(feature=fid.ClipFeatureExtractor(clip))  # torchmetrics end to end
+    metric.update(fid.as_uint8(real, 64), real=True)
+    metric.update(fid.as_uint8(fake, 64), real=False)
+    features = fid.FidFeatures(clip, image_size=64, batch_size=4)
+    embedded = []
+    extractor = features.extractor
+    features.extractor = lambda batch: (embedded.append(len(batch)), extractor(batch))[1]
+    real_rows = features(real, keys=[f"r{i}" for i in range(6)])
+    fake_rows = features(fake + real[:2], keys=[f"f{i}" for i in range(5)] + ["r0", "r1"])  # two seen before
+    assert sum(embedded) == 11 and fake_rows.shape == (7, 32) and fake_rows.dtype == np.float64
+    np.testing.assert_array_equal(fake_rows[5:], real_rows[:2])
+    assert math.isclose(fid.frechet_distance(real_rows, fake_rows[:5]), float(metric.compute()), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="at least 2 images per set.*1 generated_images"):
+        fid.frechet_distance(real_rows, fake_rows[:1])
+    with pytest.raises(ValueError, match="one key per image"):
+        features(real, keys=["r0"])
+
+
 def test_fid_errors_name_the_fix(aesthetic_folder):
     with pytest.raises(ValueError, match="at least 2 images per set.*1 generated_images"):
         fid.fid_score(_noise_images(3), _noise_images(1), feature=aesthetic_folder / "clip")

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from . import ChatSample
 from .bench import load_bench
-from .metrics import (ALL_PREDICTED, TABLE6_VARIANTS, image_metrics, image_requests, per_sample_frame,
-                      reference_requests, with_ground_truth)
+from .metrics import (ALL_PREDICTED, TABLE6_VARIANTS, image_requests, per_sample_frame, reference_requests,
+                      set_level_metrics, with_ground_truth)
 
 
 STAGE2_BASE = "stage1_language_model"  # the stage-1 chat model's text model, when stage 1 trained a LLaVA
@@ -103,7 +104,8 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     """Notebook 11 end to end; writes predictions.jsonl, rows.csv (per sample) and set_metrics.csv (FID, per set)."""
     from ..manifest import append_jsonl
     from ..scorers.bertscore import BertScorer
-    from ..scoring import ScoringRun
+    from ..scorers.fid import FidFeatures
+    from ..scoring import ScoringRun, score_in_blocks
     from ..t2i import Executor, ImageCache, ModelCatalog
 
     folder = Path(folder)
@@ -119,20 +121,29 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     test = [s for s in samples if s.split == "test"]
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
     scoring = ScoringRun.for_run(ctx, ("clip", "hps", "image_reward"))
+    # each image's FID features are extracted once, in the block that draws it; FIDs of subsets come from the rows
+    features = FidFeatures(ctx.model_path("clip") if fid_feature == "clip" else fid_feature, ctx.device,
+                           image_size=64)
     plan = image_requests(predictions, test, catalog, num_seeds=num_seeds)
-    generated = executor.generate(plan.requests)
-    scored = plan.scored(scoring.score(generated))
+    generated_features: dict[int, np.ndarray] = {}
+
+    def score_block(indices, generated):
+        generated_features.update(zip(indices, features([g.image for g in generated], [g.key for g in generated])))
+        return scoring.score(generated)
+
+    scored = plan.scored(score_in_blocks(executor, plan.requests, score_block))
     reference = reference_requests(test, catalog, num_seeds=num_seeds)
-    reference_images = {row.sample_id: [] for row in reference.table.itertuples()}
-    for row, item in zip(reference.table.itertuples(), executor.generate(reference.requests)):
-        reference_images[row.sample_id].append(item.image)
+    reference_features: dict[str, list] = {row.sample_id: [] for row in reference.table.itertuples()}
+    for indices, generated in executor.generate_in_blocks(reference.requests):
+        for i, row in zip(indices, features([g.image for g in generated], [g.key for g in generated])):
+            reference_features[reference.table["sample_id"].iloc[i]].append(row)
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)
     rows.to_csv(folder / "rows.csv", index=False)
-    feature = ctx.model_path("clip") if fid_feature == "clip" else fid_feature
-    set_level = set_metrics(rows, scored, [g.image for g in generated], reference_images, feature, ctx.device)
+    set_level = set_metrics(rows, scored, np.stack([generated_features[i] for i in range(len(plan.requests))]),
+                            {sample: np.array(found) for sample, found in reference_features.items()})
     set_level.to_csv(folder / "set_metrics.csv", index=False)
-    counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(generated),
+    counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),
                    "images_drawn": executor.stats["generated"], "valid_calls": sum(p.valid for p in predictions)})
     return counts
 
@@ -140,9 +151,11 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
 GROUPINGS = (("method", "setting"), ("variant",), ("method", "input_type"))  # Tables 4, 6, 7
 
 
-def set_metrics(rows: pd.DataFrame, scored: pd.DataFrame, images: list, reference_images: Mapping[str, list],
-                feature: str, device: str) -> pd.DataFrame:
-    """FID (and the unified metric) of each table row's image set against the same samples' reference images."""
+def set_metrics(rows: pd.DataFrame, scored: pd.DataFrame, features: np.ndarray,
+                reference_features: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """FID (and the unified metric) of each table row's image set against the same samples' reference images,
+    from FID features extracted once per image: `features` has one row per `scored` row, `reference_features`
+    one array per sample."""
     keyed = scored.assign(variant=scored.get("variant", ALL_PREDICTED)).reset_index(drop=True)
     frames = []
     for keys in GROUPINGS:
@@ -151,11 +164,11 @@ def set_metrics(rows: pd.DataFrame, scored: pd.DataFrame, images: list, referenc
             chosen = chosen[chosen["method"] == "ChatGen-Evo"]
         for values, group in chosen.groupby(list(keys)):
             values = values if isinstance(values, tuple) else (values,)
-            reference = [image for sample in group["sample_id"].unique() for image in reference_images[sample]]
-            if len(group) < 2 or len(reference) < 2:
+            found = [reference_features[sample] for sample in group["sample_id"].unique()
+                     if len(reference_features[sample])]
+            if len(group) < 2 or sum(len(f) for f in found) < 2:
                 continue  # FID needs at least two images on each side
-            metrics = image_metrics(group, [images[i] for i in group.index], reference, feature=feature,
-                                    device=device, image_size=64)
+            metrics = set_level_metrics(group, features[group.index.to_numpy()], np.concatenate(found))
             frames.append({**dict(zip(keys, values)), "grouping": "+".join(keys), "fid": metrics["fid"],
                            "unified": metrics["unified"]})
     # fixed columns, so that a run where no group had enough images still saves (and reads back) a table

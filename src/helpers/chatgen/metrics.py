@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import bootstrap_ci
-from ..scorers.fid import INCEPTION, fid_score
+from ..scorers.fid import INCEPTION, FidFeatures, frechet_distance
 from ..scoring import unified_metric
 from ..t2i import ModelCatalog, Request, default_api, validate
 from . import ARGUMENT_FIELDS, INPUT_TYPES, SETTINGS, ChatSample, Prediction
@@ -271,20 +271,33 @@ def image_metrics(generated_table: pd.DataFrame, generated_images: Sequence, ref
 
     `generated_table` is `ScoringRun.score(...)` (or `ImagePlan.scored`) for `generated_images` (PIL images or
     `Generated`); `reference_images` are the ground-truth calls' images of the same samples (`reference_requests`).
-    `feature` is what `fid_score` embeds with: Inception-v3, or a CLIP folder offline.
+    `feature` is what FID embeds with: Inception-v3, or a CLIP folder offline.
     """
+    _check_scored(generated_table, len(generated_images), "images")
+    features = FidFeatures(feature, device, image_size, batch_size)
+    return set_level_metrics(generated_table, features(_pil(generated_images)), features(_pil(reference_images)),
+                             ranges)
+
+
+def set_level_metrics(generated_table: pd.DataFrame, generated_features: np.ndarray, reference_features: np.ndarray,
+                      ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """`image_metrics` from FID features already extracted (`scorers.fid.FidFeatures`, one row per image), so a
+    stage embeds each image once and computes the FID of any number of subsets from the rows."""
+    _check_scored(generated_table, len(generated_features), "feature rows")
+    means = {name: float(generated_table[name].mean()) for name in IMAGE_METRICS}
+    fid = frechet_distance(reference_features, generated_features)
+    return {"images": len(generated_table), "reference_images": len(reference_features), **means, "fid": fid,
+            "unified": unified_score(fid, **means, ranges=ranges)}
+
+
+def _check_scored(generated_table: pd.DataFrame, count: int, what: str) -> None:
     missing = [name for name in IMAGE_METRICS if name not in generated_table]
     if missing:
         raise ValueError(f"generated_table lacks {missing}; score the images with ScoringRun over "
                          f"{', '.join(IMAGE_METRICS)}")
-    if len(generated_images) != len(generated_table):
-        raise ValueError(f"{len(generated_images)} images for {len(generated_table)} score rows; pass the images "
-                         "the table scored, in its order")
-    means = {name: float(generated_table[name].mean()) for name in IMAGE_METRICS}
-    fid = fid_score(_pil(reference_images), _pil(generated_images), feature=feature, batch_size=batch_size,
-                    device=device, image_size=image_size)
-    return {"images": len(generated_table), "reference_images": len(reference_images), **means, "fid": fid,
-            "unified": unified_score(fid, **means, ranges=ranges)}
+    if count != len(generated_table):
+        raise ValueError(f"{count} {what} for {len(generated_table)} score rows; pass the images the table scored, "
+                         "in its order")
 
 
 # ------------------------------------------------------------------------------------------ per-sample frame

@@ -68,6 +68,50 @@ def as_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+class FidFeatures:
+    """The features FID compares, from the very network torchmetrics' FID runs (Inception-v3 pool, or a CLIP's
+    image embeddings), one float64 row per image. With keys, an image already embedded is not embedded again, so a
+    stage computes each image's features once and any number of FIDs over subsets from them."""
+
+    def __init__(self, feature: str | Path = INCEPTION, device: str = "cpu", image_size: int = 299,
+                 batch_size: int = 32):
+        self.extractor = fid_metric(feature, device).inception
+        self.device, self.image_size, self.batch_size = device, image_size, batch_size
+        self.by_key: dict[str, np.ndarray] = {}
+
+    def __call__(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None) -> np.ndarray:
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image (or none)")
+        todo = [i for i in range(len(images)) if keys is None or keys[i] not in self.by_key]
+        fresh: dict[int, np.ndarray] = {}
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start:start + self.batch_size]
+            with torch.no_grad():
+                rows = self.extractor(as_uint8([images[i] for i in batch], self.image_size).to(self.device))
+            fresh.update(zip(batch, rows.double().cpu().numpy().reshape(len(batch), -1)))
+        if keys is not None:
+            self.by_key.update((keys[i], row) for i, row in fresh.items())
+        rows = [fresh[i] if i in fresh else self.by_key[keys[i]] for i in range(len(images))]
+        return np.stack(rows) if rows else np.zeros((0, 0))
+
+
+def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
+    """FID from two feature sets (rows = images, ≥ 2 each), as torchmetrics computes it: float64 means, unbiased
+    covariances, ‖μ_r − μ_g‖² + Tr(Σ_r) + Tr(Σ_g) − 2 Σ √eig(Σ_r Σ_g)."""
+    for side, rows in (("real", real), ("generated", generated)):
+        if len(rows) < 2:
+            raise ValueError(f"FID needs at least 2 images per set (a covariance), got {len(rows)} {side}_images; "
+                             "pass more images")
+    stats = []
+    for rows in (real, generated):
+        rows = torch.as_tensor(np.asarray(rows), dtype=torch.float64)
+        mean = rows.mean(0, keepdim=True)
+        stats.append((mean[0], (rows.T @ rows - len(rows) * mean.T @ mean) / (len(rows) - 1)))
+    (mu1, sigma1), (mu2, sigma2) = stats
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
+
+
 def fid_score(real_images: Sequence[Image.Image], generated_images: Sequence[Image.Image],
               feature: str | Path = INCEPTION, batch_size: int = 32, device: str = "cpu",
               image_size: int = 299) -> float:
@@ -76,8 +120,5 @@ def fid_score(real_images: Sequence[Image.Image], generated_images: Sequence[Ima
         if len(images) < 2:
             raise ValueError(f"FID needs at least 2 images per set (a covariance), got {len(images)} {side}; "
                              "pass more images")
-    metric = fid_metric(feature, device)
-    for real, images in ((True, real_images), (False, generated_images)):
-        for start in range(0, len(images), batch_size):
-            metric.update(as_uint8(images[start:start + batch_size], image_size).to(device), real=real)
-    return float(metric.compute())
+    features = FidFeatures(feature, device, image_size, batch_size)
+    return frechet_distance(features(real_images), features(generated_images))
