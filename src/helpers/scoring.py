@@ -361,9 +361,8 @@ def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: 
                              "steps": call["sampling_steps"], "cfg": call["cfg_scale"],
                              "size": f"{call['width']}×{call['height']}", "prompt": record["instruction"]["prompt"]})
     executor = t2i.Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
-    generated = executor.generate(requests)
     scorer = ScoringRun.for_run(ctx, scorer_names)
-    scores = scorer.score(generated).drop(columns=["prompt"])
+    scores = scorer.generate_and_score(executor, requests).drop(columns=["prompt"])
     table = pd.concat([pd.DataFrame(rows), scores], axis=1)
     table.to_csv(folder / "scores.csv", index=False)
     api_rows = table[table["variant"] == "api"]
@@ -372,7 +371,7 @@ def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: 
     means.to_csv(folder / "sensitivity_means.csv")
     tau.to_csv(folder / "sensitivity_tau.csv")
     return {"outputs_checked": len(checks), "hallucinations": sum(not v.ok for v in checks), "apis": num_apis,
-            "images": len(generated), "images_drawn": executor.stats["generated"],
+            "images": len(requests), "images_drawn": executor.stats["generated"],
             "scores_computed": scorer.computed, "scores_reused": scorer.reused}
 
 

@@ -835,7 +835,10 @@ def reference_images(records: Sequence[dict[str, Any]], catalog, executor) -> di
 
     requests = [Request(validate(r["api"], catalog).api, r["instruction"]["prompt"],
                         r["instruction"]["negative_prompt"], int(r.get("seed") or 0) % 2**32) for r in records]
-    return {record["id"]: item.key for record, item in zip(records, executor.generate(requests))}
+    keys: dict[int, str] = {}
+    for indices, generated in executor.generate_in_blocks(requests):  # only the keys are kept, block after block
+        keys.update((i, item.key) for i, item in zip(indices, generated))
+    return {record["id"]: keys[i] for i, record in enumerate(records)}
 
 
 def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *, per_record_types: int,
