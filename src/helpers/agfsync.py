@@ -926,16 +926,15 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     open already (at paper scale the file holds millions of rows: read it once per stage, not once per scorer).
     """
     from .models import resolve
-    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scorers.vqa import load_vqa_on_use
     from .scoring import ScoreCache, cached_answers
 
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
-    weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
+    scorer = scorer if scorer is not None else load_vqa_on_use(resolve("vqa", ctx), ctx.device)
     probabilities = cached_answers(
-        generated, questions, names, weights, cache, desc="VQA", images_per_batch=images_per_batch,
-        load=lambda: scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device),
-        answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
+        generated, questions, names, scorer.weights_id, cache, desc="VQA", images_per_batch=images_per_batch,
+        model=scorer, answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
     return [vqa_score(row) for row in probabilities]
 
 
@@ -965,13 +964,11 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
     """`score_images(executor.generate(requests), owners, …)` one block of requests at a time
     (`scoring.score_in_blocks`), the scorers loaded once for all blocks (BLIP-2 only if a question is unanswered)."""
     from .models import resolve
-    from .scorers.base import LoadedOnUse
-    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scorers.vqa import load_vqa_on_use
     from .scoring import ScoringRun, score_in_blocks
 
     run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
-    source = resolve("vqa", ctx)
-    vqa = LoadedOnUse(lambda: load_vqa(source, ctx.device), vqa_weights_id(source))
+    vqa = load_vqa_on_use(resolve("vqa", ctx), ctx.device)
     return score_in_blocks(executor, requests, lambda indices, generated: score_images(
         generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run, vqa=vqa), block_size)
 

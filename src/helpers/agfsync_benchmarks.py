@@ -181,28 +181,22 @@ def nearest_choices(answers: Sequence[str], choices: Sequence[Sequence[str]], en
     return mapped
 
 
-def _answerers(ctx, answering: str, scorer=None, encoder=None) -> tuple[str, Any]:
-    """(cache weights id, loader of (VQA scorer, sentence encoder or None)) for one answering method."""
+def tifa_models(ctx, answering: str, scorer=None, encoder=None) -> tuple[Any, Any]:
+    """(VQA scorer, sentence encoder or None) that answer TIFA's questions by `answering`: the given ones, else the
+    run's BLIP-2 and TIFA encoder, each loaded on its first use (`LoadedOnUse`)."""
     from .models import load_text_encoder, resolve
-    from .scorers.base import local_weight_files, weights_id
-    from .scorers.vqa import load_vqa, vqa_weights_id
+    from .scorers.base import LoadedOnUse, local_weight_files, weights_id
+    from .scorers.vqa import load_vqa_on_use
 
     check_answering(answering)
-    weights = scorer.weights_id if scorer is not None else vqa_weights_id(resolve("vqa", ctx))
-    if answering == "free_form":
-        if encoder is None:
-            sbert = resolve("tifa_sbert", ctx)
-            weights += "+" + weights_id(sbert, *local_weight_files(sbert))
-        else:
-            weights += "+" + getattr(encoder, "weights_id", type(encoder).__name__)
-
-    def load():
-        vqa = scorer if scorer is not None else load_vqa(resolve("vqa", ctx), ctx.device)
-        if answering == "likeliest":
-            return vqa, None
-        return vqa, encoder if encoder is not None else load_text_encoder(resolve("tifa_sbert", ctx), ctx.device)
-
-    return weights, load
+    scorer = scorer if scorer is not None else load_vqa_on_use(resolve("vqa", ctx), ctx.device)
+    if answering == "likeliest":
+        return scorer, None
+    if encoder is None:
+        source = resolve("tifa_sbert", ctx)
+        encoder = LoadedOnUse(lambda: load_text_encoder(source, ctx.device),
+                              weights_id(source, *local_weight_files(source)))
+    return scorer, encoder
 
 
 def _answer(models, images, asked: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -228,13 +222,14 @@ def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx
     """
     from .scoring import ScoreCache, cached_answers
 
-    weights, load = _answerers(ctx, answering, scorer, encoder)
+    vqa, sbert = tifa_models(ctx, answering, scorer, encoder)
     if any(not asked for asked in questions):
         raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[tifa_key(q, answering) for q in asked] for asked in questions]
+    weights = vqa.weights_id + (f"+{getattr(sbert, 'weights_id', type(sbert).__name__)}" if sbert is not None else "")
     right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
-                           load=load,
+                           model=(vqa, sbert),
                            answer=lambda models, images, asked: [float(a["right"])
                                                                  for a in _answer(models, images, asked)])
     return [100.0 * sum(row) / len(row) for row in right]
@@ -246,8 +241,7 @@ def tifa_transcript(image, questions: Sequence[Mapping[str, Any]], ctx, *, answe
     answer. For the reader: it asks the model again (the scores themselves come from the cache)."""
     import pandas as pd
 
-    _, load = _answerers(ctx, answering, scorer, encoder)
-    answered = _answer(load(), [image] * len(questions), questions)
+    answered = _answer(tifa_models(ctx, answering, scorer, encoder), [image] * len(questions), questions)
     return pd.DataFrame([{"question": q["question"], "choices": ", ".join(map(str, q["choices"])),
                           **({"BLIP-2 said": a["said"]} if answering == "free_form" else {}),
                           "chosen": a["chosen"], "answer": q["answer"], "right": a["right"]}
@@ -262,17 +256,10 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
     at paper scale TIFA alone is 4,081 captions × systems × seeds), every model loaded once."""
     import pandas as pd
 
-    from .models import load_text_encoder, resolve
-    from .scorers.base import LoadedOnUse, local_weight_files, weights_id
-    from .scorers.vqa import load_vqa, vqa_weights_id
     from .scoring import ScoringRun, score_in_blocks
     from .t2i import Request
 
-    check_answering(tifa_answering)  # before any image is drawn
-    vqa_source, sbert_source = resolve("vqa", ctx), resolve("tifa_sbert", ctx)
-    vqa = LoadedOnUse(lambda: load_vqa(vqa_source, ctx.device), vqa_weights_id(vqa_source))
-    sbert = LoadedOnUse(lambda: load_text_encoder(sbert_source, ctx.device),
-                        weights_id(sbert_source, *local_weight_files(sbert_source)))
+    vqa, sbert = tifa_models(ctx, tifa_answering)  # checks the method before any image is drawn; loads on use
     hps = None
     tables = []
     for benchmark, rows in sets.items():

@@ -139,14 +139,15 @@ class ScoreCache:
 
 
 def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequence[Sequence[str]], weights: str,
-                   cache: ScoreCache, *, load, answer, desc: str, images_per_batch: int) -> list[list[float]]:
+                   cache: ScoreCache, *, model, answer, desc: str, images_per_batch: int) -> list[list[float]]:
     """Per image, one cached value per question about it: read from `cache`, the missing ones answered and added.
 
     Only images with a missing value are asked, `images_per_batch` images per `answer(model, images, questions)`
     call (one image per question, flattened; an image shared by its questions is one object, so a scorer can encode
-    it once); `load()` gives the model, and runs only if something is left to ask. Under a multi-process launch the
-    images are split across processes; every process follows the main process's view of the cache, so all of them
-    enter the split call or none does, and a value this process's own read missed comes from the main one.
+    it once); a `model` that is a `LoadedOnUse` (or holds them) loads only if something is left to ask. Under a
+    multi-process launch the images are split across processes; every process follows the main process's view of
+    the cache, so all of them enter the split call or none does, and a value this process's own read missed comes
+    from the main one.
     """
     from tqdm.auto import tqdm
 
@@ -155,16 +156,12 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
     todo = [i for i, row in enumerate(values) if any(v is None for v in row)]
     if not todo:
         return values
-    model = []
-
     def ask(share: list[int]) -> list[list[float]]:
-        if not model:
-            model.append(load())
         answered = []
         for start in tqdm(range(0, len(share), images_per_batch), desc=desc, unit="batch",
                           disable=len(share) <= images_per_batch):
             batch = share[start:start + images_per_batch]
-            flat = list(answer(model[0], [generated[i].image for i in batch for _ in questions[i]],
+            flat = list(answer(model, [generated[i].image for i in batch for _ in questions[i]],
                                [q for i in batch for q in questions[i]]))
             for i in batch:
                 answered.append([float(v) for v in flat[:len(questions[i])]])

@@ -209,6 +209,14 @@ def load_vqa(source: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     return VqaScorer(place(model, device), processor, vqa_weights_id(source))
 
 
+def load_vqa_on_use(source: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """`load_vqa(source)` deferred to its first use (`LoadedOnUse`); its weights id is known at once, so a run whose
+    answers are all cached never loads BLIP-2, and the blocks of a long run share one copy."""
+    from .base import LoadedOnUse
+
+    return LoadedOnUse(lambda: load_vqa(source, device, dtype), vqa_weights_id(source))
+
+
 def vqa_weights_id(source: str | Path) -> str:
     """The id a VqaScorer from `source` caches its answers under (read without loading the model)."""
     return weights_id(source, *local_weight_files(source))
