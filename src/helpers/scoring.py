@@ -156,6 +156,7 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
     todo = [i for i, row in enumerate(values) if any(v is None for v in row)]
     if not todo:
         return values
+
     def ask(share: list[int]) -> list[list[float]]:
         answered = []
         for start in tqdm(range(0, len(share), images_per_batch), desc=desc, unit="batch",
