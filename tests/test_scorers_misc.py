@@ -352,18 +352,31 @@ def _reference_choice_scores(scorer, image, question, choices):
 
 
 @pytest.mark.parametrize("which", ["llama", "t5"])
-def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(which, vqa_scorer, t5_vqa_scorer):
+def test_choice_scores_equal_one_forward_per_choice_and_choose_takes_the_best(which, vqa_scorer, t5_vqa_scorer,
+                                                                             monkeypatch):
     scorer = vqa_scorer if which == "llama" else t5_vqa_scorer
     assert scorer.model.config.is_encoder_decoder == (which == "t5")
     images = _noise_images(3, seed=2)
     encoded_rows = []
-    if which == "t5":  # the encoder reads each question once, not once per choice
-        hook = scorer.model.language_model.get_encoder().register_forward_hook(
-            lambda module, args, kwargs, out: encoded_rows.append(out.last_hidden_state.shape[0]), with_kwargs=True)
+    # each question's prompt is read once, not once per choice: T5's encoder, or the decoder-only model's prefix pass
+    # (then one pass over the 9 choices from the cached keys and values)
+    reader = scorer.model.language_model.get_encoder() if which == "t5" else scorer.model.language_model
+    hook = reader.register_forward_hook(lambda module, args, kwargs, out: encoded_rows.append(
+        (out.last_hidden_state if which == "t5" else out.logits).shape[0]), with_kwargs=True)
     batched = scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES)  # 9 (image, question, choice) rows at once
-    if which == "t5":
-        hook.remove()
-        assert encoded_rows == [3]
+    hook.remove()
+    assert encoded_rows == ([3] if which == "t5" else [3, 9])
+    if which == "llama":  # a question whose choice does not extend the prompt's tokens runs whole; same scores
+        continuation = scorer._continuation
+        monkeypatch.setattr(scorer, "_continuation", lambda ids, prompt, choice:
+                            None if choice == "dark blue" else continuation(ids, prompt, choice))
+        whole_rows, run_whole = [], scorer._choice_scores_whole
+        monkeypatch.setattr(scorer, "_choice_scores_whole", lambda flat: (whole_rows.append(len(flat)),
+                                                                          run_whole(flat))[1])
+        mixed = scorer.choice_log_likelihoods(images, QUESTIONS, CHOICES)
+        assert whole_rows == [3]  # the question with "dark blue" ran whole, its three choices together
+        for scores, expected in zip(mixed, batched):
+            np.testing.assert_allclose(scores, expected, rtol=1e-4)  # other padding widths
     assert [len(s) for s in batched] == [2, 3, 4]
     for image, question, options, scores in zip(images, QUESTIONS, CHOICES, batched):
         np.testing.assert_allclose(scores, _reference_choice_scores(scorer, image, question, options), rtol=1e-4)

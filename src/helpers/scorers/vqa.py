@@ -97,9 +97,9 @@ class VqaScorer:
         """For each (image, question), the mean log-probability per token of each of its choices as the answer.
 
         Multiple-choice questions (TIFA's) are answered by the choice the model finds likeliest, per token so that a
-        long choice is not penalised for its length. A decoder-only text model reads "Question: … Answer: <choice>"
-        and the choice's tokens are those after the prompt's; an encoder-decoder one encodes the prompt once per
-        question and decodes each choice from it.
+        long choice is not penalised for its length. A decoder-only text model reads "Question: … Answer:" once per
+        question and each choice's tokens from its cached keys and values; an encoder-decoder one encodes the prompt
+        once per question and decodes each choice from it.
         """
         if not len(images) == len(questions) == len(choices):
             raise ValueError(f"got {len(images)} images, {len(questions)} questions and {len(choices)} choice lists; "
@@ -110,15 +110,59 @@ class VqaScorer:
             return []
         prompts = [PROMPT.format(question=q) for q in questions]
         scores = (self._choice_scores_seq2seq(images, prompts, choices) if self.model.config.is_encoder_decoder
-                  else self._choice_scores_causal([(image, prompt, str(c)) for image, prompt, options
-                                                   in zip(images, prompts, choices) for c in options]))
+                  else self._choice_scores_causal(images, prompts, choices))
         out, at = [], 0
         for options in choices:
             out.append(scores[at:at + len(options)])
             at += len(options)
         return out
 
-    def _choice_scores_causal(self, flat) -> np.ndarray:
+    def _choice_scores_causal(self, images, prompts, choices) -> np.ndarray:
+        """Each (image, question) prompt runs through the text model once; every choice continues from its cached
+        keys and values. A question with a choice whose tokens do not extend the prompt's (a tokenizer that merges
+        across the space) runs "prompt choice" whole instead."""
+        flat = [(q, str(choice)) for q, options in enumerate(choices) for choice in options]
+        prompt_ids = [self.processor.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        continuations = [self._continuation(prompt_ids[q], prompts[q], choice) for q, choice in flat]
+        whole = {q for (q, _), ids in zip(flat, continuations) if ids is None}
+        scores = np.zeros(len(flat))
+        rows = [r for r, (q, _) in enumerate(flat) if q in whole]
+        if rows:
+            scores[rows] = self._choice_scores_whole([(images[flat[r][0]], prompts[flat[r][0]], flat[r][1])
+                                                      for r in rows])
+        rows = [r for r, (q, _) in enumerate(flat) if q not in whole]
+        if rows:
+            cached = sorted({flat[r][0] for r in rows})
+            position = {q: i for i, q in enumerate(cached)}
+            scores[rows] = self._choice_scores_from_prefix([images[q] for q in cached], [prompts[q] for q in cached],
+                                                           [position[flat[r][0]] for r in rows],
+                                                           [continuations[r] for r in rows])
+        return scores
+
+    def _continuation(self, prompt_ids: list[int], prompt: str, choice: str) -> list[int] | None:
+        """The tokens "prompt choice" adds to the prompt's, or None where they do not extend them."""
+        full = self.processor.tokenizer(f"{prompt} {choice}")["input_ids"]
+        return full[len(prompt_ids):] if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids) else None
+
+    def _choice_scores_from_prefix(self, images, prompts, owner: list[int], continuations: list[list[int]]):
+        language_model, pad = self.model.language_model, self.processor.tokenizer.pad_token_id
+        text_inputs, _ = self._embedded(images, prompts)  # left padding: every prompt ends in the last column
+        prefix = language_model(**text_inputs, use_cache=True)
+        index = torch.tensor(owner, device=prefix.logits.device)
+        cache = prefix.past_key_values
+        cache.batch_select_indices(index)  # one copy of the question's keys and values per choice
+        width = max(len(ids) for ids in continuations)
+        tokens = torch.tensor([ids + [pad] * (width - len(ids)) for ids in continuations], device=index.device)
+        counted = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in continuations],
+                               device=index.device)
+        mask = torch.cat([text_inputs["attention_mask"][index], counted], 1)
+        logits = language_model(input_ids=tokens, attention_mask=mask, past_key_values=cache).logits
+        # token j of a choice is predicted after token j − 1; its first token after the prompt's last one
+        logits = torch.cat([prefix.logits[index, -1:], logits[:, :-1]], 1).float()
+        log_probs = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] * counted
+        return (log_probs.sum(-1) / counted.sum(-1)).cpu().numpy()
+
+    def _choice_scores_whole(self, flat) -> np.ndarray:
         tokenizer = self.processor.tokenizer
         answered = [f"{prompt} {choice}" for _, prompt, choice in flat]
         lengths = []
