@@ -11,7 +11,7 @@ from helpers import cli
 from helpers.benchmarks import PLAN, cost, load_results
 from helpers.benchmarks.harness import headline, summary_lines
 
-NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step"]
+NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,9 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     lora, full = by_name["rrhf_step"]["paths"]["project_lora"], by_name["rrhf_step"]["paths"]["project_full"]
     assert 0 < lora["settings"]["trainable_parameters"] < full["settings"]["trainable_parameters"]
     assert by_name["dpo_step"]["paths"]["project"]["settings"]["train_batch_size"] == PLAN["dpo_step"]["tiny"]["pairs"]
+    vqa = by_name["vqa_scoring"]["paths"]
+    assert (vqa["naive"]["units"], vqa["project"]["units"]) == (PLAN["vqa_scoring"]["tiny"]["naive"],
+                                                                 PLAN["vqa_scoring"]["tiny"]["images"])
 
 
 def test_summary_names_device_and_every_benchmark(tiny_results):
@@ -81,6 +84,8 @@ def _gpu_document() -> dict:
          "paths": {"naive": timing(4.0), "batched_generate": timing(0.02), "project": timing(0.008)}},
         {"name": "image_generation", "unit": "s/image", "shapes": {}, "ratio": 20.0, "ratios": {}, "headline": plain,
          "paths": {"naive": timing(1.0), "project": timing(0.05)}},
+        {"name": "vqa_scoring", "unit": "s/image", "shapes": {}, "ratio": 10.0, "ratios": {}, "headline": plain,
+         "paths": {"naive": timing(0.5), "project": timing(0.05)}},
         {"name": "rrhf_step", "unit": "s/step", "ratio": 2.0, "ratios": {},
          "headline": ["naive_lora", "project_lora"],
          "shapes": {"candidates": 6, "prompt_tokens": 96, "response_tokens": 128},
@@ -94,6 +99,7 @@ def test_measured_gpu_costs_replace_the_design_figures():
     # 1.344 s for 6 candidates × 224 tokens = 0.001 s per training token
     assert costs["train_token_lora"]["project"] == pytest.approx(1.344 / (6 * 224))
     assert costs["score"]["source"].startswith("FLOP estimate")  # not in this file: estimated
+    assert (costs["vqa"]["naive"], costs["vqa"]["project"]) == (0.5, 0.05)  # per image with its questions
     plain = cost.unit_costs(None)
     assert plain["api"] == {"naive": 5.4, "project": 0.020, "source": cost.DESIGN_SOURCE}
 

@@ -136,6 +136,8 @@ def _measured(results: dict[str, Any] | None) -> dict[str, dict[str, float]]:
                 found[f"train_token_{mode}"] = {path: paths[f"{path}_{mode}"] / tokens for path in ("naive", "project")}
         elif bench["name"] == "dpo_step":
             found["dpo_pair"] = {path: paths[path] / shapes["pairs"] for path in ("naive", "project")}
+        elif bench["name"] == "vqa_scoring":  # per image with its questions, as the cost rows count VQA work
+            found["vqa"] = {"naive": paths["naive"], "project": paths["project"]}
     return found
 
 

@@ -46,6 +46,20 @@ BERT_TINY_MED = dict(BERT_BASE_MED, hidden_size=32, num_hidden_layers=2, num_att
                      vocab_size=1000, max_position_embeddings=64)
 
 
+# BLIP-2 with Flan-T5-XL (Salesforce/blip2-flan-t5-xl), AGFSync's VQA model: EVA ViT-g/14, Q-Former, T5-XL
+BLIP2_VIT_G = dict(image_size=224, patch_size=14, hidden_size=1408, intermediate_size=6144, num_hidden_layers=39,
+                   num_attention_heads=16)
+BLIP2_QFORMER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     vocab_size=30522)
+FLAN_T5_XL = dict(model_type="t5", vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
+                  num_decoder_layers=24, num_heads=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+BLIP2_TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4)
+BLIP2_TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=64)
+T5_TINY = dict(model_type="t5", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+
+
 def _check(size: str) -> None:
     if size not in ("tiny", "full"):
         raise ValueError(f"size={size!r} must be 'tiny' (CPU, seconds) or 'full' (the paper's shapes, a GPU)")
@@ -97,6 +111,38 @@ def sd15_pipeline(size: str, device: str, dtype: torch.dtype):
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def blip2_vqa(size: str, device: str, dtype: torch.dtype):
+    """A `VqaScorer` on a BLIP-2 Flan-T5-XL-shaped model (or the book's tiny T5 one) with random weights."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil
+
+    from ..models import train_llm_tokenizer
+    from ..scorers.vqa import VqaScorer
+
+    _check(size)
+    full = size == "full"
+    tokenizer = train_llm_tokenizer(seed=0)
+    vision = BLIP2_VIT_G if full else BLIP2_TINY_VISION
+    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": vision["image_size"],
+                                                                           "width": vision["image_size"]}),
+                               tokenizer=tokenizer, num_query_tokens=32 if full else 4)  # adds the <image> token
+    text = dict(FLAN_T5_XL if full else T5_TINY, vocab_size=max(32128 if full else 0, len(tokenizer)),
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id)
+    config = Blip2Config(vision_config=vision, qformer_config=dict(
+        BLIP2_QFORMER if full else BLIP2_TINY_QFORMER, vocab_size=30522 if full else len(tokenizer)),
+        text_config=text, num_query_tokens=processor.num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return VqaScorer(model.eval(), processor, "random:blip2")
 
 
 def unified_reward_scorers(size: str, device: str, dtype: torch.dtype, batch_size: int) -> dict[str, Any]:

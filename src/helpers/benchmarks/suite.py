@@ -1,7 +1,8 @@
-"""The five benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
+"""The six benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
 
 (a) API generation, (b) image generation, (c) unified-reward scoring, (d) one RRHF optimizer step, (e) one
-Diffusion-DPO step. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px, CLIP B/16 + BLIP-L + ViT-H/14);
+Diffusion-DPO step, (f) AGFSync's VQA scoring. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px,
+CLIP B/16 + BLIP-L + ViT-H/14, BLIP-2 Flan-T5-XL);
 `tiny` the book's tiny shapes, so CI runs every line of every benchmark on a CPU in about a minute.
 """
 from __future__ import annotations
@@ -30,6 +31,9 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
     "rrhf_step": {"full": dict(candidates=6, prompt_tokens=96, response_tokens=128, steps=2, lora_r=64),
                   "tiny": dict(candidates=6, prompt_tokens=96, response_tokens=128, steps=2, lora_r=8)},
     "dpo_step": {"full": dict(pairs=4, steps=2), "tiny": dict(pairs=4, steps=2)},
+    # AGFSync's VQA score: ~8 generated questions per candidate image, 16 images per BLIP-2 call (agfsync.vqa_scores)
+    "vqa_scoring": {"full": dict(naive=4, images=64, questions=8, batch=16),
+                    "tiny": dict(naive=2, images=16, questions=8, batch=8)},
 }
 
 
@@ -284,9 +288,52 @@ def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
                "one AdamW step of Diffusion-DPO on the UNet against a frozen copy (helpers.diffusion_dpo)")
 
 
+# -------------------------------------------------------------------------------------- (f) VQA scoring
+
+def bench_vqa_scoring(size: str, device: str) -> dict[str, Any]:
+    from PIL import Image
+
+    plan = PLAN["vqa_scoring"][size]
+    rng = np.random.default_rng(0)
+    side = shapes.IMAGE_SIZE[size]
+    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(plan["images"])]
+    things = ["a fox", "snow", "a tree", "a red scarf", "two birds", "a frozen lake", "mountains", "sunset light"]
+    questions = [f"is there {thing} in the picture?" for thing in things][:plan["questions"]]
+    naive_scorer = shapes.blip2_vqa(size, device, torch.float32)
+
+    def one_question_at_a_time() -> int:
+        for image in images[:plan["naive"]]:
+            for question in questions:
+                naive_scorer.yes_probability([image], [question])
+        return plan["naive"]
+
+    naive = time_path("naive", one_question_at_a_time, device,
+                      warmup=lambda: naive_scorer.yes_probability(images[:1], questions[:1]),
+                      settings={"batch": "one question, its image encoded for it", "dtype": "torch.float32"})
+    del naive_scorer
+    gc.collect()
+    scorer = shapes.blip2_vqa(size, device, _half(device))
+
+    def ask(chunk: list) -> None:  # as agfsync.vqa_scores: several images per call, each with all its questions
+        scorer.yes_probability([image for image in chunk for _ in questions], questions * len(chunk))
+
+    def batched() -> int:
+        for start in range(0, len(images), plan["batch"]):
+            ask(images[start:start + plan["batch"]])
+        return len(images)
+
+    project = time_path("project", batched, device, warmup=lambda: ask(images[:plan["batch"]]),
+                        settings={"batch": f"{plan['batch']} images × {len(questions)} questions, each image encoded "
+                                           "once", "dtype": str(_half(device))})
+    parameters = sum(p.numel() for p in scorer.model.parameters())
+    return row("vqa_scoring", "s/image", {"parameters": parameters, **plan}, [naive, project],
+               f"AGFSync's VQA score: BLIP-2 (Flan-T5-XL shapes at full size) answers {len(questions)} yes/no "
+               "questions per image")
+
+
 BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "api_generation": bench_api_generation, "image_generation": bench_image_generation, "scoring": bench_scoring,
-    "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step}
+    "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step, "vqa_scoring": bench_vqa_scoring}
 
 
 def check_names(names: list[str] | None) -> list[str]:
