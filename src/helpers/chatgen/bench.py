@@ -112,16 +112,106 @@ _TASKS = {
 def roleplay_messages(record: dict[str, Any], role: str, input_type: str) -> list[dict[str, str]]:
     """System + user instruction asking an LLM to play `role` and write the chat for this demonstration."""
     _check_type(input_type)
-    instruction, api = record["instruction"], record["api"]
-    user = "\n".join([
-        f"Play this person: {role}.",
-        "They want a picture. The picture they have in mind was made from the Stable Diffusion prompt below. "
-        "They have never seen the prompt: it only tells you what the picture shows.",
-        f"  prompt: {instruction['prompt']}",
-        f"  what the picture avoids: {instruction.get('negative_prompt') or '(nothing in particular)'}",
-        f"  the kind of tool that made it: {api.get('model_description') or api['model']}",
-        "", *_TASKS[input_type]])
+    user = "\n".join([*_picture_lines(record, role), "", *_TASKS[input_type]])
     return [{"role": "system", "content": ROLEPLAY_SYSTEM}, {"role": "user", "content": user}]
+
+
+HISTORY_WRITING = ("one_call", "by_turn")
+# what each of a history chat's user turns adds when the chat is written one message at a time ("by_turn")
+_TURN_ASPECTS = ("only the main thing they want to see, in a rough first wish",
+                 "the style or kind of picture they have in mind",
+                 "the mood, the light or a detail they care about",
+                 "something they would rather not see in it, or a last touch")
+
+
+def _picture_lines(record: dict[str, Any], role: str) -> list[str]:
+    instruction, api = record["instruction"], record["api"]
+    return [f"Play this person: {role}.",
+            "They want a picture. The picture they have in mind was made from the Stable Diffusion prompt below. "
+            "They have never seen the prompt: it only tells you what the picture shows.",
+            f"  prompt: {instruction['prompt']}",
+            f"  what the picture avoids: {instruction.get('negative_prompt') or '(nothing in particular)'}",
+            f"  the kind of tool that made it: {api.get('model_description') or api['model']}"]
+
+
+def _transcript(messages: Sequence[dict[str, str]]) -> str:
+    return "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+def check_history_writing(history_writing: str) -> str:
+    if history_writing not in HISTORY_WRITING:
+        raise ValueError(f"history_writing={history_writing!r}: use 'one_call' (a whole chat per reply, as ChatGen) "
+                         "or 'by_turn' (one message per reply, for a small LLM)")
+    return history_writing
+
+
+def next_turn_messages(record: dict[str, Any], role: str, chat: Sequence[dict[str, str]], turn: int,
+                       user_turns: int) -> list[dict[str, str]]:
+    """System + instruction asking an LLM for one message of a history chat written turn by turn: the person's
+    `turn`-th message (1-based) of `user_turns`, or, after a person's message, the assistant's short answer."""
+    if chat and chat[-1]["role"] == "user":
+        task = ["You are now the image assistant in this chat:", _transcript(chat), "",
+                "Answer the person's last message in one short sentence: a question about what else they would like, "
+                "or a confirmation. Reply with the sentence only."]
+        return [{"role": "system", "content": "You are a friendly AI image assistant who answers in one short "
+                                              "sentence."}, {"role": "user", "content": "\n".join(task)}]
+    aspect = _TURN_ASPECTS[min(turn, len(_TURN_ASPECTS)) - 1]
+    so_far = [f"They tell an image assistant what they want bit by bit, over {user_turns} messages.",
+              *(["The chat so far:", _transcript(chat)] if chat else []),
+              f"Write their message number {turn}: {aspect}.",
+              "- 1 or 2 sentences in their own everyday words, like a chat message.", _AVOID,
+              "Reply with the message only: no quotes, no name, no explanation."]
+    return [{"role": "system", "content": ROLEPLAY_SYSTEM},
+            {"role": "user", "content": "\n".join([*_picture_lines(record, role), "", *so_far])}]
+
+
+def history_by_turn(items: Sequence[tuple[dict[str, Any], str]], generator: TextGenerator, *, seed: int,
+                    temperature: float, max_new_tokens: int = 80) -> list[tuple[str, tuple[list | None,
+                                                                                           Refusal | None]]]:
+    """History chats written one message per LLM call, for a model too small to write a whole chat in the asked-for
+    form: round by round, every chat's next user message (the subject first, then the style, the mood, what to
+    leave out) and, between them, the assistant's one-sentence answer, each round in one batched call.
+
+    `items`: (record, role) per chat; each chat gets 2–4 user turns (`random.Random(f"{seed}/{record id}")`).
+    Returns, per chat, (every reply written for it, `parse_roleplay`-style (messages, None) or (None, why not)).
+    """
+    turns = [random.Random(f"{seed}/{record['id']}/turns").randint(*HISTORY_USER_TURNS) for record, _ in items]
+    chats: list[list[dict[str, str]]] = [[] for _ in items]
+    written: list[list[str]] = [[] for _ in items]
+    failed: list[Refusal | None] = [None] * len(items)
+    for step in range(2 * max(turns, default=0) - 1):  # user, assistant, user, …, user
+        turn = step // 2 + 1
+        speaking = "user" if step % 2 == 0 else "assistant"
+        active = [i for i in range(len(items)) if failed[i] is None and turn <= turns[i]
+                  and (speaking == "user" or turn < turns[i])]
+        if not active:
+            continue
+        texts = generator.generate([next_turn_messages(items[i][0], items[i][1], chats[i], turn, turns[i])
+                                    for i in active], max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed + step)
+        if len(texts) != len(active):
+            raise RuntimeError(f"{generator.name} returned {len(texts)} replies for {len(active)} messages")
+        for i, text in zip(active, texts):
+            written[i].append(text)
+            content, why = _one_message(text, speaking)
+            if content is None:
+                failed[i] = Refusal(f"{speaking} turn {turn}: {why.kind}", why[len(why.kind):].lstrip(": "))
+                continue
+            chats[i].append({"role": speaking, "content": content})
+    return [("\n---\n".join(texts), (None, why) if why is not None else _normalise(chat, "history"))
+            for texts, chat, why in zip(written, chats, failed)]
+
+
+def _one_message(text: str, speaking: str) -> tuple[str | None, Refusal | None]:
+    """One chat message from an LLM's reply: the person's (read like a single-message chat) or the assistant's
+    (its first line, without a speaker label)."""
+    if speaking == "user":
+        message, why = parse_roleplay(text, "single")
+        return (message[0]["content"], None) if message is not None else (None, why)
+    first = next((line for line in (text or "").splitlines() if line.strip()), "")
+    label = _SPEAKER.match(first)
+    content = _clean_content(label.group(2) if label else first)
+    return (content, None) if content else (None, Refusal("empty reply"))
 
 
 _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
@@ -372,7 +462,7 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
                  per_record_types: int | Sequence[str] = 1, seed: int = 0,
                  image_key_for: Callable[[dict[str, Any]], str | None] | None = None,
                  max_new_tokens: dict[str, int] | None = None, temperature: float = 0.9,
-                 rejected: list[dict[str, Any]] | None = None) -> list[ChatSample]:
+                 rejected: list[dict[str, Any]] | None = None, history_writing: str = "one_call") -> list[ChatSample]:
     """Role-played chats for `records`, one per record and input type.
 
     `per_record_types`: an int k gives record i the k types INPUT_TYPES[i], INPUT_TYPES[i+1], ... (cycling, so
@@ -380,8 +470,11 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
     `random.Random(seed)`. `image_key_for(record)` names the reference image of a multimodal chat. With the
     template backend (`generator.is_stand_in`) the chats come from `template_chat`; otherwise from the LLM at
     `temperature`. Chats that could not be made (a reply `parse_roleplay` rejects; a prompt with no words for the
-    template) are left out and, if `rejected` is a list, appended to it with the reason.
+    template) are left out and, if `rejected` is a list, appended to it with the reason. `history_writing`:
+    "one_call" (the LLM writes a whole history chat in one reply, as ChatGen does) or "by_turn" (one call per
+    message, `history_by_turn`, for an LLM too small for the first).
     """
+    check_history_writing(history_writing)
     plan = _plan(records, per_record_types, seed)
     if image_key_for is None and any(t == "multimodal" for _, t, _ in plan):
         raise ValueError("multimodal chats need image_key_for(record) -> the image-cache key of the demonstration's "
@@ -401,6 +494,11 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
             # one generate call per type: each type has its own reply length
             where = [i for i, (_, t, _) in enumerate(plan) if t == input_type]
             if not where:
+                continue
+            if input_type == "history" and history_writing == "by_turn":
+                for i, (text, result) in zip(where, history_by_turn(
+                        [(plan[i][0], plan[i][2]) for i in where], generator, seed=seed, temperature=temperature)):
+                    replies[i], parsed[i] = text, result
                 continue
             conversations = [roleplay_messages(plan[i][0], plan[i][2], input_type) for i in where]
             texts = generator.generate(conversations, max_new_tokens=tokens[input_type], temperature=temperature,
@@ -843,13 +941,15 @@ def reference_images(records: Sequence[dict[str, Any]], catalog, executor) -> di
 
 def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *, per_record_types: int,
               limit: int, min_words: int, max_words: int, dedup_threshold: float, test_share: float,
-              few_shot_max: int, judge: bool, max_side: int | None, batch_size: int) -> dict[str, Any]:
+              few_shot_max: int, judge: bool, max_side: int | None, batch_size: int,
+              history_writing: str = "one_call") -> dict[str, Any]:
     """Notebook 10: role-played chats → filters → near-duplicate removal → split by model → settings → saved bench."""
     from ..models import load_spacy, resolve
     from ..scorers.bertscore import BertScorer
     from ..t2i import Executor, ModelCatalog
 
     folder = Path(folder)
+    check_history_writing(history_writing)  # before any image is drawn
     catalog = ModelCatalog.from_records(records)
     chosen = list(records)
     random.Random(ctx.seed).shuffle(chosen)
@@ -858,7 +958,8 @@ def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *
     keys = reference_images(multimodal_records(chosen, per_record_types, ctx.seed), catalog, executor)
     rejected: list[dict[str, Any]] = []
     samples = make_samples(chosen, generator, per_record_types=per_record_types, seed=ctx.seed,
-                           image_key_for=lambda record: keys[record["id"]], rejected=rejected)
+                           image_key_for=lambda record: keys[record["id"]], rejected=rejected,
+                           history_writing=history_writing)
     kept, dropped = length_filter(samples, min_words, max_words)
     kept, more = colloquial_filter(kept, load_spacy(resolve("spacy", ctx)))
     dropped += more
