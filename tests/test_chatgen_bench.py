@@ -415,6 +415,7 @@ class TurnWriter(TextGenerator):
 
     def generate(self, messages_batch, *, max_new_tokens=128, temperature=0.0, seed=0):
         self.batches.append([m[-1]["content"] for m in messages_batch])
+        self.lengths = getattr(self, "lengths", []) + [max_new_tokens]
         out = []
         for messages in messages_batch:
             asked = messages[-1]["content"]
@@ -451,6 +452,7 @@ def test_history_written_turn_by_turn_alternates_and_batches_each_round():
         active = [i for i in range(3) if turn <= turns[i] and (user or turn < turns[i]) and (i != 1 or step <= 2)]
         expected += [len(active)] if active else []
     assert [len(batch) for batch in writer.batches] == expected and expected[:3] == [3, 3, 3]
+    assert writer.lengths[:3] == [64, 32, 64]  # a person's message, the assistant's shorter answer
     first_prompt = writer.batches[0][0]
     assert "the main thing they want to see" in first_prompt and "The chat so far" not in first_prompt
     later = next(batch for batch in writer.batches[2:] if batch)[0]

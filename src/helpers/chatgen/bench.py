@@ -166,14 +166,15 @@ def next_turn_messages(record: dict[str, Any], role: str, chat: Sequence[dict[st
 
 
 def history_by_turn(items: Sequence[tuple[dict[str, Any], str]], generator: TextGenerator, *, seed: int,
-                    temperature: float, max_new_tokens: int = 80) -> list[tuple[str, tuple[list | None,
-                                                                                           Refusal | None]]]:
+                    temperature: float, user_tokens: int = 64,
+                    assistant_tokens: int = 32) -> list[tuple[str, tuple[list | None, Refusal | None]]]:
     """History chats written one message per LLM call, for a model too small to write a whole chat in the asked-for
     form: round by round, every chat's next user message (the subject first, then the style, the mood, what to
     leave out) and, between them, the assistant's one-sentence answer, each round in one batched call.
 
     `items`: (record, role) per chat; each chat gets 2–4 user turns (`random.Random(f"{seed}/{record id}")`).
     Returns, per chat, (every reply written for it, `parse_roleplay`-style (messages, None) or (None, why not)).
+    A message is at most `user_tokens` / `assistant_tokens` long, so a 4-turn chat stays within the length filter.
     """
     turns = [random.Random(f"{seed}/{record['id']}/turns").randint(*HISTORY_USER_TURNS) for record, _ in items]
     chats: list[list[dict[str, str]]] = [[] for _ in items]
@@ -187,8 +188,8 @@ def history_by_turn(items: Sequence[tuple[dict[str, Any], str]], generator: Text
         if not active:
             continue
         texts = generator.generate([next_turn_messages(items[i][0], items[i][1], chats[i], turn, turns[i])
-                                    for i in active], max_new_tokens=max_new_tokens, temperature=temperature,
-                                   seed=seed + step)
+                                    for i in active], temperature=temperature, seed=seed + step,
+                                   max_new_tokens=user_tokens if speaking == "user" else assistant_tokens)
         if len(texts) != len(active):
             raise RuntimeError(f"{generator.name} returned {len(texts)} replies for {len(active)} messages")
         for i, text in zip(active, texts):
