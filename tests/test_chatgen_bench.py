@@ -411,11 +411,11 @@ class TurnWriter(TextGenerator):
     name = "turns"
 
     def __init__(self, silent_on=None):
-        self.batches, self.silent_on = [], silent_on or set()
+        self.batches, self.lengths, self.silent_on = [], [], silent_on or set()
 
     def generate(self, messages_batch, *, max_new_tokens=128, temperature=0.0, seed=0):
         self.batches.append([m[-1]["content"] for m in messages_batch])
-        self.lengths = getattr(self, "lengths", []) + [max_new_tokens]
+        self.lengths.append(max_new_tokens)
         out = []
         for messages in messages_batch:
             asked = messages[-1]["content"]
