@@ -172,7 +172,7 @@ def history_by_turn(items: Sequence[tuple[dict[str, Any], str]], generator: Text
     form: round by round, every chat's next user message (the subject first, then the style, the mood, what to
     leave out) and, between them, the assistant's one-sentence answer, each round in one batched call.
 
-    `items`: (record, role) per chat; each chat gets 2–4 user turns (`random.Random(f"{seed}/{record id}")`).
+    `items`: (record, role) per chat; each chat gets 2–4 user turns, drawn from the seed and the record id.
     Returns, per chat, (every reply written for it, `parse_roleplay`-style (messages, None) or (None, why not)).
     A message is at most `user_tokens` / `assistant_tokens` long, so a 4-turn chat stays within the length filter.
     """
