@@ -5,6 +5,7 @@ published checkpoints, and nothing has to be downloaded.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,6 +61,20 @@ BLIP2_TINY_QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layer
 T5_TINY = dict(model_type="t5", d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
 
 
+@contextmanager
+def built_on(device: str, dtype: torch.dtype):
+    """Inside: modules are created on `device` in `dtype` (seed 0), so a full-size model never passes through an
+    fp32 copy on the CPU; the default dtype is restored afterwards."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _check(size: str) -> None:
     if size not in ("tiny", "full"):
         raise ValueError(f"size={size!r} must be 'tiny' (CPU, seconds) or 'full' (the paper's shapes, a GPU)")
@@ -72,14 +87,8 @@ def causal_lm(size: str, device: str, dtype: torch.dtype):
     _check(size)
     config = LlamaConfig(**(LLAMA_7B if size == "full" else LLAMA_TINY), bos_token_id=1, eos_token_id=2,
                          pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with built_on(device, dtype):
+        model = LlamaForCausalLM(config)
     return model.eval()
 
 
@@ -93,17 +102,11 @@ def sd15_pipeline(size: str, device: str, dtype: torch.dtype):
     _check(size)
     tokenizer = train_clip_tokenizer()
     text = SD15_TEXT if size == "full" else dict(SD_TINY_TEXT, vocab_size=len(tokenizer))
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the target dtype: no fp32 copy of a full-size UNet on the way
-    try:
-        with torch.device(device):
-            text_encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=tokenizer.bos_token_id,
-                                                        eos_token_id=tokenizer.eos_token_id))
-            vae = AutoencoderKL(**(SD15_VAE if size == "full" else SD_TINY_VAE))
-            unet = UNet2DConditionModel(**(SD15_UNET if size == "full" else SD_TINY_UNET))
-    finally:
-        torch.set_default_dtype(previous)
+    with built_on(device, dtype):  # built in the target dtype: no fp32 copy of a full-size UNet on the way
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id))
+        vae = AutoencoderKL(**(SD15_VAE if size == "full" else SD_TINY_VAE))
+        unet = UNet2DConditionModel(**(SD15_UNET if size == "full" else SD_TINY_UNET))
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -134,14 +137,8 @@ def blip2_vqa(size: str, device: str, dtype: torch.dtype):
         BLIP2_QFORMER if full else BLIP2_TINY_QFORMER, vocab_size=30522 if full else len(tokenizer)),
         text_config=text, num_query_tokens=processor.num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with built_on(device, dtype):
+        model = Blip2ForConditionalGeneration(config)
     return VqaScorer(model.eval(), processor, "random:blip2")
 
 

@@ -37,6 +37,15 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _noise_images(size: str, count: int) -> list:
+    """`count` random RGB images at the benchmark size's side (512 px full, 64 px tiny), seed 0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = shapes.IMAGE_SIZE[size]
+    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
+
+
 def _on_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
@@ -131,12 +140,8 @@ def bench_image_generation(size: str, device: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- (c) scoring
 
 def bench_scoring(size: str, device: str) -> dict[str, Any]:
-    from PIL import Image
-
     plan = PLAN["scoring"][size]
-    rng = np.random.default_rng(0)
-    side = shapes.IMAGE_SIZE[size]
-    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(plan["images"])]
+    images = _noise_images(size, plan["images"])
     prompts = [f"a red fox in the snow, detail {i}" for i in range(plan["images"])]
 
     naive_scorers = shapes.unified_reward_scorers(size, device, torch.float32, batch_size=1)
@@ -291,12 +296,8 @@ def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- (f) VQA scoring
 
 def bench_vqa_scoring(size: str, device: str) -> dict[str, Any]:
-    from PIL import Image
-
     plan = PLAN["vqa_scoring"][size]
-    rng = np.random.default_rng(0)
-    side = shapes.IMAGE_SIZE[size]
-    images = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(plan["images"])]
+    images = _noise_images(size, plan["images"])
     things = ["a fox", "snow", "a tree", "a red scarf", "two birds", "a frozen lake", "mountains", "sunset light"]
     questions = [f"is there {thing} in the picture?" for thing in things][:plan["questions"]]
     naive_scorer = shapes.blip2_vqa(size, device, torch.float32)
