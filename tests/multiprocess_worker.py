@@ -71,6 +71,7 @@ def main(out: Path, llm: str) -> None:
     fresh = t2i.Request({**call, "model": "Fresh"}, "a quiet harbour", seed=9)
     requests = [t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)] + [fresh]
     generated = executor.generate(requests, progress=False)
+    in_memory = sum(g.decoded for g in generated)  # this process's drawn share; the rest are keys into the cache
 
     # sharded scoring and sharded API-call decoding
     scores = ScoringRun({"clip": load_scorer("clip", ctx)}, ScoreCache(out / f"scores{world_size}.jsonl"))
@@ -78,6 +79,12 @@ def main(out: Path, llm: str) -> None:
     # the same requests again in blocks of 4, each block sharded (images from the cache, scores computed afresh)
     in_blocks = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"block_scores{world_size}.jsonl"))
     block_table = in_blocks.generate_and_score(executor, requests, block_size=4)
+    # FID features of the same images, split across the processes; asked again, nothing is embedded twice
+    from helpers.scorers.fid import FidFeatures
+
+    fid = FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2)
+    fid_rows = fid(generated, [g.key for g in generated])
+    fid(generated[:3], [g.key for g in generated[:3]])
     agent = Agent.load(llm)
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
@@ -144,8 +151,11 @@ def main(out: Path, llm: str) -> None:
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "dpo_log": dpo_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
-    # every process reports its own share of the drawing, so the test sees the work was split
+        np.save(folder / "fid_rows.npy", fid_rows)
+    # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
+    (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
+        {"in_memory": in_memory, "fid_extracted": fid.extracted}))
     distributed.barrier()
 
 

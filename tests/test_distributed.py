@@ -124,6 +124,14 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert [json.loads((out / f"late_world2_rank{rank}.json").read_text()) for rank in (0, 1)] == [{"wrote": 1}] * 2
     shares = [int((out / f"drawn_world2_rank{rank}.txt").read_text()) for rank in (0, 1)]
     assert shares == [3, 3] and one["drawn_here"] == 6  # each process drew its own share, nothing twice
+    # each process holds the pixels it drew; the other's came as keys into the shared cache. FID features: each
+    # process embedded its share once (chunks of a batch of 2: images 0, 1, 4, 5 and 2, 3), every process has every row
+    split = [json.loads((out / f"shares_world2_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert split == [{"in_memory": 3, "fid_extracted": 4}, {"in_memory": 3, "fid_extracted": 2}]
+    assert json.loads((out / "shares_world1_rank0.json").read_text()) == {"in_memory": 6, "fid_extracted": 6}
+    fid_one, fid_two = (np.load(out / f"world{n}" / "fid_rows.npy") for n in (1, 2))
+    assert fid_two.shape == fid_one.shape == (6, fid_one.shape[1]) and fid_one.shape[1] > 1
+    np.testing.assert_allclose(fid_two[:5], fid_one[:5], rtol=1e-5, atol=1e-6)
 
 
 def test_the_process_group_a_trainers_arguments_started_is_the_one_used(tmp_path):

@@ -114,3 +114,10 @@ def test_block_wise_scoring_equals_one_pass_and_caches_each_block_before_the_nex
     whole = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).score(generate(requests, progress=False))
     np.testing.assert_allclose(blocks["clip"], whole["clip"])
     assert run.computed == 5 and len(run.generate_and_score(executor, [])) == 0
+    # a rerun with every image and score cached reads no PNG: scores are looked up by key alone
+    decoded = []
+    get = executor.cache.get
+    executor.cache.get = lambda key: decoded.append(key) or get(key)
+    rerun = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).generate_and_score(executor, requests, block_size=2)
+    np.testing.assert_allclose(rerun["clip"], blocks["clip"])
+    assert decoded == []

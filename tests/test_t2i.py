@@ -386,3 +386,29 @@ def test_blocks_cover_every_request_once_grouped_by_settings_and_equal_one_call(
     assert len(single) == 1 and single[0][0] == list(range(8))  # one block keeps the input order
     with pytest.raises(ValueError, match="block_size=0 must be at least 1"):
         next(executor.generate_in_blocks(requests, block_size=0))
+
+
+def test_cached_images_are_decoded_only_when_their_pixels_are_used(executor, monkeypatch):
+    import pickle
+
+    requests = [t2i.Request(api(), "a lantern on a jetty", "", seed) for seed in (5, 6)]
+    drawn = executor.generate(requests, progress=False)
+    assert all(g.decoded and not g.cached for g in drawn)  # just drawn: in memory, never read back
+    reads = []
+    get = executor.cache.get
+    monkeypatch.setattr(executor.cache, "get", lambda key: reads.append(key) or get(key))
+    again = executor.generate(requests, progress=False)
+    assert [g.key for g in again] == [g.key for g in drawn] and all(g.cached for g in again)
+    assert reads == [] and not any(g.decoded for g in again)  # keys only: no PNG decoded yet
+    assert np.array_equal(_pixels(again[1]), _pixels(drawn[1])) and reads == [again[1].key]
+    assert again[1].image is again[1].image and reads == [again[1].key]  # decoded once, then kept
+    monkeypatch.undo()
+    # what travels between processes: the key, not the pixels; read back from the cache on the other side
+    sent = pickle.loads(pickle.dumps(drawn[0].by_reference()))
+    assert not sent.decoded and len(pickle.dumps(drawn[0].by_reference())) < len(pickle.dumps(drawn[0])) / 2
+    assert np.array_equal(_pixels(sent), _pixels(drawn[0]))
+    gone = t2i.Generated(requests[0], None, "0" * 64, True, "w", (32, 32), executor.cache)
+    with pytest.raises(FileNotFoundError, match="no longer in the image cache.*run the stage again"):
+        gone.image
+    with pytest.raises(ValueError, match="needs its image or the ImageCache"):
+        t2i.Generated(requests[0], None, "k", True, "w", (32, 32))

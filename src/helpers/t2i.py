@@ -433,6 +433,9 @@ class ImageCache:
     def path(self, key: str) -> Path:
         return self.root / "images" / key[:2] / f"{key}.png"
 
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
     def get(self, key: str) -> Image.Image | None:
         path = self.path(key)
         if not path.is_file():
@@ -475,16 +478,53 @@ class ExecutorConfig:
             raise ValueError(f"max_side={self.max_side} must be a multiple of 8, at least 16 (or None for native)")
 
 
-@dataclass
 class Generated:
-    """An image for a request, with its cache key and whether it came from the cache."""
+    """An image for a request, with its cache key and whether it came from the cache.
 
-    request: Request
-    image: Image.Image
-    key: str
-    cached: bool
-    weights_id: str
-    size: tuple[int, int]
+    An image read from the cache is decoded only when `.image` is first used (then kept): a stage that needs only
+    keys, or whose scores are all cached, reads no PNG, and under a multi-process launch the images one process
+    drew reach the others as keys into the shared cache, not as pixels sent between processes.
+    """
+
+    __slots__ = ("request", "key", "cached", "weights_id", "size", "_image", "_cache")
+
+    def __init__(self, request: Request, image: Image.Image | None, key: str, cached: bool, weights_id: str,
+                 size: tuple[int, int], cache: ImageCache | None = None):
+        if image is None and cache is None:
+            raise ValueError(f"Generated {key!r} needs its image or the ImageCache that holds it")
+        self.request, self.key, self.cached, self.weights_id, self.size = request, key, cached, weights_id, size
+        self._image, self._cache = image, cache
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = self._cache.get(self.key)
+            if self._image is None:
+                raise FileNotFoundError(f"image {self.key} is no longer in the image cache ({self._cache.path(self.key)}"
+                                        "); it was removed after this run found it there: run the stage again")
+        return self._image
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the pixels are in memory (drawn here, or read from the cache already)."""
+        return self._image is not None
+
+    def by_reference(self) -> "Generated":
+        """The same image without its pixels, which are read from the cache on use (it must be there)."""
+        if self._cache is None:
+            raise ValueError(f"Generated {self.key!r} has no ImageCache to be read back from")
+        return Generated(self.request, None, self.key, self.cached, self.weights_id, self.size, self._cache)
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return (f"Generated(key={self.key!r}, cached={self.cached}, weights_id={self.weights_id!r}, "
+                f"size={self.size}, decoded={self.decoded})")
 
 
 BATCH_REFERENCE_PIXELS = 512 * 512
@@ -584,7 +624,8 @@ class Executor:
         """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings.
 
         Under a multi-process launch each process draws its share (`helpers.distributed.map_sharded`) into the
-        shared image cache, and every process gets all the images back.
+        shared image cache, and every process gets all the images back: its own drawn ones in memory, the others'
+        as cache keys read on use.
         """
         from .distributed import broadcast_from_main, launched_world_size, map_sharded
 
@@ -592,7 +633,14 @@ class Executor:
             requests = broadcast_from_main(list(requests))
             for request in requests:  # weights are built (a stage each) by every process together, before sharding
                 self.plan(request.api)
-            return map_sharded(lambda share: self._generate_here(share, progress), requests)
+            own: dict[str, Generated] = {}
+
+            def here(share: list[Request]) -> list[Generated]:
+                made = self._generate_here(share, progress)
+                own.update((g.key, g) for g in made)
+                return [g.by_reference() for g in made]  # keys travel between processes; pixels are in the cache
+
+            return [own.get(g.key, g) for g in map_sharded(here, requests)]
         return self._generate_here(requests, progress)
 
     def generate_in_blocks(self, requests: Sequence[Request], block_size: int = IMAGE_BLOCK,
@@ -630,16 +678,15 @@ class Executor:
     def _generate_here(self, requests: Sequence[Request], progress: bool) -> list[Generated]:
         from tqdm.auto import tqdm
 
-        planned, todo, images = [], {}, {}
+        planned, todo, cached = [], {}, set()
         for index, request in enumerate(requests):
             checkpoint, lora = self.plan(request.api)
             weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
             size = render_size(request.api["width"], request.api["height"], self.config.max_side)
             key = self.cache.key(request, weights_id, size)
             planned.append((request, key, weights_id, size))
-            image = images.get(key) or self.cache.get(key)
-            if image is not None:
-                images[key] = image
+            if key in cached or self.cache.has(key):  # decoded only when its pixels are used (`Generated.image`)
+                cached.add(key)
                 self.stats["cache_hits"] += 1
                 continue
             group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"],
@@ -652,8 +699,8 @@ class Executor:
                 drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
                 bar.update(len(batch))
         bar.close()
-        images.update(drawn)  # just drawn: kept in memory, not read back from the PNGs
-        return [Generated(request, images[key], key, key not in drawn, weights_id, size)
+        # just drawn: kept in memory, not read back from the PNGs
+        return [Generated(request, drawn.get(key), key, key not in drawn, weights_id, size, self.cache)
                 for request, key, weights_id, size in planned]
 
     def _note_overflow(self, pipeline, texts: list[str]) -> None:

@@ -128,14 +128,14 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     generated_features: dict[int, np.ndarray] = {}
 
     def score_block(indices, generated):
-        generated_features.update(zip(indices, features([g.image for g in generated], [g.key for g in generated])))
+        generated_features.update(zip(indices, features(generated, [g.key for g in generated])))
         return scoring.score(generated)
 
     scored = plan.scored(score_in_blocks(executor, plan.requests, score_block))
     reference = reference_requests(test, catalog, num_seeds=num_seeds)
     reference_features: dict[str, list] = {row.sample_id: [] for row in reference.table.itertuples()}
     for indices, generated in executor.generate_in_blocks(reference.requests):
-        for i, row in zip(indices, features([g.image for g in generated], [g.key for g in generated])):
+        for i, row in zip(indices, features(generated, [g.key for g in generated])):
             reference_features[reference.table["sample_id"].iloc[i]].append(row)
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)

@@ -71,28 +71,42 @@ def as_uint8(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 class FidFeatures:
     """The features FID compares, from the very network torchmetrics' FID runs (Inception-v3 pool, or a CLIP's
     image embeddings), one float64 row per image. With keys, an image already embedded is not embedded again, so a
-    stage computes each image's features once and any number of FIDs over subsets from them."""
+    stage computes each image's features once and any number of FIDs over subsets from them. Under a
+    multi-process launch the images still to embed are split across processes and every process gets every row;
+    `extracted` counts the images this process embedded."""
 
     def __init__(self, feature: str | Path = INCEPTION, device: str = "cpu", image_size: int = 299,
                  batch_size: int = 32):
         self.extractor = fid_metric(feature, device).inception
         self.device, self.image_size, self.batch_size = device, image_size, batch_size
         self.by_key: dict[str, np.ndarray] = {}
+        self.extracted = 0
 
-    def __call__(self, images: Sequence[Image.Image], keys: Sequence[str] | None = None) -> np.ndarray:
+    def _embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        rows = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            with torch.no_grad():
+                found = self.extractor(as_uint8(batch, self.image_size).to(self.device))
+            rows.extend(found.double().cpu().numpy().reshape(len(batch), -1))
+        self.extracted += len(images)
+        return rows
+
+    def __call__(self, images: Sequence, keys: Sequence[str] | None = None) -> np.ndarray:
+        """One row per image (PIL images, or anything with a `.image`, such as `t2i.Generated`)."""
+        from ..distributed import map_sharded
+
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image (or none)")
         todo = [i for i in range(len(images)) if keys is None or keys[i] not in self.by_key]
-        fresh: dict[int, np.ndarray] = {}
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start:start + self.batch_size]
-            with torch.no_grad():
-                rows = self.extractor(as_uint8([images[i] for i in batch], self.image_size).to(self.device))
-            fresh.update(zip(batch, rows.double().cpu().numpy().reshape(len(batch), -1)))
+        # every process holds the same images and keys, so they agree on what is left to embed
+        rows = map_sharded(lambda share: self._embed([getattr(images[i], "image", images[i]) for i in share]),
+                           todo, chunk=self.batch_size)
+        fresh = dict(zip(todo, rows))
         if keys is not None:
             self.by_key.update((keys[i], row) for i, row in fresh.items())
-        rows = [fresh[i] if i in fresh else self.by_key[keys[i]] for i in range(len(images))]
-        return np.stack(rows) if rows else np.zeros((0, 0))
+        found = [fresh[i] if i in fresh else self.by_key[keys[i]] for i in range(len(images))]
+        return np.stack(found) if found else np.zeros((0, 0))
 
 
 def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
