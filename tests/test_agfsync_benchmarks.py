@@ -257,17 +257,47 @@ def test_free_form_tifa_scores_map_answers_and_cache_apart_from_likeliest(tifa_f
 
 def test_a_transcript_shows_what_was_said_the_choice_that_counts_and_the_right_answer(tifa_file, tmp_path, minilm):
     questions = bench.load_tifa(tifa_file, tmp_path)[0]["questions"]
+    image = SimpleNamespace(key="img0", image=object())
     free = FreeVqa({"is this a surfer?": "no", "what color is the board?": "snow white"})
-    table = bench.tifa_transcript(object(), questions, None, scorer=free, encoder=CountingEncoder(minilm))
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    table = bench.tifa_transcript(image, questions, None, scorer=free, encoder=CountingEncoder(minilm), cache=cache)
     assert table.to_dict("records") == [
         {"question": "is this a surfer?", "choices": "yes, no", "BLIP-2 said": "no", "chosen": "no", "answer": "yes",
          "right": False},
         {"question": "what color is the board?", "choices": "white, black, red, blue", "BLIP-2 said": "snow white",
          "chosen": "white", "answer": "white", "right": True}]
     scripted = ScriptedVqa({"is this a surfer?": "yes", "what color is the board?": "red"})
-    likeliest = bench.tifa_transcript(object(), questions, None, answering="likeliest", scorer=scripted)
+    likeliest = bench.tifa_transcript(image, questions, None, answering="likeliest", scorer=scripted, cache=cache)
     assert list(likeliest.columns) == ["question", "choices", "chosen", "answer", "right"]
     assert likeliest["right"].tolist() == [True, False]
+
+
+def test_the_transcript_shows_the_cached_answers_its_score_counted(tifa_file, tmp_path, minilm):
+    """What BLIP-2 said is what the cache keeps (text): the transcript of a scored image asks nothing again, and
+    another sentence encoder maps the same answers without asking BLIP-2 afresh."""
+    questions = bench.load_tifa(tifa_file, tmp_path)[0]["questions"]
+    image = SimpleNamespace(key="img0", image=object())
+    free = FreeVqa({"is this a surfer?": "a surfer", "what color is the board?": "snow white"})
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    assert bench.tifa_scores([image], [questions], None, scorer=free, encoder=CountingEncoder(minilm),
+                             cache=cache) == [100.0]
+    stored = sorted(json.loads(line)["value"] for line in (tmp_path / "scores.jsonl").read_text().splitlines())
+    assert stored == ["a surfer", "snow white"] and len(free.shown) == 2
+    again = FreeVqa({})  # would fail on any question it is asked
+    table = bench.tifa_transcript(image, questions, None, scorer=again, encoder=CountingEncoder(minilm),
+                                  cache=ScoreCache(tmp_path / "scores.jsonl"))
+    assert again.shown == [] and table["BLIP-2 said"].tolist() == ["a surfer", "snow white"]
+    assert table["chosen"].tolist() == ["yes", "white"] and table["right"].all()
+
+    class Paired:
+        """Puts each answer next to a choice of its own choosing: "a surfer" by "no", "snow white" by "blue"."""
+        weights_id = "paired@1"
+
+        def encode(self, texts, **kwargs):
+            return [[1.0, 0.0] if text in {"a surfer", "no", "snow white", "blue"} else [0.0, 1.0] for text in texts]
+
+    other = bench.tifa_answers([image], [questions], None, scorer=again, encoder=Paired(), cache=cache)[0]
+    assert [a["chosen"] for a in other] == ["no", "blue"] and again.shown == []
 
 
 def test_benchmarks_drawn_in_blocks_equal_one_block_and_load_each_model_once(tiny_ctx, monkeypatch):

@@ -140,11 +140,11 @@ def benchmark_sets(tifa: str, hps: str, held_out: Sequence[Mapping[str, Any]], c
 
 
 def tifa_key(question: Mapping[str, Any], answering: str = "free_form") -> str:
-    """The score-cache name of one TIFA question (its text, choices and answer) under one answering method (free
-    answers: with their decoding settings, so a change of them asks afresh)."""
+    """The score-cache name of the VQA model's answer to one TIFA question (its text, choices and answer) under
+    one answering method (free answers: with their decoding settings, so a change of them asks afresh)."""
     how = [answering, FREE_FORM_DECODING] if answering == "free_form" else [answering]
-    return f"tifa-{answering}:" + sha256_json([question["question"], list(question["choices"]), question["answer"],
-                                               *how])[:16]
+    return f"tifa-answer-{answering}:" + sha256_json([question["question"], list(question["choices"]),
+                                                      question["answer"], *how])[:16]
 
 
 def check_answering(answering: str) -> str:
@@ -164,8 +164,11 @@ def nearest_choices(answers: Sequence[str], choices: Sequence[Sequence[str]], en
 
     if len(answers) != len(choices):
         raise ValueError(f"got {len(answers)} answers for {len(choices)} choice lists; pass one of each per question")
-    texts = sorted({str(a) for a, options in zip(answers, choices) if a not in options}
-                   | {str(c) for a, options in zip(answers, choices) if a not in options for c in options})
+    unseen: set[str] = set()  # the answers that are no choice, and their choices
+    for answer, options in zip(answers, choices):
+        if answer not in options:
+            unseen.update([str(answer), *map(str, options)])
+    texts = sorted(unseen)
     if not texts:
         return list(answers)
     at = {text: i for i, text in enumerate(texts)}
@@ -199,26 +202,24 @@ def tifa_models(ctx, answering: str, scorer=None, encoder=None) -> tuple[Any, An
     return scorer, encoder
 
 
-def _answer(models, images, asked: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (image, question): what the VQA model said (its free answer; none for "likeliest"), the choice that
-    counts, and whether it is the right one."""
-    (vqa, sbert), texts, options = models, [q["question"] for q in asked], [q["choices"] for q in asked]
-    if sbert is None:
-        said, chosen = [None] * len(asked), vqa.choose(images, texts, options)
-    else:
-        said = vqa.free_form_answers(images, texts, options, **FREE_FORM_DECODING)
-        chosen = nearest_choices(said, options, sbert)
-    return [{"said": s, "chosen": c, "right": c == q["answer"]} for s, c, q in zip(said, chosen, asked)]
+def _said(vqa, images, asked: Sequence[Mapping[str, Any]], answering: str) -> list[str]:
+    """What the VQA model answers to each (image, question): its free answer, or the likeliest choice."""
+    texts, options = [q["question"] for q in asked], [q["choices"] for q in asked]
+    if answering == "likeliest":
+        return vqa.choose(images, texts, options)
+    return vqa.free_form_answers(images, texts, options, **FREE_FORM_DECODING)
 
 
-def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, answering: str = "free_form",
-                scorer=None, encoder=None, cache=None, images_per_batch: int = 16) -> list[float]:
-    """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice.
+def tifa_answers(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *,
+                 answering: str = "free_form", scorer=None, encoder=None, cache=None,
+                 images_per_batch: int = 16) -> list[list[dict[str, Any]]]:
+    """Per image, per question: what the VQA model said, the choice that counts, and whether it is right.
 
-    `answering`: "free_form" (TIFA's protocol; `encoder`, a sentence encoder, maps answers onto choices) or
-    "likeliest" (`VqaScorer.choose`). Each answer is cached (1 right, 0 wrong) like any score, under the method and
-    the weights of both models, so an image is never asked the same question twice; under a multi-process launch
-    the images are split across processes.
+    `answering`: "free_form" (TIFA's protocol; `encoder`, a sentence encoder, maps a free answer that is no choice
+    onto the nearest one) or "likeliest" (`VqaScorer.choose`). What the VQA model said is cached (text) like any
+    score, under the method, its decoding and the VQA weights, so an image is never asked the same question twice
+    and a fully cached rerun loads no VQA model; the cheap mapping onto choices runs on every call. Under a
+    multi-process launch the images are split across processes.
     """
     from .scoring import ScoreCache, cached_answers
 
@@ -227,21 +228,35 @@ def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx
         raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[tifa_key(q, answering) for q in asked] for asked in questions]
-    weights = vqa.weights_id + (f"+{getattr(sbert, 'weights_id', type(sbert).__name__)}" if sbert is not None else "")
-    right = cached_answers(generated, questions, names, weights, cache, desc="TIFA", images_per_batch=images_per_batch,
-                           model=(vqa, sbert),
-                           answer=lambda models, images, asked: [float(a["right"])
-                                                                 for a in _answer(models, images, asked)])
-    return [100.0 * sum(row) / len(row) for row in right]
+    said = cached_answers(generated, questions, names, vqa.weights_id, cache, desc="TIFA",
+                          images_per_batch=images_per_batch, model=vqa,
+                          answer=lambda model, images, asked: _said(model, images, asked, answering))
+    flat_said = [str(text) for row in said for text in row]
+    flat_questions = [q for asked in questions for q in asked]
+    chosen = flat_said if sbert is None else nearest_choices(flat_said, [q["choices"] for q in flat_questions], sbert)
+    answered = iter([{"said": s if sbert is not None else None, "chosen": c, "right": c == q["answer"]}
+                     for s, c, q in zip(flat_said, chosen, flat_questions)])
+    return [[next(answered) for _ in asked] for asked in questions]
 
 
-def tifa_transcript(image, questions: Sequence[Mapping[str, Any]], ctx, *, answering: str = "free_form",
-                    scorer=None, encoder=None):
+def tifa_scores(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ctx, *, answering: str = "free_form",
+                scorer=None, encoder=None, cache=None, images_per_batch: int = 16) -> list[float]:
+    """TIFA score per image: 100 × the share of its questions the VQA model answers with the right choice
+    (`tifa_answers`: how answers become choices, and what is cached)."""
+    rows = tifa_answers(generated, questions, ctx, answering=answering, scorer=scorer, encoder=encoder, cache=cache,
+                        images_per_batch=images_per_batch)
+    return [100.0 * sum(a["right"] for a in row) / len(row) for row in rows]
+
+
+def tifa_transcript(generated, questions: Sequence[Mapping[str, Any]], ctx, *, answering: str = "free_form",
+                    scorer=None, encoder=None, cache=None):
     """One image's TIFA questions as a table: the choices, what BLIP-2 said, the choice that counts, the right
-    answer. For the reader: it asks the model again (the scores themselves come from the cache)."""
+    answer. `generated` is the image's `t2i.Generated` (or anything with `.key` and `.image`); answers already in
+    the score cache are read from it, so the table shows the very answers its TIFA score counted."""
     import pandas as pd
 
-    answered = _answer(tifa_models(ctx, answering, scorer, encoder), [image] * len(questions), questions)
+    answered = tifa_answers([generated], [questions], ctx, answering=answering, scorer=scorer, encoder=encoder,
+                            cache=cache)[0]
     return pd.DataFrame([{"question": q["question"], "choices": ", ".join(map(str, q["choices"])),
                           **({"BLIP-2 said": a["said"]} if answering == "free_form" else {}),
                           "chosen": a["chosen"], "answer": q["answer"], "right": a["right"]}
@@ -251,7 +266,7 @@ def tifa_transcript(image, questions: Sequence[Mapping[str, Any]], ctx, *, answe
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
              ctx, seeds: int, tifa_answering: str = "free_form", block_size: int | None = None):
     """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA (answered by
-    `tifa_answering`, see `tifa_scores`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system,
+    `tifa_answering`, see `tifa_answers`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system,
     prompt_id, category, prompt, seed, key, metric, value. Drawn and scored in blocks (`scoring.score_in_blocks`;
     at paper scale TIFA alone is 4,081 captions × systems × seeds), every model loaded once."""
     import pandas as pd

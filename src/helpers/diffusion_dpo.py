@@ -549,7 +549,7 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates; and the
     base and AGFSync models draw the TIFA and HPS v2 benchmarks (`tifa`, `hps_benchmark`: their sources; empty, the
     held-out prompts stand in; `benchmark_limit`: prompts per set, per style for HPS v2, 0 for all;
-    `tifa_answering`: how BLIP-2's answers become choices, see `agfsync_benchmarks.tifa_scores`)."""
+    `tifa_answering`: how BLIP-2's answers become choices, see `agfsync_benchmarks.tifa_answers`)."""
     import pandas as pd
     from datasets import load_from_disk
 

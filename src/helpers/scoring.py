@@ -119,27 +119,36 @@ class ClipScorer:
 # ------------------------------------------------------------------------------------------ score cache
 
 class ScoreCache:
-    """Append-only JSON lines of (image key, scorer, weights id) → value; a torn last line is skipped on read."""
+    """Append-only JSON lines of (image key, scorer, weights id) → value; a torn last line is skipped on read.
+
+    Values are numbers (scores, probabilities), or text where the costly step is a model's answer (TIFA's free
+    answers: what BLIP-2 said is kept, and the cheap mapping onto a choice is done on every read)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         # a torn last line (a crashed run) is skipped, so that score is simply recomputed
-        self.values: dict[tuple[str, str, str], float] = {
+        self.values: dict[tuple[str, str, str], float | str] = {
             (row["image"], row["scorer"], row["weights"]): row["value"] for row in read_jsonl_rows(self.path)}
 
-    def get(self, image_key: str, scorer: str, weights: str) -> float | None:
+    def get(self, image_key: str, scorer: str, weights: str) -> float | str | None:
         return self.values.get((image_key, scorer, weights))
 
-    def put_many(self, rows: Sequence[tuple[str, str, str, float]]) -> None:
+    def put_many(self, rows: Sequence[tuple[str, str, str, float | str]]) -> None:
+        rows = [(image_key, scorer, weights, cache_value(value)) for image_key, scorer, weights, value in rows]
         if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
-            append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights,
-                                      "value": float(value)} for image_key, scorer, weights, value in rows])
+            append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights, "value": value}
+                                     for image_key, scorer, weights, value in rows])
         for image_key, scorer, weights, value in rows:
-            self.values[image_key, scorer, weights] = float(value)
+            self.values[image_key, scorer, weights] = value
+
+
+def cache_value(value: Any) -> float | str:
+    """A value as the score cache keeps it: text stays text, anything else becomes a float (numpy scalars too)."""
+    return value if isinstance(value, str) else float(value)
 
 
 def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequence[Sequence[str]], weights: str,
-                   cache: ScoreCache, *, model, answer, desc: str, images_per_batch: int) -> list[list[float]]:
+                   cache: ScoreCache, *, model, answer, desc: str, images_per_batch: int) -> list[list[float | str]]:
     """Per image, one cached value per question about it: read from `cache`, the missing ones answered and added.
 
     Only images with a missing value are asked, `images_per_batch` images per `answer(model, images, questions)`
@@ -157,7 +166,7 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
     if not todo:
         return values
 
-    def ask(share: list[int]) -> list[list[float]]:
+    def ask(share: list[int]) -> list[list[float | str]]:
         answered = []
         for start in tqdm(range(0, len(share), images_per_batch), desc=desc, unit="batch",
                           disable=len(share) <= images_per_batch):
@@ -165,7 +174,7 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
             flat = list(answer(model, [generated[i].image for i in batch for _ in questions[i]],
                                [q for i in batch for q in questions[i]]))
             for i in batch:
-                answered.append([float(v) for v in flat[:len(questions[i])]])
+                answered.append([cache_value(v) for v in flat[:len(questions[i])]])
                 flat = flat[len(questions[i]):]
         return answered
 
