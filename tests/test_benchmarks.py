@@ -216,3 +216,15 @@ def test_targets_table_checks_each_bound_against_the_gpu_file():
     nothing = cost.targets_table(None)
     assert nothing["measured"].isna().all() and nothing["met"].isna().all()
     assert set(nothing["measured on"]) == {"not measured on a GPU"}
+
+
+def test_agfsync_evaluation_counts_tifa_answering_and_hps_scoring():
+    table = cost.cost_table(None).set_index("stage")
+    tifa = table.loc["Evaluation: TIFA answers (free-form, 5 beams)"]
+    # 4,081 TIFA texts × 4 seeds × base and aligned; HPS v2: 3,200 prompts × 4 × 2
+    assert (tifa["unit"], tifa["count"]) == ("tifa", 32_648)
+    assert table.loc["Evaluation: HPS v2 scores", "count"] == 25_600
+    # by hand: 25,000 / 4,081 questions × (2 × 1.2e9 × 72 + 5 × 30 × 2 × 1.6e9) + 2 × 1.0e9 × 257 ≈ 4.51 TFLOP
+    flop = 25_000 / 4_081 * (1.728e11 + 4.8e11) + 5.14e11
+    assert tifa["project GPU-h"] == pytest.approx(32_648 * flop / (790e12 * 0.40) / 3600)
+    assert "FLOP estimate" in tifa["cost source"]

@@ -23,6 +23,11 @@ DESIGN_SOURCE = "design notes: H100 measurement"
 # FLOP per unit of work, for units without a measurement
 SCORE_FLOP = 2 * (17.6e9 + 61.6e9 + 167.4e9)  # CLIP B/16 + BLIP ViT-L/16 + ViT-H/14 image towers at 224 px (MACs×2)
 VQA_FLOP = 8 * 2 * 3.9e9 * 64 + 2 * 1.0e9 * 257  # AGFSync: ~8 questions on a BLIP-2-class model, + ViT-g once
+# TIFA at evaluation: BLIP-2 Flan-T5-XL answers each question freely with TIFA's decoding (5 beams, ≤ 30 new
+# tokens), the image encoded once. Per question: the T5 encoder (~1.2B) reads 32 query + ~40 prompt tokens; the
+# decoder (~1.6B) runs 5 beams × 30 steps (an upper bound: answers are mostly a word or two, then stop)
+TIFA_QUESTIONS, TIFA_TEXTS = 25_000, 4_081  # TIFA v1.0: ~25K questions on 4,081 texts (≈ 6.1 per image)
+TIFA_FLOP = TIFA_QUESTIONS / TIFA_TEXTS * (2 * 1.2e9 * 72 + 5 * 30 * 2 * 1.6e9) + 2 * 1.0e9 * 257
 LLAMA7B_PARAMS = 6.7e9
 INTERNVL2_2B_PARAMS = 2.2e9
 SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
@@ -34,7 +39,7 @@ class Work:
 
     method: str
     stage: str
-    unit: str  # api | image | score | vqa | train_token_lora | train_token_full | dpo_pair
+    unit: str  # api | image | score | vqa | tifa | train_token_lora | train_token_full | dpo_pair
     count: float
     basis: str
 
@@ -67,7 +72,9 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     eval_prompts = dabench_test + 2 * counts["table2_prompts_per_set"]  # DABench test + COCO + PartiPrompts
     chatgen_train, chatgen_test, chatgen_multimodal = 256_606, 14_564, 69_548 + 1_668
     agf_prompts, agf_candidates = 45_834, counts["agfsync_candidates"]
-    agf_eval = 4_081 + 3_200  # TIFA v1.0 + HPS v2 benchmark prompts
+    hps_prompts = 3_200  # HPS v2 benchmark: 4 styles × 800 prompts
+    agf_eval = TIFA_TEXTS + hps_prompts
+    agf_eval_seeds = counts["agfsync_eval_seeds"]
     return [
         Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
              "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
@@ -101,13 +108,17 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("AGFSync", f"Diffusion-DPO ({counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs)", "dpo_pair",
              counts["dpo_steps"] * counts["dpo_batch"],
              f"SD 1.5 recipe: {counts['dpo_steps']:,} steps, batch {counts['dpo_batch']} (Diffusion-DPO / configs/paper.yaml)"),
-        Work("AGFSync", "Evaluation images", "image", agf_eval * counts["agfsync_eval_seeds"] * 2,
-             f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {counts['agfsync_eval_seeds']} seeds × base and aligned"),
+        Work("AGFSync", "Evaluation images", "image", agf_eval * agf_eval_seeds * 2,
+             f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {agf_eval_seeds} seeds × base and aligned"),
+        Work("AGFSync", "Evaluation: TIFA answers (free-form, 5 beams)", "tifa", TIFA_TEXTS * agf_eval_seeds * 2,
+             f"every TIFA image (4,081 × {agf_eval_seeds} seeds × 2 systems), ~6 questions each"),
+        Work("AGFSync", "Evaluation: HPS v2 scores", "score", hps_prompts * agf_eval_seeds * 2,
+             "every HPS v2 image (costed like the three unified-reward scorers: an upper bound)"),
     ]
 
 
 def _flop_seconds(unit: str) -> dict[str, float] | None:
-    flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP,
+    flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP, "tifa": TIFA_FLOP,
             "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
             "train_token_full": 6 * LLAMA7B_PARAMS, "train_token_full_2b": 6 * INTERNVL2_2B_PARAMS,
             "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12}.get(unit)  # winner + loser, + the reference's forwards
