@@ -102,10 +102,9 @@ def main(out: Path, llm: str) -> None:
     picture = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # noqa: E731
     pairs = [{"prompt": f"a castle, {i}", "chosen": picture(), "rejected": picture()} for i in range(8)]
     pipeline = load_sd_pipeline(t2i.weights_store(ctx).base("SD 1.5").path)
-    trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(resolution=32, max_steps=1, logging_steps=1, seed=0,
-                                                               train_batch_size=2 // world_size,
-                                                               gradient_accumulation_steps=2,
-                                                               output_dir=str(out / f"dpo{rank}")), pairs)
+    dpo_settings = dict(resolution=32, logging_steps=1, seed=0, train_batch_size=2 // world_size,
+                        gradient_accumulation_steps=2, output_dir=str(out / f"dpo{rank}"), save_steps=1)
+    trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(max_steps=1, **dpo_settings), pairs)
     trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.1)  # an update far above float rounding
     # which micro-batch each DDP gradient all-reduce ran in: accumulation should sync only in the last one
     micro_batches, synced_in = [0], []
@@ -121,6 +120,15 @@ def main(out: Path, llm: str) -> None:
 
         trainer.policy.register_comm_hook(dist.group.WORLD, counting_hook)
     dpo_log = trainer.train()
+    # the run continued by a new trainer (as after a crash) for a second step, from the resume point the main
+    # process wrote at step 1: under two processes the other one reads the main process's files
+    resumed = DiffusionDPOTrainer(load_sd_pipeline(t2i.weights_store(ctx).base("SD 1.5").path),
+                                  DiffusionDPOConfig(max_steps=2, **dpo_settings), pairs)
+    resumed.optimizer = torch.optim.SGD(resumed.trainable, lr=0.1)
+    resumed_micro_batches = []
+    resumed_loss = resumed.compute_loss
+    resumed.compute_loss = lambda rows: (resumed_micro_batches.append(1), resumed_loss(rows))[1]
+    resumed_log = resumed.train()
 
     # a stage: every process computes (its share of the sharded step), only the main process writes the folder
     def squares(stage_folder: Path) -> dict:
@@ -150,12 +158,13 @@ def main(out: Path, llm: str) -> None:
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
-            "dpo_log": dpo_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
+            "dpo_log": dpo_log, "dpo_resumed_log": resumed_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
         np.save(folder / "fid_rows.npy", fid_rows)
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        {"in_memory": in_memory, "fid_extracted": fid.extracted}))
+        {"in_memory": in_memory, "fid_extracted": fid.extracted, "resumed_micro_batches": len(resumed_micro_batches),
+         "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))
     distributed.barrier()
 
 

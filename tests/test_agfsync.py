@@ -500,6 +500,32 @@ def test_preference_dataset_round_trips_with_images(tmp_path):
         agfsync.preference_dataset([{k: v for k, v in rows[0].items() if k != "chosen_vqa"}])
 
 
+def test_pairs_from_image_paths_are_embedded_when_saved(tmp_path):
+    """Notebook 12 hands the cache's PNG paths, not decoded images, to the dataset: saving embeds the files, so the
+    saved pairs need no image cache, and their pixels are the cached ones."""
+    from datasets import load_from_disk
+
+    from helpers.t2i import ImageCache
+
+    cache = ImageCache(tmp_path / "cache")
+    table = pd.DataFrame({"prompt_id": ["p0"] * 3, "prompt": ["a fox"] * 3, "category": ["animals"] * 3,
+                          "key": ["k0", "k1", "k2"], "vqa": [90.0, 10.0, 50.0], "clip": [30.0] * 3,
+                          "aesthetic": [50.0] * 3})
+    pictures = {f"k{i}": Image.new("RGB", (16, 16), (80 * i, 20, 200 - 80 * i)) for i in range(3)}
+    for key, picture in pictures.items():
+        cache.put(key, picture, {})
+    rows = agfsync.pair_rows(table, lambda key: str(cache.path(key)))
+    assert rows[0]["chosen"] == str(cache.path("k0")) and rows[0]["rejected"] == str(cache.path("k1"))
+    lazy = agfsync.preference_dataset(rows)  # paths: decoded when a row is read
+    assert np.array_equal(np.asarray(lazy[0]["chosen"]), np.asarray(pictures["k0"]))
+    lazy.save_to_disk(tmp_path / "pairs")
+    for key in pictures:
+        cache.path(key).unlink()
+    saved = load_from_disk(str(tmp_path / "pairs"))
+    assert np.array_equal(np.asarray(saved[0]["chosen"]), np.asarray(pictures["k0"]))
+    assert np.array_equal(np.asarray(saved[0]["rejected"]), np.asarray(pictures["k1"]))
+
+
 # ------------------------------------------------------------------------------- conversion efficiency
 
 # p1: unequal scores, image 0 has VQA 100 / aesthetic 70; p2: equal scores; p3: unequal, no image good at both;

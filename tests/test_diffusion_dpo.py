@@ -250,3 +250,81 @@ def test_v_prediction_targets_the_velocity(sd_folder, tmp_path):
     # v = √ᾱ·ε − √(1−ᾱ)·x0 differs between winner and loser even though ε is shared
     assert not torch.equal(batch["target"][:2], batch["target"][2:])
     assert trainer.train()[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ resume points
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(trainer, steps: int) -> None:
+    """Make `trainer.train()` stop (as a killed run would) once it has finished `steps` optimizer steps."""
+    save = trainer.save_checkpoint
+
+    def saving_then_crashing(*args, **kwargs):
+        saved = save(*args, **kwargs)
+        if trainer.global_step >= steps:
+            raise Crash(f"stopped after step {trainer.global_step}")
+        return saved
+
+    trainer.save_checkpoint = saving_then_crashing
+
+
+def test_a_run_resumed_from_its_resume_point_equals_one_that_never_stopped(sd_folder, tmp_path, capsys):
+    # 5 pairs, 2 per step: the stream crosses an epoch (a fresh shuffle) before and after the resume point;
+    # Adam's moments, the step count and the log accumulators (logged every 3 steps) must all carry over
+    settings = dict(max_steps=5, train_batch_size=2, logging_steps=3, learning_rate=1e-3)
+    whole_pipeline = load(sd_folder)
+    whole = DiffusionDPOTrainer(whole_pipeline, tiny_config(tmp_path / "whole", **settings), pairs(5))
+    whole_log = whole.train()
+
+    config = tiny_config(tmp_path / "stopped", save_steps=2, **settings)
+    first = DiffusionDPOTrainer(load(sd_folder), config, pairs(5))
+    crash_after(first, 4)
+    with pytest.raises(Crash):
+        first.train()
+    assert [p.name for p in first.checkpoints.glob("step-*")] == ["step-0000004"]  # the newest only
+    pipeline = load(sd_folder)  # a new process: the base weights again, then the resume point
+    again = DiffusionDPOTrainer(pipeline, config, pairs(5))
+    log = again.train()
+    assert "resumed from" in capsys.readouterr().out and again.global_step == 5
+    assert log == whole_log and [row["step"] for row in log] == [3, 5]
+    for name, tensor in whole_pipeline.unet.state_dict().items():
+        torch.testing.assert_close(pipeline.unet.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_resume_point_of_other_settings_or_pairs_is_not_continued(sd_folder, tmp_path, capsys):
+    config = tiny_config(tmp_path, save_steps=1, max_steps=2)
+    DiffusionDPOTrainer(load(sd_folder), config, pairs(2)).train()
+    assert (tmp_path / "unet" / "checkpoints" / "step-0000002").is_dir()
+    longer = DiffusionDPOTrainer(load(sd_folder), tiny_config(tmp_path, save_steps=1, max_steps=3), pairs(2))
+    assert len(longer.train()) == 3 and "resumed from" in capsys.readouterr().out  # more steps: the same run
+    longer_config = tiny_config(tmp_path, save_steps=1, max_steps=3)
+    # other pairs under the same settings, then other settings on those pairs: each starts from step 0
+    for changed, rows in ((longer_config, pairs(2, seed=1)),
+                          (tiny_config(tmp_path, save_steps=1, max_steps=3, learning_rate=2e-3), pairs(2, seed=1))):
+        log = DiffusionDPOTrainer(load(sd_folder), changed, rows).train()
+        out = capsys.readouterr().out
+        assert "resume points of other training" in out and "resumed from" not in out
+        assert [row["step"] for row in log] == [1, 2, 3]
+
+
+def test_a_finished_model_is_kept_by_a_rerun_and_its_resume_points_removed(sd_folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    from helpers import config as book_config
+    from helpers import diffusion_dpo
+
+    ctx = book_config.setup("tiny", 0, quiet=True)
+    out = tmp_path / "aligned"
+    settings = tiny_config(tmp_path, output_dir=str(out), save_steps=1, max_steps=2)
+    log = diffusion_dpo.train_variant(ctx, str(sd_folder), pairs(2), settings, out)
+    assert (out / "trained.json").is_file() and (out / "pipeline").is_dir()
+    assert not (out / "checkpoints").exists()  # done: its resume points are gone
+    monkeypatch.setattr(DiffusionDPOTrainer, "train", lambda self: pytest.fail("trained again"))
+    assert diffusion_dpo.train_variant(ctx, str(sd_folder), pairs(2), settings, out) == log
+    assert "kept" in capsys.readouterr().out
+    monkeypatch.undo()
+    other = diffusion_dpo.train_variant(ctx, str(sd_folder), pairs(2), tiny_config(
+        tmp_path, output_dir=str(out), save_steps=1, max_steps=2, learning_rate=5e-3), out)
+    assert other != log  # other settings: trained afresh

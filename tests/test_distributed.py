@@ -127,8 +127,16 @@ def test_two_processes_match_one(book_root, tmp_path):
     # each process holds the pixels it drew; the other's came as keys into the shared cache. FID features: each
     # process embedded its share once (chunks of a batch of 2: images 0, 1, 4, 5 and 2, 3), every process has every row
     split = [json.loads((out / f"shares_world2_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert split == [{"in_memory": 3, "fid_extracted": 4}, {"in_memory": 3, "fid_extracted": 2}]
-    assert json.loads((out / "shares_world1_rank0.json").read_text()) == {"in_memory": 6, "fid_extracted": 6}
+    alone = json.loads((out / "shares_world1_rank0.json").read_text())
+    assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(3, 4), (3, 2)]
+    assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
+    # Diffusion-DPO resumed at step 1 by new trainers: one step more (2 micro-batches) on every process, the other
+    # process from the main one's resume point, and the same second step as on one process
+    assert [s["resumed_micro_batches"] for s in split] == [2, 2] and alone["resumed_micro_batches"] == 2
+    assert split[0]["resumed_unet_sum"] == split[1]["resumed_unet_sum"]  # the processes hold one model
+    assert split[0]["resumed_unet_sum"] == pytest.approx(alone["resumed_unet_sum"], rel=1e-6)
+    assert [row["step"] for row in two["dpo_resumed_log"]] == [1, 2] and two["dpo_resumed_log"][0] == two["dpo_log"][0]
+    assert two["dpo_resumed_log"][1]["loss"] == pytest.approx(one["dpo_resumed_log"][1]["loss"], abs=1e-3)
     fid_one, fid_two = (np.load(out / f"world{n}" / "fid_rows.npy") for n in (1, 2))
     assert fid_two.shape == fid_one.shape == (6, fid_one.shape[1]) and fid_one.shape[1] > 1
     np.testing.assert_allclose(fid_two[:5], fid_one[:5], rtol=1e-5, atol=1e-6)

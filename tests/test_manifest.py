@@ -105,3 +105,45 @@ def test_trainer_logs_lose_their_wall_clock_fields():
     assert without_timings(log) == [{"step": 1, "loss": 0.5, "learning_rate": 1e-3},
                                     {"step": 2, "total_flos": 10.0, "train_loss": 0.4},
                                     {"step": 2, "eval_loss": 0.3}]
+
+
+def test_rows_fingerprint_reads_columns_as_stored_and_tells_datasets_apart(monkeypatch):
+    import numpy as np
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from PIL import Image
+
+    rows = [{"prompt": f"a kite {i}", "score": 0.5 * i} for i in range(5)]
+    plain = manifests.rows_fingerprint(rows)
+    assert manifests.rows_fingerprint(Dataset.from_list(rows)) == plain  # the same cells, however they are held
+    assert manifests.rows_fingerprint(rows[:4]) != plain
+    assert manifests.rows_fingerprint([{**rows[0], "score": 9.0}, *rows[1:]]) != plain
+    assert manifests.rows_fingerprint(rows, ["prompt"]) == manifests.rows_fingerprint(
+        [{"prompt": r["prompt"]} for r in rows])
+    # images: a Dataset's are hashed as their stored PNG bytes, never decoded; other pixels, another fingerprint
+    pictures = [Image.fromarray(np.full((8, 8, 3), shade, dtype=np.uint8)) for shade in (10, 200)]
+    features = Features({"prompt": Value("string"), "chosen": ImageFeature()})
+    dataset = Dataset.from_list([{"prompt": "a", "chosen": pictures[0]}], features=features)
+    other = Dataset.from_list([{"prompt": "a", "chosen": pictures[1]}], features=features)
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("an image was decoded"))
+    assert manifests.rows_fingerprint(dataset) != manifests.rows_fingerprint(other)
+    monkeypatch.undo()
+    assert manifests.rows_fingerprint([{"prompt": "a", "chosen": pictures[0]}]) != manifests.rows_fingerprint(
+        [{"prompt": "a", "chosen": pictures[1]}])
+
+
+def test_a_resume_point_is_offered_only_to_the_training_that_left_it(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    newest = lambda f: max(f.glob("checkpoint-*"), default=None)  # noqa: E731
+    run = {"settings": {"lr": 1e-3}, "data": "abc"}
+    assert manifests.resume_point(folder, run, newest) is None  # nothing there yet
+    for step in (2, 4):
+        (folder / f"checkpoint-{step}").mkdir()
+    assert manifests.resume_point(folder, run, newest) == str((folder / "checkpoint-4").resolve())
+    assert capsys.readouterr().out == ""
+    changed = {"settings": {"lr": 2e-3}, "data": "abc"}
+    assert manifests.resume_point(folder, changed, newest) is None
+    assert "resume points of other training" in capsys.readouterr().out
+    assert [p.name for p in folder.iterdir()] == [manifests.RESUME_IDENTITY]  # the old run's points are gone
+    (tmp_path / "unmarked").mkdir()
+    (tmp_path / "unmarked" / "checkpoint-1").mkdir()  # left by a run that wrote no identity: not continued
+    assert manifests.resume_point(tmp_path / "unmarked", run, newest) is None

@@ -306,3 +306,50 @@ def test_train_agent_with_lora_saves_a_merged_model_that_differs_only_where_adap
     changed = {name for name, param in saved.named_parameters() if not torch.equal(param, before[name])}
     assert changed and all(("q_proj" in name or "v_proj" in name) for name in changed)
     assert (tmp_path / "model" / "log_history.json").is_file()
+
+
+def test_train_agent_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_ends(llm_folder, tokenizer,
+                                                                                           tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers.rrhf import RRHFTrainer, train_agent
+
+    settings = dict(max_steps=4, per_device_train_batch_size=1, per_device_eval_batch_size=2, learning_rate=1e-2,
+                    lr_scheduler_type="cosine", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                    logging_steps=1)
+    dataset = build_rrhf_dataset(THREE_CANDIDATE_ROWS)
+    whole = train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "whole",
+                        save_strategy="no", **settings)
+
+    class Killed(RuntimeError):
+        pass
+
+    save = RRHFTrainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):  # the process dies right after the step-2 checkpoint is written
+        save(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise Killed
+
+    monkeypatch.setattr(RRHFTrainer, "_save_checkpoint", save_then_die)
+    stopped = dict(save_strategy="steps", save_steps=2, **settings)
+    with pytest.raises(Killed):
+        train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "model", **stopped)
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints" / "model" / "checkpoint-2").is_dir()
+    trained_steps = []
+    step = RRHFTrainer.training_step
+    monkeypatch.setattr(RRHFTrainer, "training_step",
+                        lambda self, *a, **k: trained_steps.append(self.state.global_step) or step(self, *a, **k))
+    resumed = train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "model",
+                          **stopped)
+    assert trained_steps == [2, 3]  # only steps 3 and 4 ran: it went on from the checkpoint
+    assert resumed["steps"] == whole["steps"] == 4
+    assert resumed["last_loss"] == pytest.approx(whole["last_loss"], rel=1e-5)
+    logged = [row["step"] for row in json.loads((tmp_path / "model" / "log_history.json").read_text()) if "loss" in row]
+    assert logged == [1, 2, 3, 4]  # the resumed run carries the first two steps' log lines over
+    ended, unbroken = load_file(tmp_path / "model" / "model.safetensors"), load_file(tmp_path / "whole" /
+                                                                                      "model.safetensors")
+    for name, tensor in unbroken.items():
+        torch.testing.assert_close(ended[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

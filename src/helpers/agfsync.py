@@ -973,13 +973,15 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
         generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run, vqa=vqa), block_size)
 
 
-def pair_rows(table, load_image, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:
-    """Preference rows (winner = argmax, loser = argmin of the weighted score) with images from the cache."""
+def pair_rows(table, image_for, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:
+    """Preference rows (winner = argmax, loser = argmin of the weighted score); `image_for(key)` gives each
+    winner's and loser's image: a PIL image (`ImageCache.get`) or, to keep memory flat at paper scale, the path
+    of its PNG (`str(ImageCache.path(key))`), which `preference_dataset` reads when it is saved or used."""
     table = table.assign(score=agfsync_score(table["vqa"], table["clip"], table["aesthetic"], weights))
     pairs = pairs_from_scores(table, candidate="key")
     info = table.drop_duplicates("prompt_id").set_index("prompt_id")
     return [{"prompt": info.loc[p.prompt_id, "prompt"], "category": info.loc[p.prompt_id, "category"],
-             "chosen": load_image(p.chosen_key), "rejected": load_image(p.rejected_key),
+             "chosen": image_for(p.chosen_key), "rejected": image_for(p.rejected_key),
              **{c: getattr(p, c) for c in PREFERENCE_COLUMNS[4:]}} for p in pairs.itertuples()]
 
 
@@ -1044,7 +1046,8 @@ def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_th
     table = generate_and_score_images(executor, requests, owners, {p["prompt_id"]: p["questions"] for p in prompts},
                                       ctx)
     table.to_csv(folder / "candidates.csv", index=False)
-    pairs = pair_rows(table, executor.cache.get)  # only the winners' and losers' images are read back
+    # the winners' and losers' PNGs, embedded as they are when the dataset is saved (a writer batch at a time)
+    pairs = pair_rows(table, lambda key: str(executor.cache.path(key)))
     preference_dataset(pairs).save_to_disk(str(folder / "preferences"))
     conversion_efficiency(table, thresholds).to_csv(folder / "conversion_efficiency.csv", index=False)
     return {"prompts_generated": len(rows), "prompts_after_dedup": len(kept), "prompts_with_qa": len(qa_rows),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import launched_world_size, world
+from .manifest import resume_point
 from .speed import quiet_clip_truncation
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,6 +138,10 @@ class DiffusionDPOConfig:
         "help": "Draw latents from the VAE posterior (seeded), as the DPO scripts do; False uses its mean."})
     output_dir: str = field(default="diffusion_dpo", metadata={
         "help": "Where `save()` writes the trained UNet (LoRA merged) in diffusers format."})
+    save_steps: int = field(default=0, metadata={
+        "help": "Keep a resume point (trained weights, optimizer, place in the pair stream) in output_dir/checkpoints "
+                "every this many optimizer steps; `train()` continues from the newest one left by the same "
+                "settings, data and code, so a crash loses at most this many steps. 0 keeps none."})
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
@@ -162,6 +167,8 @@ class DiffusionDPOConfig:
             raise ValueError(f"reference={self.reference!r} is not one of: {', '.join(REFERENCES)}")
         if not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r!r} must be a whole number ≥ 1 (e.g. 8)")
+        if not isinstance(self.save_steps, int) or isinstance(self.save_steps, bool) or self.save_steps < 0:
+            raise ValueError(f"save_steps={self.save_steps!r} must be a whole number ≥ 0 (0 keeps no resume points)")
 
     @property
     def use_lora(self) -> bool:
@@ -400,6 +407,10 @@ class DiffusionDPOTrainer:
         config = self.config
         totals: dict[str, float] = defaultdict(float)
         since_log = 0
+        if config.save_steps:
+            found = resume_point(self.checkpoints, self.resume_identity(), _newest_checkpoint)
+            if found:
+                totals, since_log = self.load_checkpoint(found)
         progress = tqdm(total=config.max_steps, initial=self.global_step, desc="Diffusion-DPO", unit="step")
         while self.global_step < config.max_steps:
             self.optimizer.zero_grad(set_to_none=True)
@@ -423,8 +434,96 @@ class DiffusionDPOTrainer:
                 self.log.append(row)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.2f}")
                 totals, since_log = defaultdict(float), 0
+            if config.save_steps and self.global_step % config.save_steps == 0:
+                self.save_checkpoint(totals, since_log)
         progress.close()
         return self.log
+
+    # ------------------------------------------------------------------------------------- resume points
+
+    CHECKPOINT_PREFIX = "step-"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the resume points go: `output_dir/checkpoints/step-<N>/`."""
+        return Path(self.config.output_dir) / "checkpoints"
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a resume point must have been trained with to be continued: the settings that change training
+        (not where it writes, how often it logs or saves, or how many steps it runs: the learning rate is
+        constant, so more steps continue the same run), the base pipeline, the pairs (images as stored: PNG
+        bytes or file paths, never decoded) and this module's code."""
+        from dataclasses import asdict
+
+        from .manifest import module_hashes, rows_fingerprint
+
+        settings = {key: value for key, value in asdict(self.config).items()
+                    if key not in ("output_dir", "logging_steps", "save_steps", "max_steps")}
+        return {"settings": settings, "base": str(getattr(self.pipeline, "name_or_path", "") or ""),
+                "data": rows_fingerprint(self.dataset), "code": module_hashes([__name__])}
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().contiguous() for name, p in self.unet.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, totals: Mapping[str, float] | None = None, since_log: int = 0) -> Path | None:
+        """Write a resume point for the current step (the main process only; others return None) and drop older
+        ones. It is written under a temporary name and renamed, so a crash mid-write leaves the last one whole."""
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from .distributed import is_main_process
+        from .manifest import atomic_write_json
+
+        if not is_main_process():
+            return None
+        target = self.checkpoints / f"{self.CHECKPOINT_PREFIX}{self.global_step:07d}"
+        partial = self.checkpoints / f".{target.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file(self._trainable_state(), str(partial / "trainable.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                   partial / "optimizer.pt")
+        atomic_write_json(partial / "state.json", {"global_step": self.global_step, "pairs_drawn": self.pairs_drawn,
+                                                   "log": self.log, "totals": dict(totals or {}),
+                                                   "since_log": since_log})
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        for older in self.checkpoints.glob(f"{self.CHECKPOINT_PREFIX}*"):
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, folder: str | Path) -> tuple[defaultdict, int]:
+        """Continue from a resume point: the trained weights, the optimizer and loss-scaler state, the step, the
+        log and the place in the pair stream (the pair order is replayed from the seed). Returns the log
+        accumulators (totals since the last log line, and how many steps they hold)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        state = json.loads((folder / "state.json").read_text())
+        saved = load_file(str(folder / "trainable.safetensors"))
+        parameters = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+        if set(saved) != set(parameters):
+            raise ValueError(f"the resume point {folder} holds other trainable weights than this trainer "
+                             f"({len(saved)} against {len(parameters)} tensors); remove {folder.parent} to start over")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(saved[name].to(parameter.device, parameter.dtype))
+        optimizer = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optimizer["optimizer"])
+        self.scaler.load_state_dict(optimizer["scaler"])
+        self.global_step, self.log = int(state["global_step"]), list(state["log"])
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self._order = self._pair_order()
+        for _ in range(int(state["pairs_drawn"])):  # the same pairs come next as in a run that never stopped
+            next(self._order)
+        self.pairs_drawn = int(state["pairs_drawn"])
+        print(f"Diffusion-DPO: resumed from {folder} (step {self.global_step} of {self.config.max_steps})")
+        return defaultdict(float, state["totals"]), int(state["since_log"])
 
     def save(self, output_dir: str | Path | None = None) -> Path:
         """Write the trained UNet (LoRA merged into the weights) so `UNet2DConditionModel.from_pretrained` loads it."""
@@ -450,6 +549,12 @@ class DiffusionDPOTrainer:
             f"# Diffusion-DPO UNet\n\nTrained with Diffusion-DPO (β={config.beta:g}) on {len(self.dataset)} "
             f"preference pairs for {self.global_step} steps at {config.resolution} px, "
             f"learning rate {config.learning_rate:g}, batch {config.train_batch_size}×{config.gradient_accumulation_steps}, {kind}.\n\n{summary}")
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    """The resume point of the highest step in `folder` (`step-<N>` folders), or None."""
+    found = sorted(Path(folder).glob(f"{DiffusionDPOTrainer.CHECKPOINT_PREFIX}*"))
+    return found[-1] if found else None
 
 
 def _repeat_pairs(value):
@@ -521,15 +626,38 @@ def aligned_executor(ctx, architecture: str, pipelines: Mapping[str, Path], **co
 
 
 def train_variant(ctx, base_path: str, rows, config: DiffusionDPOConfig, out: Path) -> list[dict[str, float]]:
-    """Diffusion-DPO of the base pipeline on `rows`; writes `out/unet`, `out/pipeline` and `out/log.json`."""
-    from .manifest import atomic_write_json
+    """Diffusion-DPO of the base pipeline on `rows`; writes `out/unet`, `out/pipeline` and `out/log.json`.
 
+    With `config.save_steps`, training continues from its last resume point after a crash, and a model already
+    trained by the same settings, data and code (`out/trained.json`, written last) is kept, not trained again:
+    a stage that stopped after some of its models loses none of them. Its resume points are removed once done.
+    """
+    import json
+    import shutil
+
+    from .distributed import broadcast_from_main, is_main_process
+    from .manifest import atomic_write_json, sha256_json
+
+    out = Path(out)
     pipeline = _load_base(base_path, ctx)
     trainer = DiffusionDPOTrainer(pipeline, config, rows)
+    identity, done = sha256_json(trainer.resume_identity()), out / "trained.json"
+    kept = None
+    if config.save_steps and done.is_file() and (out / "pipeline").is_dir():
+        record = json.loads(done.read_text())
+        kept = record["log"] if record.get("identity") == identity else None
+    kept = broadcast_from_main(kept)  # the main process's folder decides for every process
+    if kept is not None:
+        print(f"Diffusion-DPO: {out} was trained with these settings, data and code; kept")
+        return kept
+    done.unlink(missing_ok=True)
     log = trainer.train()
-    trainer.save(Path(out) / "unet")
-    pipeline_with_unet(base_path, Path(out) / "unet", Path(out) / "pipeline")
-    atomic_write_json(Path(out) / "log.json", log)
+    trainer.save(out / "unet")
+    pipeline_with_unet(base_path, out / "unet", out / "pipeline")
+    atomic_write_json(out / "log.json", log)
+    if config.save_steps and is_main_process():
+        atomic_write_json(done, {"identity": identity, "log": log})
+        shutil.rmtree(trainer.checkpoints, ignore_errors=True)
     return log
 
 
@@ -565,14 +693,16 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
     def config(name: str) -> DiffusionDPOConfig:
         return DiffusionDPOConfig(output_dir=str(folder / name), seed=ctx.seed, **config_kwargs)
 
-    logs = {"AGFSync": train_variant(ctx, base_path, list(load_from_disk(str(preferences))), config("aligned"),
+    # the pairs stay datasets rows, each image decoded when its pair is drawn (at paper scale 45,834 pairs are
+    # ~70 GB as pixels); the ablation's pairs point at the image cache's PNGs
+    logs = {"AGFSync": train_variant(ctx, base_path, load_from_disk(str(preferences)), config("aligned"),
                                      folder / "aligned")}
     pipelines = {"AGFSync": folder / "aligned" / "pipeline"}
     candidates, cache = pd.read_csv(candidates_csv), ImageCache(ctx.runs_dir / "image_cache")
     for name, weights in variants.items():
         slug = "variants/" + "_".join(f"{w:g}" for w in weights)
-        logs[name] = train_variant(ctx, base_path, agfsync.pair_rows(candidates, cache.get, weights), config(slug),
-                                   folder / slug)
+        pairs = agfsync.preference_dataset(agfsync.pair_rows(candidates, lambda key: str(cache.path(key)), weights))
+        logs[name] = train_variant(ctx, base_path, pairs, config(slug), folder / slug)
         pipelines[name] = folder / slug / "pipeline"
     pd.DataFrame([{"model": name, **row} for name, log in logs.items() for row in log]).to_csv(
         folder / "training_log.csv", index=False)

@@ -7,12 +7,13 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .distributed import in_shard, is_main_process, launched_rank, launched_world_size
 
@@ -97,6 +98,71 @@ def without_timings(log_history: Iterable[dict[str, Any]]) -> list[dict[str, Any
     """A Trainer's log without wall-clock fields (runtime, per-second rates), so reruns write identical files."""
     return [{k: v for k, v in row.items() if not k.endswith(("runtime", "_per_second", "_time"))}
             for row in log_history]
+
+
+RESUME_IDENTITY = "resume_identity.json"
+
+
+def _cell_bytes(value: Any) -> bytes:
+    """A dataset cell as bytes for a fingerprint: a PIL image's pixels, an undecoded `datasets` Image cell's
+    file bytes (or its path), anything else as JSON."""
+    if hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
+        return f"{value.mode}{value.size}".encode() + value.tobytes()
+    if isinstance(value, dict) and set(value) == {"bytes", "path"}:  # a datasets Image cell, not decoded
+        return value["bytes"] if value["bytes"] is not None else str(value["path"]).encode()
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+def rows_fingerprint(rows, columns: Sequence[str] | None = None, batch_size: int = 256) -> str:
+    """SHA-256 of a dataset's `columns` (all of them by default): a `datasets.Dataset`, read as Arrow batches so
+    images are hashed as their stored bytes, never decoded, and memory stays flat; or a list of dicts."""
+    is_dataset = hasattr(rows, "column_names") and hasattr(rows, "with_format")
+    names = list(columns) if columns is not None else (
+        sorted(rows.column_names) if is_dataset else sorted(rows[0]) if len(rows) else [])
+    digest = hashlib.sha256(json.dumps([len(rows), names]).encode())
+
+    def add(value: Any) -> None:
+        data = _cell_bytes(value)
+        digest.update(len(data).to_bytes(8, "little") + data)
+
+    if is_dataset:
+        for batch in rows.with_format("arrow").iter(batch_size=batch_size):
+            for row in batch.select(names).to_pylist():
+                for name in names:
+                    add(row[name])
+    else:
+        for row in rows:
+            for name in names:
+                add(row[name])
+    return digest.hexdigest()
+
+
+def resume_point(folder: Path, identity: Any, find: Callable[[Path], Path | str | None]) -> str | None:
+    """Where a training run continues after a crash: `find(folder)`, the newest resume point in `folder`, if the
+    resume points there were left by the same training; else None (start from step 0).
+
+    `identity` is what decides the training: its settings and a fingerprint of its data (JSON-serialisable).
+    Resume points of other training (a setting or the data changed since) are removed with a note, so a changed
+    run never continues an old one. Under a multi-process launch the main process's folder decides (only the main
+    process writes checkpoints) and every process gets its answer; every process must call this.
+    """
+    from .distributed import broadcast_from_main
+
+    found = None
+    if is_main_process():
+        folder, wanted = Path(folder), sha256_json(identity)
+        marker = folder / RESUME_IDENTITY
+        if folder.is_dir() and any(item.name != RESUME_IDENTITY for item in folder.iterdir()):
+            left = json.loads(marker.read_text()).get("identity") if marker.is_file() else None
+            if left != wanted:
+                print(f"Note: {folder} holds resume points of other training (its settings or data differ from "
+                      "this run's); they are removed and training starts from step 0.")
+                shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"identity": wanted, "settings": identity})
+        hit = find(folder)
+        found = str(Path(hit).resolve()) if hit else None
+    return broadcast_from_main(found)
 
 
 def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .generation import user_message
-from .sft import LoraArguments, save_trained, training_defaults
+from .sft import LoraArguments, save_trained, trainer_resume_point, training_defaults
 
 IGNORE_INDEX = -100
 
@@ -316,11 +316,13 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     """RRHF-train `model` on `dataset`; save model + tokenizer (and the log) to `output`.
 
     The ranking accuracy on the training candidates is measured before and after: how often the model already
-    prefers the better of two candidates, and how often it does once trained.
+    prefers the better of two candidates, and how often it does once trained. With `save_steps` (and a save
+    strategy) set, a run that stopped resumes from its last checkpoint (`sft.trainer_resume_point`).
     """
     from .manifest import atomic_write_json, without_timings
 
-    config = RRHFConfig(output_dir=str(Path(output).parent / "checkpoints"), **config_kwargs)
+    # each trained model its own resume points (the loss-weight variants share a parent folder)
+    config = RRHFConfig(output_dir=str(Path(output).parent / "checkpoints" / Path(output).name), **config_kwargs)
     if config.use_lora:
         from peft import get_peft_model
 
@@ -330,7 +332,7 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     trainer = RRHFTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
                           processing_class=tokenizer)
     before = trainer.evaluate()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset))
     after = trainer.evaluate()
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))

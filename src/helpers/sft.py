@@ -82,6 +82,27 @@ def training_defaults(args) -> None:
         args.dataloader_pin_memory = False
 
 
+# TrainingArguments fields that do not change what a run trains: a resume point stays valid when they change
+RESUME_FREE = frozenset({"output_dir", "logging_dir", "run_name", "logging_steps", "logging_strategy",
+                         "logging_first_step", "save_steps", "save_strategy", "save_total_limit", "report_to",
+                         "disable_tqdm"})
+
+
+def trainer_resume_point(args, dataset) -> str | None:
+    """The checkpoint in `args.output_dir` a Trainer run resumes from: the newest one left by a run of the same
+    settings and data (`manifest.resume_point`: others are removed), else None. None, and nothing written, when the
+    run saves no checkpoints. Under a multi-process launch every process gets the main process's checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .manifest import resume_point, rows_fingerprint
+
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+        return None
+    settings = {key: value for key, value in args.to_dict().items() if key not in RESUME_FREE}
+    return resume_point(Path(args.output_dir), {"settings": settings, "data": rows_fingerprint(dataset)},
+                        get_last_checkpoint)
+
+
 def launch_device_default(args) -> None:
     """On a CPU launch of several processes, train data-parallel over gloo (`use_cpu`), as a GPU launch does over NCCL.
 
@@ -110,10 +131,10 @@ class AgentSFTConfig(SFTConfig, LoraArguments):
 def train(model_path: str, dataset, config: AgentSFTConfig, output: Path) -> dict[str, Any]:
     """Fine-tune the causal LM at `model_path` on `dataset`; save model (LoRA merged) + tokenizer + card to `output`.
 
-    With `save_steps` set, a run that stopped resumes from the last checkpoint in `config.output_dir`.
+    With `save_steps` set, a run that stopped resumes from the last checkpoint in `config.output_dir` left by the
+    same settings and data (`trainer_resume_point`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -122,8 +143,7 @@ def train(model_path: str, dataset, config: AgentSFTConfig, output: Path) -> dic
     model = AutoModelForCausalLM.from_pretrained(model_path)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=config.peft_config())
-    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    result = trainer.train(resume_from_checkpoint=last)
+    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset))
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     _model_card(Path(output), model_path, config, len(dataset), losses)
