@@ -61,6 +61,47 @@ def test_loss_is_on_the_answer_only(llm, tmp_path):
     assert tokenizer.decode(trained_on) == sft.answer_text(RECORDS[0]["api"]) + "<|im_end|>\n"
 
 
+def test_a_stopped_run_resumes_from_its_checkpoint_and_a_changed_one_starts_over(llm, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    dataset = sft.sft_dataset(RECORDS)
+    sft.train(llm, dataset, _config(tmp_path / "whole", max_steps=4, per_device_train_batch_size=2),
+              tmp_path / "whole" / "agent")
+
+    class Killed(RuntimeError):
+        pass
+
+    save = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):  # the process dies right after the step-2 checkpoint is written
+        save(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise Killed
+
+    saving = _config(tmp_path, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        sft.train(llm, dataset, saving, tmp_path / "agent")
+    monkeypatch.undo()
+    ran = []
+    step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step",
+                        lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
+    assert sft.train(llm, dataset, saving, tmp_path / "agent")["steps"] == 4
+    assert ran == [2, 3]  # went on from the step-2 checkpoint
+    ended, unbroken = (load_file(folder / "agent" / "model.safetensors") for folder in (tmp_path, tmp_path / "whole"))
+    for name, tensor in unbroken.items():
+        torch.testing.assert_close(ended[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # another learning rate: the old checkpoints are not continued
+    ran.clear()
+    changed = _config(tmp_path, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
+                      learning_rate=5e-3)
+    sft.train(llm, dataset, changed, tmp_path / "agent")
+    assert ran == [0, 1, 2, 3] and "resume points of other training" in capsys.readouterr().out
+
+
 def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
     base = models.load_causal_lm(llm)[0].state_dict()
     sft.train(llm, sft.sft_dataset(RECORDS), _config(tmp_path, use_lora=True, lora_r=4), tmp_path / "agent")

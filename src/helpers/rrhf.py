@@ -332,7 +332,7 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     trainer = RRHFTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
                           processing_class=tokenizer)
     before = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset))
+    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset, code=(__name__,)))
     after = trainer.evaluate()
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))

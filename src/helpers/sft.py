@@ -88,19 +88,20 @@ RESUME_FREE = frozenset({"output_dir", "logging_dir", "run_name", "logging_steps
                          "disable_tqdm"})
 
 
-def trainer_resume_point(args, dataset) -> str | None:
+def trainer_resume_point(args, dataset, code: Sequence[str] = (__name__,)) -> str | None:
     """The checkpoint in `args.output_dir` a Trainer run resumes from: the newest one left by a run of the same
-    settings and data (`manifest.resume_point`: others are removed), else None. None, and nothing written, when the
-    run saves no checkpoints. Under a multi-process launch every process gets the main process's checkpoint."""
+    settings, data and `code` (modules; `manifest.resume_point`: others are removed), else None. None, and nothing
+    written, when the run saves no checkpoints. Under a multi-process launch every process gets the main
+    process's checkpoint."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .manifest import resume_point, rows_fingerprint
+    from .manifest import module_hashes, resume_point, rows_fingerprint
 
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
         return None
     settings = {key: value for key, value in args.to_dict().items() if key not in RESUME_FREE}
-    return resume_point(Path(args.output_dir), {"settings": settings, "data": rows_fingerprint(dataset)},
-                        get_last_checkpoint)
+    return resume_point(Path(args.output_dir), {"settings": settings, "data": rows_fingerprint(dataset),
+                                                "code": module_hashes(code)}, get_last_checkpoint)
 
 
 def launch_device_default(args) -> None:
