@@ -190,6 +190,51 @@ def test_vlm_sft_trains_with_the_image_and_saves_a_loadable_model(folders, tmp_p
     assert isinstance(trained.generate(TEST[1].messages, images=image_for(TEST[1].image_key), max_new_tokens=4), str)
 
 
+def test_vlm_sft_reads_images_with_their_batches_and_resumes_from_its_checkpoint(folders, tmp_path, monkeypatch):
+    """Reference images given as cache keys are read batch by batch (never all at once), train exactly as the
+    images themselves, and a run killed after its step-2 checkpoint ends where an unbroken run ends."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    _, vlm = folders
+    chats = [e["prompt"] + e["completion"] for e in (evo.prompt_writing_example(s) for s in TRAIN)]
+    keys = [s.image_key or None for s in TRAIN]
+    assert any(keys)
+    common = dict(steps=4, lr=1e-2, batch_size=1, use_cpu=True, disable_tqdm=True, seed=0)
+    evo.train_vlm_sft(str(vlm), chats, [image_for(k) if k else None for k in keys], tmp_path / "whole", **common)
+    with pytest.raises(ValueError, match="pass image_for"):
+        evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **common)
+
+    class Killed(RuntimeError):
+        pass
+
+    reads, save = [], Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise Killed
+
+    def read(key):
+        reads.append(key)
+        return image_for(key)
+
+    lazily = dict(image_for=read, checkpoints=tmp_path / "checkpoints", save_steps=2, **common)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **lazily)
+    monkeypatch.undo()
+    assert 0 < len(reads) <= 2  # two steps of one chat each: only the batches' own images were read
+    ran, step = [], Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step",
+                        lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
+    assert evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **lazily)["steps"] == 4
+    assert ran == [2, 3]  # went on from the step-2 checkpoint
+    ended, unbroken = (load_file(tmp_path / name / "model.safetensors") for name in ("model", "whole"))
+    for name, tensor in unbroken.items():
+        torch.testing.assert_close(ended[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ------------------------------------------------------------------------------------------- stage order
 
 STAGE1_PROMPTS = {s.id: f"written prompt number {i}, golden light" for i, s in enumerate(TEST)}

@@ -32,8 +32,10 @@ in stage 3), `raw_prompt_writing` / `raw_arguments` (each stage's raw text; `raw
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -139,6 +141,7 @@ def final_reply_batch(processor, conversations: Sequence[Sequence[Mapping[str, A
 def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Any],
                   output: str | Path, *, steps: int, lr: float, batch_size: int, seed: int = 0,
                   report_to: str | list[str] = "none", title: str = "ChatGen SFT",
+                  image_for: ImageFor | None = None, checkpoints: str | Path | None = None, save_steps: int = 0,
                   **training_arguments) -> dict[str, Any]:
     """SFT of an image-text-to-text model on whole chats (ending with the assistant's reply), loss on the reply only.
 
@@ -147,35 +150,48 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     user turn, while `ChatModel` (inference) puts the reference image into the *last* one, so a multi-turn chat would
     be trained in another layout than it is read in; (2) `sft_batch` and `ChatModel.inputs` render through the same
     `vlm.multimodal_messages`, and `sft_batch` is tested on batches that mix chats with and without an image.
-    `images`: one PIL image or None per chat.
+    `images`: one PIL image, image-cache key (read with `image_for` when its batch is built, so a paper-scale run
+    never holds every reference image in memory) or None per chat.
+    With `save_steps`, a checkpoint is kept in `checkpoints` every that many steps, and a run that stopped resumes
+    from the newest one left by the same settings, chats and code (`sft.trainer_resume_point`).
     `training_arguments` go to `TrainingArguments` (e.g. gradient_accumulation_steps, use_cpu).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
     from ..distributed import cpu_launch
+    from ..sft import trainer_resume_point
 
     if steps < 1 or batch_size < 1 or not conversations:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and conversations non-empty")
     if len(images) != len(conversations):
         raise ValueError(f"{len(images)} images for {len(conversations)} conversations; pass one image (or None) "
                          "per conversation")
+    if image_for is None and any(isinstance(i, str) for i in images):
+        raise ValueError("images holds image-cache keys; pass image_for(key) -> PIL image to read them")
+    if save_steps and checkpoints is None:
+        raise ValueError(f"save_steps={save_steps} needs a checkpoints folder to keep them in")
     processor = AutoProcessor.from_pretrained(vlm_path)
     model = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch.float32)
     rows = [{"messages": list(c), "image": i} for c, i in zip(conversations, images)]
-    with tempfile.TemporaryDirectory() as scratch:  # save_strategy="no": the Trainer writes nothing to keep here
+
+    def pictures(batch: Sequence[Mapping[str, Any]]) -> list:
+        return [image_for(r["image"]) if isinstance(r["image"], str) else r["image"] for r in batch]
+
+    with tempfile.TemporaryDirectory() as scratch:  # without save_steps the Trainer writes nothing to keep
         if cpu_launch():  # see sft.launch_device_default: data-parallel over gloo, not every process on all data
             training_arguments.setdefault("use_cpu", True)
         training_arguments.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # a GPU's copies only
-        args = TrainingArguments(output_dir=scratch, max_steps=steps, learning_rate=lr,
-                                 per_device_train_batch_size=batch_size, seed=seed, report_to=report_to,
-                                 save_strategy="no", logging_steps=training_arguments.pop("logging_steps", 1),
+        args = TrainingArguments(output_dir=str(checkpoints) if save_steps else scratch, max_steps=steps,
+                                 learning_rate=lr, per_device_train_batch_size=batch_size, seed=seed,
+                                 report_to=report_to, save_strategy="steps" if save_steps else "no",
+                                 save_steps=save_steps or 500, logging_steps=training_arguments.pop("logging_steps", 1),
                                  # the rows are chats and images, not model inputs: the collator turns them into both
                                  remove_unused_columns=False, **training_arguments)
-        trainer = Trainer(model=model, args=args, train_dataset=rows,
+        trainer = _resuming_trainer(Trainer)(model=model, args=args, train_dataset=rows,
                           data_collator=lambda batch: final_reply_batch(processor, [r["messages"] for r in batch],
-                                                                        [r["image"] for r in batch]))
-        trained = trainer.train()
+                                                                        pictures(batch)))
+        trained = trainer.train(resume_from_checkpoint=trainer_resume_point(args, rows, code=(__name__,)))
     output = Path(output)
     trainer.model.save_pretrained(output)  # under a launch transformers writes on the main process only
     processor.save_pretrained(output)
@@ -187,6 +203,23 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     with_images = sum(i is not None for i in images)
     _card(output, title, vlm_path, len(rows), result, f"{with_images} examples carry their reference image")
     return {**result, "images_dropped": 0, "multimodal": True}
+
+
+def _resuming_trainer(trainer_class):
+    """`trainer_class` whose resume reads the checkpoint through the model's `from_pretrained`.
+
+    transformers 5 saves LLaVA-style models under their legacy weight names; the Trainer's own resume loads the
+    file with strict=False, finds none of the names it expects and goes on from the base weights with only a
+    warning. Loading through `from_pretrained` maps the names, and a strict `load_state_dict` makes any other
+    mismatch an error.
+    """
+    class ResumingTrainer(trainer_class):
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            model = model if model is not None else self.model
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(saved.state_dict(), strict=True)
+
+    return ResumingTrainer
 
 
 def _card(folder: Path, title: str, base: str | Path, examples: int, result: Mapping[str, Any], extra: str) -> None:
@@ -203,9 +236,12 @@ def _card(folder: Path, title: str, base: str | Path, examples: int, result: Map
 
 def _train(make_example: Callable, model_path: str | Path, samples: Sequence[ChatSample], config,
            output: str | Path, image_for: ImageFor | None, title: str) -> dict[str, Any]:
-    """Text path (TRL) or VLM path (Trainer + sft_batch), chosen by the model at `model_path`."""
+    """Text path (TRL) or VLM path (Trainer + sft_batch), chosen by the model at `model_path`. Each trained model
+    keeps its checkpoints (with `save_steps`) in a folder of its own under `config.output_dir`."""
     from .vlm import is_image_text_to_text
 
+    config = copy.copy(config)  # the caller's config serves the next model too
+    config.output_dir = str(Path(config.output_dir) / re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-"))
     if not is_image_text_to_text(model_path):
         return train_text_sft(model_path, [make_example(s) for s in samples], config, output, title,
                               unseen_images=sum(bool(s.image_key) for s in samples))
@@ -216,16 +252,18 @@ def _train(make_example: Callable, model_path: str | Path, samples: Sequence[Cha
     if missing:
         raise ValueError(f"samples {missing[:3]} carry a reference image; pass image_for(key) -> PIL image so the "
                          "multimodal model trains on it")
-    examples = [make_example(s, image_for) for s in samples]
+    examples = [make_example(s) for s in samples]  # the chats; each reference image is read with its batch
     batch_size = config.per_device_train_batch_size
     steps = config.max_steps if config.max_steps > 0 else \
         math.ceil(len(examples) / batch_size / config.gradient_accumulation_steps * config.num_train_epochs)
+    saving = str(getattr(config.save_strategy, "value", config.save_strategy)) != "no"
     return train_vlm_sft(model_path, [e["prompt"] + e["completion"] for e in examples],
-                         [e["images"][0] if e.get("images") else None for e in examples], output, steps=steps,
+                         [s.image_key or None for s in samples], output, steps=steps, image_for=image_for,
                          lr=config.learning_rate, batch_size=batch_size, seed=config.seed, report_to=config.report_to,
                          title=title, gradient_accumulation_steps=config.gradient_accumulation_steps,
                          lr_scheduler_type=config.lr_scheduler_type, weight_decay=config.weight_decay,
-                         use_cpu=config.use_cpu, logging_steps=config.logging_steps)
+                         use_cpu=config.use_cpu, logging_steps=config.logging_steps,
+                         checkpoints=config.output_dir, save_steps=config.save_steps if saving else 0)
 
 
 def train_base(model_path: str | Path, samples: Sequence[ChatSample], config, output: str | Path,

@@ -47,6 +47,7 @@ def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_co
     on the text model of the stage-1 model, only the new rows train). Stage 3 needs no training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..distributed import is_main_process
     from ..manifest import atomic_write_json
     from .evo import train_base, train_stage1
     from .model_tokens import ModelTokenHead, selection_example, train_model_tokens
@@ -58,6 +59,8 @@ def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_co
     counts.update({f"stage1_{k}": v for k, v in train_stage1(chat_source, train_samples, sft_config,
                                                              folder / "stage1", image_for).items()
                    if isinstance(v, (int, float))})
+    if is_main_process():  # both SFT runs are done: their resume points go (the other processes share the folder)
+        shutil.rmtree(sft_config.output_dir, ignore_errors=True)
     shutil.rmtree(folder / STAGE2_BASE, ignore_errors=True)  # a text-only stage 1 leaves none: no stale copy either
     tower = language_tower(folder / "stage1", folder / STAGE2_BASE)
     tokenizer = AutoTokenizer.from_pretrained(tower)
