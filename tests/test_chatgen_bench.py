@@ -235,6 +235,38 @@ def test_make_samples_with_an_llm_samples_at_0_9_and_keeps_rejections():
     assert "missing final user turn" in rejected[0]["reason"]
 
 
+class ContinuingGenerator(CannedGenerator):
+    """Continues a final assistant message (a reply opening) with a fixed text; answers anything else in order."""
+
+    def generate(self, messages_batch, *, max_new_tokens=128, temperature=0.0, seed=0):
+        self.calls.append({"batch": messages_batch, "max_new_tokens": max_new_tokens, "temperature": temperature})
+        return [chat[-1]["content"] + " of a ship in the fog, but at night." if chat[-1]["role"] == "assistant"
+                else self.replies.pop(0) for chat in messages_batch]
+
+
+def test_multimodal_openings_start_each_message_and_the_llm_continues_them():
+    openings = ["I've attached a picture", "Here's the photo I took"]
+    records = [_record(i) for i in range(6)]
+    generator = ContinuingGenerator(["Could you draw me an old ship in the fog?"] * 6)
+    samples = bench.make_samples(records, generator, per_record_types=["multimodal", "single"], seed=3,
+                                 image_key_for=lambda r: "key", multimodal_openings=openings)
+    multimodal = [s for s in samples if s.input_type == "multimodal"]
+    assert len(multimodal) == 6 and {s.notes["opening"] for s in multimodal} == set(openings)
+    for sample in multimodal:  # the chat is the opening and its continuation, and it names the picture
+        assert sample.messages == [{"role": "user", "content": sample.notes["opening"] +
+                                    " of a ship in the fog, but at night."}]
+    asked = [chat for call in generator.calls for chat in call["batch"] if chat[-1]["role"] == "assistant"]
+    assert [chat[-1]["content"] for chat in asked] == [s.notes["opening"] for s in multimodal]
+    again = bench.make_samples(records, ContinuingGenerator(["Draw a ship."] * 6), seed=3,
+                               per_record_types=["multimodal", "single"], image_key_for=lambda r: "key",
+                               multimodal_openings=openings)
+    assert [s.notes.get("opening") for s in again] == [s.notes.get("opening") for s in samples]  # seeded per record
+    assert all("opening" not in s.notes for s in samples if s.input_type == "single")
+    plain = CannedGenerator(["Just like the picture I attached, please."])
+    bench.make_samples(records[:1], plain, per_record_types=["multimodal"], image_key_for=lambda r: "key")
+    assert plain.calls[0]["batch"][0][-1]["role"] == "user"  # no openings: the LLM writes the whole message
+
+
 def test_rejected_table_groups_alike_reasons_with_the_shortest_reply_as_example():
     replies = [(json.dumps(HISTORY[:1]), "history"),  # 1 user turn
                (json.dumps(HISTORY[:1] * 5 + HISTORY[2:3]), "history"),  # 6 user turns: the same kind of reason

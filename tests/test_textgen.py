@@ -273,3 +273,22 @@ def test_transformers_backend_ignores_template_fields_and_seeds_sampling(tiny_ll
     assert "template_fields" in with_fields[-1]  # the caller's conversation is left untouched
     sampled = [tiny_llama.generate([with_fields], max_new_tokens=6, temperature=1.0, seed=s) for s in (1, 1)]
     assert sampled[0] == sampled[1]
+
+
+def test_transformers_backend_continues_a_final_assistant_message(tiny_llama):
+    chat = [{"role": "user", "content": "Write what a person types to an image assistant."}]
+    opened = chat + [{"role": "assistant", "content": "I've attached a picture"}]
+    rendered = tiny_llama.tokenizer.apply_chat_template(opened, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("I've attached a picture")  # the assistant's turn is left open, not closed
+    reply = tiny_llama.generate([opened, chat], max_new_tokens=5)
+    assert reply[0].startswith("I've attached a picture") and len(reply[0]) > len("I've attached a picture")
+    assert not reply[1].startswith("I've attached")  # its batch neighbour is answered as usual
+    assert textgen.opening(opened) == "I've attached a picture" and textgen.opening(chat) == ""
+
+
+def test_openai_backend_refuses_to_continue_a_message(chat_server):
+    url, _, received = chat_server
+    generator = textgen.make_generator("openai", base_url=url, model="m")
+    with pytest.raises(ValueError, match="does not do; use the transformers backend"):
+        generator.generate([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I've"}]])
+    assert received == []  # refused before any request

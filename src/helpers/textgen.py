@@ -32,10 +32,18 @@ class TextGenerator(abc.ABC):
     @abc.abstractmethod
     def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
-        """One reply string per conversation in `messages_batch`, in order."""
+        """One reply string per conversation in `messages_batch`, in order. A conversation that ends with an
+        assistant message asks for that message to be continued (a reply opening); the reply then starts with it.
+        Backends that cannot continue a message refuse such a conversation."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def opening(messages: list[dict]) -> str:
+    """The reply opening a conversation asks to be continued: its final message's text if that is the assistant's,
+    else ""."""
+    return messages[-1]["content"] if messages and messages[-1].get("role") == "assistant" else ""
 
 
 def chat_messages(messages: list[dict]) -> list[dict]:
@@ -166,8 +174,11 @@ class TransformersGenerator(TextGenerator):
     def _generate_batch(self, messages_batch: list[list[dict]], max_new_tokens: int, sampling: dict) -> list[str]:
         import torch
 
-        texts = [self.tokenizer.apply_chat_template(chat_messages(m), tokenize=False, add_generation_prompt=True)
-                 for m in messages_batch]
+        openings = [opening(m) for m in messages_batch]
+        # a final assistant message is continued in place (the chat template leaves its turn open)
+        texts = [self.tokenizer.apply_chat_template(chat_messages(m), tokenize=False, add_generation_prompt=not lead,
+                                                    continue_final_message=bool(lead))
+                 for m, lead in zip(messages_batch, openings)]
         # the chat template already writes any BOS token; adding special tokens again would double it
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         inputs = inputs.to(self.model.device)
@@ -175,7 +186,8 @@ class TransformersGenerator(TextGenerator):
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return [(lead + text).strip() if lead else text.strip()
+                for lead, text in zip(openings, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))]
 
 
 # ------------------------------------------------------------------------------------------------- openai
@@ -213,6 +225,10 @@ class OpenAICompatibleGenerator(TextGenerator):
     def complete(self, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> str:
         """`choices[0].message.content` of one chat completion."""
+        if opening(messages):
+            raise ValueError(f"{self.name}: the conversation ends with an assistant message to continue (a reply "
+                             "opening), which the OpenAI chat API does not do; use the transformers backend, or "
+                             "leave the opening out (notebook 10: multimodal_opening empty)")
         body = {"model": self.model, "messages": chat_messages(messages), "max_tokens": max_new_tokens,
                 "temperature": temperature, "seed": seed}
         return self._reply_text(self._post(f"{self.base_url}/chat/completions", body))

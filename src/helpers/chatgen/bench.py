@@ -463,7 +463,8 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
                  per_record_types: int | Sequence[str] = 1, seed: int = 0,
                  image_key_for: Callable[[dict[str, Any]], str | None] | None = None,
                  max_new_tokens: dict[str, int] | None = None, temperature: float = 0.9,
-                 rejected: list[dict[str, Any]] | None = None, history_writing: str = "one_call") -> list[ChatSample]:
+                 rejected: list[dict[str, Any]] | None = None, history_writing: str = "one_call",
+                 multimodal_openings: Sequence[str] = ()) -> list[ChatSample]:
     """Role-played chats for `records`, one per record and input type.
 
     `per_record_types`: an int k gives record i the k types INPUT_TYPES[i], INPUT_TYPES[i+1], ... (cycling, so
@@ -473,7 +474,9 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
     `temperature`. Chats that could not be made (a reply `parse_roleplay` rejects; a prompt with no words for the
     template) are left out and, if `rejected` is a list, appended to it with the reason. `history_writing`:
     "one_call" (the LLM writes a whole history chat in one reply, as ChatGen does) or "by_turn" (one call per
-    message, `history_by_turn`, for an LLM too small for the first).
+    message, `history_by_turn`, for an LLM too small for the first). `multimodal_openings`: for an LLM that
+    forgets the attached picture, each multimodal message starts with one of these (drawn per record) and the LLM
+    continues it (`TextGenerator`: a final assistant message is continued); the sample's notes say which.
     """
     check_history_writing(history_writing)
     plan = _plan(records, per_record_types, seed)
@@ -481,6 +484,7 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
         raise ValueError("multimodal chats need image_key_for(record) -> the image-cache key of the demonstration's "
                          "image; pass it, or leave 'multimodal' out of per_record_types")
     replies: list[str | None] = [None] * len(plan)  # the LLM's raw text, kept for the rejection report
+    openings: list[str | None] = [None] * len(plan)  # the opening a multimodal message was started with, if any
     parsed: list[tuple[list | None, Refusal | None]] = [(None, None)] * len(plan)
     if generator.is_stand_in:
         for i, (record, input_type, role) in enumerate(tqdm(plan, desc="template chats", unit="chat")):
@@ -502,6 +506,10 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
                     replies[i], parsed[i] = text, result
                 continue
             conversations = [roleplay_messages(plan[i][0], plan[i][2], input_type) for i in where]
+            if input_type == "multimodal" and multimodal_openings:
+                for i, conversation in zip(where, conversations):
+                    openings[i] = _opening(plan[i][0], multimodal_openings, seed)
+                    conversation.append({"role": "assistant", "content": openings[i]})
             texts = generator.generate(conversations, max_new_tokens=tokens[input_type], temperature=temperature,
                                        seed=seed)
             if len(texts) != len(where):
@@ -509,19 +517,26 @@ def make_samples(records: Sequence[dict[str, Any]], generator: TextGenerator, *,
             for i, text in tqdm(zip(where, texts), total=len(where), desc=f"parsing {input_type} chats"):
                 replies[i], parsed[i] = text, parse_roleplay(text, input_type)
     samples = []
-    for (record, input_type, role), reply, (messages, reason) in zip(plan, replies, parsed):
+    for (record, input_type, role), reply, (messages, reason), lead in zip(plan, replies, parsed, openings):
         if messages is None:
             if rejected is not None:
                 rejected.append({"dabench_record_id": record["id"], "input_type": input_type, "role": role,
-                                 "reply": reply, "reason": str(reason), "kind": reason.kind})
+                                 "reply": reply, "reason": str(reason), "kind": reason.kind,
+                                 **({"opening": lead} if lead else {})})
             continue
         samples.append(ChatSample(
             id=f"{record['id']}-{input_type}", dabench_id=int(record["image_id"]), input_type=input_type, role=role,
             messages=messages, target=target_from_record(record),
             image_key=image_key_for(record) if input_type == "multimodal" else None,
             backend=generator.name, stand_in=generator.is_stand_in,
-            notes={"dabench_record_id": record["id"], "dabench_split": record.get("split")}))
+            notes={"dabench_record_id": record["id"], "dabench_split": record.get("split"),
+                   **({"opening": lead} if lead else {})}))
     return samples
+
+
+def _opening(record: dict[str, Any], openings: Sequence[str], seed: int) -> str:
+    """The opening one record's multimodal message starts with, drawn from its seed and record id."""
+    return openings[random.Random(f"{seed}/{record['id']}/opening").randrange(len(openings))]
 
 
 def _plan(records: Sequence[dict], per_record_types: int | Sequence[str], seed: int) -> list[tuple[dict, str, str]]:
@@ -943,7 +958,7 @@ def reference_images(records: Sequence[dict[str, Any]], catalog, executor) -> di
 def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *, per_record_types: int,
               limit: int, min_words: int, max_words: int, dedup_threshold: float, test_share: float,
               few_shot_max: int, judge: bool, max_side: int | None, batch_size: int,
-              history_writing: str = "one_call") -> dict[str, Any]:
+              history_writing: str = "one_call", multimodal_openings: Sequence[str] = ()) -> dict[str, Any]:
     """Notebook 10: role-played chats → filters → near-duplicate removal → split by model → settings → saved bench."""
     from ..models import load_spacy, resolve
     from ..scorers.bertscore import BertScorer
@@ -960,7 +975,7 @@ def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *
     rejected: list[dict[str, Any]] = []
     samples = make_samples(chosen, generator, per_record_types=per_record_types, seed=ctx.seed,
                            image_key_for=lambda record: keys[record["id"]], rejected=rejected,
-                           history_writing=history_writing)
+                           history_writing=history_writing, multimodal_openings=multimodal_openings)
     kept, dropped = length_filter(samples, min_words, max_words)
     kept, more = colloquial_filter(kept, load_spacy(resolve("spacy", ctx)))
     dropped += more
