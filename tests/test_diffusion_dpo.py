@@ -98,6 +98,8 @@ def test_preprocess_image_resizes_the_short_side_and_crops_the_centre():
     ({"mixed_precision": "fp8"}, "mixed_precision='fp8'.*no, bf16, fp16"),
     ({"reference": "ema"}, "reference='ema'.*copy, lora-disabled"),
     ({"lora_r": 0}, "lora_r=0"),
+    ({"prefetch": -1}, "prefetch=-1"),
+    ({"save_steps": -2}, "save_steps=-2"),
 ])
 def test_config_errors_name_the_bad_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -250,6 +252,32 @@ def test_v_prediction_targets_the_velocity(sd_folder, tmp_path):
     # v = √ᾱ·ε − √(1−ᾱ)·x0 differs between winner and loser even though ε is shared
     assert not torch.equal(batch["target"][:2], batch["target"][2:])
     assert trainer.train()[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_prefetched_micro_batches_train_exactly_as_prepared_in_turn(sd_folder, tmp_path, monkeypatch):
+    """Images are read and resized in background threads ahead of the step that uses them; what each step sees,
+    and so the trained weights, are the same as without prefetching, and the threads run ahead of the steps."""
+    import threading
+
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    rows = Dataset.from_list(pairs(5), features=Features({"prompt": Value("string"), "chosen": ImageFeature(),
+                                                         "rejected": ImageFeature()}))  # images decoded on read
+    settings = dict(max_steps=3, train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+    logs, weights, threads = {}, {}, {}
+    prepare = DiffusionDPOTrainer._prepare
+    for prefetch in (0, 2):
+        names = threads.setdefault(prefetch, set())
+        monkeypatch.setattr(DiffusionDPOTrainer, "_prepare",
+                            lambda self, rows: names.add(threading.current_thread().name) or prepare(self, rows))
+        pipeline = load(sd_folder)
+        logs[prefetch] = DiffusionDPOTrainer(pipeline, tiny_config(tmp_path / str(prefetch), prefetch=prefetch,
+                                                                   **settings), rows).train()
+        weights[prefetch] = pipeline.unet.state_dict()
+    assert logs[2] == logs[0] and len(logs[0]) == 3
+    assert all(torch.equal(weights[2][name], tensor) for name, tensor in weights[0].items())
+    assert threads[0] == {threading.main_thread().name}
+    assert threads[2] and all(name.startswith("dpo-prefetch") for name in threads[2])
 
 
 # ------------------------------------------------------------------------------------------ resume points

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,10 @@ class DiffusionDPOConfig:
         "help": "Draw latents from the VAE posterior (seeded), as the DPO scripts do; False uses its mean."})
     output_dir: str = field(default="diffusion_dpo", metadata={
         "help": "Where `save()` writes the trained UNet (LoRA merged) in diffusers format."})
+    prefetch: int = field(default=2, metadata={
+        "help": "Micro-batches whose images are decoded and resized in background threads while the current one "
+                "trains (PIL releases the GIL), so the GPU does not wait on PNG decoding; 0 prepares each in turn. "
+                "Results do not depend on it."})
     save_steps: int = field(default=0, metadata={
         "help": "Keep a resume point (trained weights, optimizer, place in the pair stream) in output_dir/checkpoints "
                 "every this many optimizer steps; `train()` continues from the newest one left by the same "
@@ -167,6 +172,9 @@ class DiffusionDPOConfig:
             raise ValueError(f"reference={self.reference!r} is not one of: {', '.join(REFERENCES)}")
         if not isinstance(self.lora_r, int) or self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r!r} must be a whole number ≥ 1 (e.g. 8)")
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch!r} must be a whole number ≥ 0 (0 prepares each micro-batch "
+                             "in turn)")
         if not isinstance(self.save_steps, int) or isinstance(self.save_steps, bool) or self.save_steps < 0:
             raise ValueError(f"save_steps={self.save_steps!r} must be a whole number ≥ 0 (0 keeps no resume points)")
 
@@ -251,6 +259,7 @@ class DiffusionDPOTrainer:
         self.global_step = 0
         self.log: list[dict[str, float]] = []
         self._order = self._pair_order()
+        self._pending: deque[Future] = deque()  # micro-batches drawn from the stream and being prepared
 
     # -------------------------------------------------------------------------------------------- inputs
 
@@ -268,12 +277,20 @@ class DiffusionDPOTrainer:
         while True:
             yield from torch.randperm(len(self.dataset), generator=self.generator).tolist()
 
-    def _next_rows(self) -> list[tuple[int, Mapping[str, Any]]]:
-        """(stream position, row) of this process's share of the next global micro-batch."""
+    def _next_indices(self) -> list[tuple[int, int]]:
+        """(stream position, dataset index) of this process's share of the next global micro-batch."""
         count = self.config.train_batch_size * self.world_size
         indices = [next(self._order) for _ in range(count)]
         start, self.pairs_drawn = self.pairs_drawn, self.pairs_drawn + count
-        return [(start + k, self.dataset[indices[k]]) for k in range(self.rank, count, self.world_size)]
+        return [(start + k, indices[k]) for k in range(self.rank, count, self.world_size)]
+
+    def _next_rows(self) -> list[tuple[int, Mapping[str, Any]]]:
+        """(stream position, row) of this process's share of the next global micro-batch."""
+        return [(position, self.dataset[index]) for position, index in self._next_indices()]
+
+    def _pairs_used(self) -> int:
+        """Pairs of the stream that went into finished micro-batches (`pairs_drawn` less those prefetched)."""
+        return self.pairs_drawn - len(self._pending) * self.config.train_batch_size * self.world_size
 
     def _pair_generator(self, position: int) -> torch.Generator:
         """The random source of one pair: seeded by its place in the stream, so a pair gets the same noise,
@@ -315,19 +332,27 @@ class DiffusionDPOTrainer:
         return {"encoder_hidden_states": prompt_embeds,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
-    def _batch(self, rows: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
-        """Latents [winners; losers], shared noise and timesteps, target and conditioning for 2B UNet rows."""
+    def _prepare(self, rows: Sequence[tuple[int, Mapping[str, Any] | int]]) -> "_Prepared":
+        """The CPU half of a micro-batch: each pair's images read (a dataset index is read here), resized and
+        cropped. Safe to run in a background thread: it reads the dataset and touches no trainer state."""
         pixels, sizes, crops, prompts = [], [], [], []
         for _, row in rows:
+            row = self.dataset[row] if isinstance(row, int) else row
             chosen, size, crop = preprocess_image(row["chosen"], self.config.resolution)
             rejected, _, _ = preprocess_image(row["rejected"], self.config.resolution)
             pixels.append((chosen, rejected))
             sizes.append(size)
             crops.append(crop)
             prompts.append(row["prompt"])
-        pixels = torch.stack([p[0] for p in pixels] + [p[1] for p in pixels])
-        generators = [self._pair_generator(position) for position, _ in rows]
-        num_pairs = len(rows)
+        return _Prepared([position for position, _ in rows],
+                         torch.stack([p[0] for p in pixels] + [p[1] for p in pixels]), sizes, crops, prompts)
+
+    def _batch(self, rows: "Sequence[tuple[int, Mapping[str, Any]]] | _Prepared") -> dict[str, Any]:
+        """Latents [winners; losers], shared noise and timesteps, target and conditioning for 2B UNet rows."""
+        prepared = rows if isinstance(rows, _Prepared) else self._prepare(rows)
+        pixels, sizes, crops, prompts = prepared.pixels, prepared.sizes, prepared.crops, prepared.prompts
+        generators = [self._pair_generator(position) for position in prepared.positions]
+        num_pairs = len(prepared.positions)
         # each pair's draws in a fixed order: winner latent, loser latent, noise, timestep
         latents = self._latents(pixels, generators + generators)
         shape = latents.shape[1:]
@@ -367,18 +392,18 @@ class DiffusionDPOTrainer:
             finally:
                 self.unet.enable_adapters()
 
-    def compute_loss(self, rows: Sequence[Mapping[str, Any] | tuple[int, Mapping[str, Any]]]
+    def compute_loss(self, rows: "Sequence[Mapping[str, Any] | tuple[int, Mapping[str, Any]]] | _Prepared"
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss of one batch of pairs and its metrics (implicit accuracy, mean model/reference errors).
 
-        `rows` are dataset rows, or (stream position, row) as the training loop passes them; plain rows take
-        the next positions of the stream.
+        `rows` are dataset rows, (stream position, row) pairs, or a micro-batch the training loop prepared
+        (`_prepare`); plain rows take the next positions of the stream.
         """
-        if rows and not isinstance(rows[0], tuple):
+        if not isinstance(rows, _Prepared) and rows and not isinstance(rows[0], tuple):
             start, self.pairs_drawn = self.pairs_drawn, self.pairs_drawn + len(rows)
             rows = [(start + k, row) for k, row in enumerate(rows)]
         batch = self._batch(rows)
-        num_pairs = len(rows)
+        num_pairs = len(rows.positions if isinstance(rows, _Prepared) else rows)
         model_mse = per_sample_mse(self._predict(self.policy, batch), batch["target"])
         ref_mse = per_sample_mse(self._reference_prediction(batch), batch["target"])
         model_w, model_l = model_mse[:num_pairs], model_mse[num_pairs:]
@@ -412,12 +437,33 @@ class DiffusionDPOTrainer:
             if found:
                 totals, since_log = self.load_checkpoint(found)
         progress = tqdm(total=config.max_steps, initial=self.global_step, desc="Diffusion-DPO", unit="step")
+        # the next micro-batches' images are read and resized in threads while this one trains; the stream is
+        # drawn here, in order, so what a step sees does not depend on the threads
+        pool = ThreadPoolExecutor(config.prefetch, thread_name_prefix="dpo-prefetch") if config.prefetch else None
+
+        def next_micro_batch() -> _Prepared:
+            if pool is None:  # anything a call with prefetching left queued comes first
+                return self._pending.popleft().result() if self._pending else self._prepare(self._next_indices())
+            while len(self._pending) <= config.prefetch:
+                self._pending.append(pool.submit(self._prepare, self._next_indices()))
+            return self._pending.popleft().result()
+
+        try:
+            self._train_steps(next_micro_batch, progress, totals, since_log)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)  # what was prefetched stays queued for a later call
+            progress.close()
+        return self.log
+
+    def _train_steps(self, next_micro_batch, progress, totals: dict[str, float], since_log: int) -> None:
+        config = self.config
         while self.global_step < config.max_steps:
             self.optimizer.zero_grad(set_to_none=True)
             for micro in range(config.gradient_accumulation_steps):
                 # under DDP gradients are averaged across processes once per optimizer step, on the last micro-batch
                 with self._gradient_sync(micro == config.gradient_accumulation_steps - 1):
-                    loss, metrics = self.compute_loss(self._next_rows())
+                    loss, metrics = self.compute_loss(next_micro_batch())
                     self.scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 for key, value in metrics.items():
                     totals[key] += value / config.gradient_accumulation_steps
@@ -436,8 +482,6 @@ class DiffusionDPOTrainer:
                 totals, since_log = defaultdict(float), 0
             if config.save_steps and self.global_step % config.save_steps == 0:
                 self.save_checkpoint(totals, since_log)
-        progress.close()
-        return self.log
 
     # ------------------------------------------------------------------------------------- resume points
 
@@ -458,7 +502,7 @@ class DiffusionDPOTrainer:
         from .manifest import module_hashes, rows_fingerprint
 
         settings = {key: value for key, value in asdict(self.config).items()
-                    if key not in ("output_dir", "logging_steps", "save_steps", "max_steps")}
+                    if key not in ("output_dir", "logging_steps", "save_steps", "max_steps", "prefetch")}
         return {"settings": settings, "base": str(getattr(self.pipeline, "name_or_path", "") or ""),
                 "data": rows_fingerprint(self.dataset), "code": module_hashes([__name__])}
 
@@ -485,7 +529,7 @@ class DiffusionDPOTrainer:
         save_file(self._trainable_state(), str(partial / "trainable.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
                    partial / "optimizer.pt")
-        atomic_write_json(partial / "state.json", {"global_step": self.global_step, "pairs_drawn": self.pairs_drawn,
+        atomic_write_json(partial / "state.json", {"global_step": self.global_step, "pairs_drawn": self._pairs_used(),
                                                    "log": self.log, "totals": dict(totals or {}),
                                                    "since_log": since_log})
         shutil.rmtree(target, ignore_errors=True)
@@ -518,7 +562,7 @@ class DiffusionDPOTrainer:
         self.scaler.load_state_dict(optimizer["scaler"])
         self.global_step, self.log = int(state["global_step"]), list(state["log"])
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self._order = self._pair_order()
+        self._order, self._pending = self._pair_order(), deque()
         for _ in range(int(state["pairs_drawn"])):  # the same pairs come next as in a run that never stopped
             next(self._order)
         self.pairs_drawn = int(state["pairs_drawn"])
@@ -549,6 +593,18 @@ class DiffusionDPOTrainer:
             f"# Diffusion-DPO UNet\n\nTrained with Diffusion-DPO (β={config.beta:g}) on {len(self.dataset)} "
             f"preference pairs for {self.global_step} steps at {config.resolution} px, "
             f"learning rate {config.learning_rate:g}, batch {config.train_batch_size}×{config.gradient_accumulation_steps}, {kind}.\n\n{summary}")
+
+
+@dataclass
+class _Prepared:
+    """A micro-batch's CPU half (`DiffusionDPOTrainer._prepare`): stream positions, pixels [winners; losers],
+    original sizes and crops (SDXL's micro-conditioning) and prompts."""
+
+    positions: list[int]
+    pixels: torch.Tensor
+    sizes: list[tuple[int, int]]
+    crops: list[tuple[int, int]]
+    prompts: list[str]
 
 
 def _newest_checkpoint(folder: Path) -> Path | None:
