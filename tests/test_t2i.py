@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import config, t2i
 
@@ -412,3 +413,49 @@ def test_cached_images_are_decoded_only_when_their_pixels_are_used(executor, mon
         gone.image
     with pytest.raises(ValueError, match="needs its image or the ImageCache"):
         t2i.Generated(requests[0], None, "k", True, "w", (32, 32))
+
+
+def test_images_put_later_are_found_at_once_and_written_in_order_by_flush(tmp_path, monkeypatch):
+    import pickle
+
+    cache = t2i.ImageCache(tmp_path / "cache")
+    pictures = {f"k{i}": Image.new("RGB", (24, 16), (40 * i, 90, 200 - 40 * i)) for i in range(4)}
+    writers = set()
+    write = t2i.ImageCache._write_png
+    monkeypatch.setattr(t2i.ImageCache, "_write_png",
+                        lambda self, key, image: writers.add(threading.current_thread().name) or write(self, key, image))
+    for key, picture in pictures.items():
+        cache.put_later(key, picture, {"n": key})
+    assert all(cache.has(key) and cache.get(key) is pictures[key] for key in pictures)  # pending: found as written
+    cache.flush()
+    assert writers and all(name.startswith("png-writer") for name in writers)
+    assert all(np.array_equal(np.asarray(Image.open(cache.path(key))), np.asarray(picture))
+               for key, picture in pictures.items())
+    index = [json.loads(line)["key"] for line in (tmp_path / "cache" / "index.jsonl").read_text().splitlines()]
+    assert index == list(pictures)  # in the order of the calls, whichever thread finished first
+    assert not list((tmp_path / "cache" / "images").rglob("*.part.png"))
+    assert pickle.loads(pickle.dumps(cache)).get("k1") is not None  # travels as its folder
+    monkeypatch.setattr(t2i.ImageCache, "_write_png", lambda self, key, image: 1 / 0)
+    cache.put_later("bad", pictures["k0"], {})
+    with pytest.raises(ZeroDivisionError):
+        cache.flush()
+    assert not cache.has("bad")
+
+
+def test_a_failed_batch_still_leaves_the_images_drawn_before_it_on_disk(executor, monkeypatch):
+    requests = [t2i.Request(api(), "a harbour crane", "", seed) for seed in (31, 32)]
+    draw, calls = executor._draw, []
+
+    def second_fails(group, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return draw(group, batch)
+
+    monkeypatch.setattr(executor, "_draw", second_fails)
+    monkeypatch.setattr(executor, "_batches", lambda group, items: [[item] for item in items])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        executor.generate(requests, progress=False)
+    monkeypatch.undo()
+    again = executor.generate(requests, progress=False)
+    assert [g.cached for g in again] == [True, False]  # the first one was written before the failure

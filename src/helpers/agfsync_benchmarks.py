@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,16 @@ def tifa_transcript(generated, questions: Sequence[Mapping[str, Any]], ctx, *, a
                          for q, a in zip(questions, answered)])
 
 
+def _tifa_values(asked, ctx, answering: str, vqa, sbert, indices, generated) -> list[float]:
+    """One block's TIFA scores: `asked` holds each request's questions, `indices` say which requests these are."""
+    return tifa_scores(generated, [asked[i] for i in indices], ctx, answering=answering, scorer=vqa, encoder=sbert)
+
+
+def _hps_values(hps, indices, generated):
+    """One block's HPS v2 scores, ×100."""
+    return 100.0 * hps.score(generated)["hps"].to_numpy()
+
+
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
              ctx, seeds: int, tifa_answering: str = "free_form", block_size: int | None = None):
     """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA (answered by
@@ -289,18 +300,12 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
         if not requests:
             continue
         if benchmark == "TIFA":
-            by_id = {row["prompt_id"]: row["questions"] for row in rows}
-
-            def values(indices, generated):
-                return tifa_scores(generated, [by_id[owners[i]["prompt_id"]] for i in indices], ctx,
-                                   answering=tifa_answering, scorer=vqa, encoder=sbert)
-            metric = "TIFA score"
+            questions = {row["prompt_id"]: row["questions"] for row in rows}
+            asked = [questions[owner["prompt_id"]] for owner in owners]
+            metric, values = "TIFA score", partial(_tifa_values, asked, ctx, tifa_answering, vqa, sbert)
         else:
             hps = hps if hps is not None else ScoringRun.for_run(ctx, ("hps",))
-
-            def values(indices, generated):
-                return 100.0 * hps.score(generated)["hps"].to_numpy()
-            metric = "HPS v2 (×100)"
+            metric, values = "HPS v2 (×100)", partial(_hps_values, hps)
         table = score_in_blocks(executor, requests, lambda indices, generated: pd.DataFrame(
             {"key": [g.key for g in generated], "value": values(indices, generated)}), block_size)
         tables.append(pd.DataFrame(owners).assign(key=table["key"], metric=metric, value=table["value"]))
