@@ -121,3 +121,35 @@ def test_block_wise_scoring_equals_one_pass_and_caches_each_block_before_the_nex
     rerun = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).generate_and_score(executor, requests, block_size=2)
     np.testing.assert_allclose(rerun["clip"], blocks["clip"])
     assert decoded == []
+
+
+def test_scorers_preprocess_images_in_threads_with_the_scores_of_one_call(tiny_ctx, monkeypatch):
+    """CLIP, HPS v2, ImageReward and the aesthetic predictor turn images into pixels in worker threads (a 512 px
+    image is ~3 ms of CPU per scorer); every image is transformed alone, so the scores equal one call's."""
+    import threading
+
+    from PIL import Image
+
+    from helpers.scorers import base
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(7)]
+    prompts = [f"a lantern {i}" for i in range(7)]
+    scorers = {name: scoring.load_scorer(name, tiny_ctx) for name in ("clip", "hps", "image_reward", "aesthetic")}
+    threads = set()
+    transform = base.pixels_in_threads
+
+    def watching(fn, chunk_images, workers=None):
+        return transform(lambda chunk: threads.add(threading.current_thread().name) or fn(chunk), chunk_images,
+                         workers)
+
+    scores = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(base, "PREPROCESS_WORKERS", workers)
+        monkeypatch.setattr(base, "pixels_in_threads", watching)
+        for module in ("helpers.scoring", "helpers.scorers.aesthetic"):
+            monkeypatch.setattr(f"{module}.pixels_in_threads", watching)
+        scores[workers] = {name: scorer.score(images, prompts) for name, scorer in scorers.items()}
+    for name in scorers:
+        np.testing.assert_array_equal(scores[3][name], scores[1][name], err_msg=name)
+    assert any(name.startswith("preprocess") for name in threads) and threading.main_thread().name in threads

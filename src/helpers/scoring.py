@@ -15,7 +15,7 @@ import torch
 
 from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
-from .scorers.base import local_weight_files, pooled, rgb, weights_id
+from .scorers.base import local_weight_files, pixels_in_threads, pooled, rgb, weights_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -103,10 +103,11 @@ class ClipScorer:
         """Cosine of each image with its own prompt."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = self.processor(text=list(prompts[start:start + self.batch_size]),
-                                   images=rgb(images[start:start + self.batch_size]), return_tensors="pt",
+            batch = self.processor(text=list(prompts[start:start + self.batch_size]), return_tensors="pt",
                                    padding=True, truncation=True).to(self.device)
-            image = self.model.get_image_features(pixel_values=batch["pixel_values"])
+            pixels = pixels_in_threads(lambda chunk: self.processor(images=rgb(chunk), return_tensors="pt")[
+                "pixel_values"], images[start:start + self.batch_size])
+            image = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
             text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             image, text = pooled(image), pooled(text)
             out.append(torch.nn.functional.cosine_similarity(image.float(), text.float()).cpu().numpy())

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..device import place
-from .base import fetch, is_local, local_weight_files, pooled, rgb, weights_id
+from .base import fetch, is_local, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 PAPER_CLIP = "openai/clip-vit-large-patch14"
@@ -54,7 +54,8 @@ class AestheticScorer:
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised CLIP image embeddings (float32), as the predictor was trained on."""
-        pixels = self.processor(images=rgb(images), return_tensors="pt")["pixel_values"]
+        pixels = pixels_in_threads(lambda chunk: self.processor(images=rgb(chunk), return_tensors="pt")["pixel_values"],
+                                   images)
         features = pooled(self.clip.get_image_features(pixel_values=pixels.to(self.clip.device, self.clip.dtype)))
         return nn.functional.normalize(features.float(), dim=-1)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import pooled
+from .base import pixels_in_threads, pooled
 
 INCEPTION = "inception"
 
@@ -87,7 +87,8 @@ class FidFeatures:
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             with torch.no_grad():
-                found = self.extractor(as_uint8(batch, self.image_size).to(self.device))
+                found = self.extractor(pixels_in_threads(lambda chunk: as_uint8(chunk, self.image_size),
+                                                         batch).to(self.device))
             rows.extend(found.double().cpu().numpy().reshape(len(batch), -1))
         self.extracted += len(images)
         return rows

@@ -205,7 +205,8 @@ class HpsScorer:
     def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised image embeddings, (B, embed_dim)."""
         dtype = self.model.visual_projection.weight.dtype
-        pixels = base.normalize(resize_longest_pad(images, self.image_size)).to(self.device, dtype)
+        pixels = base.normalize(base.pixels_in_threads(lambda chunk: resize_longest_pad(chunk, self.image_size),
+                                                       images)).to(self.device, dtype)
         pooled = self.model.vision_model(pixel_values=pixels).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 

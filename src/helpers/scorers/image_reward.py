@@ -213,7 +213,8 @@ class ImageRewardScorer:
     def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model's inputs for a batch (ImageReward's preprocessing and 35-token text)."""
         dtype = next(self.model.parameters()).dtype
-        pixels = base.normalize(base.resize_center_crop(images, self.image_size))
+        pixels = base.normalize(base.pixels_in_threads(lambda chunk: base.resize_center_crop(chunk, self.image_size),
+                                                       images))
         text = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
                               return_tensors="pt")
         return {"pixel_values": pixels.to(self.device, dtype), "input_ids": text["input_ids"].to(self.device),
