@@ -100,8 +100,9 @@ def local_file(source: str | Path, filename: str) -> Path | None:
     return path if is_local(source) and path.is_file() else None
 
 
-# threads that turn images into a scorer's pixels; PIL's resize and numpy's arithmetic run without the GIL
-PREPROCESS_WORKERS = max(1, min(8, os.cpu_count() or 1))
+# threads that turn images into a scorer's pixels (PIL's resize and numpy's arithmetic run without the GIL):
+# up to 8, the cores shared by the processes of a launch on this machine
+PREPROCESS_WORKERS = max(1, min(8, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 _preprocess_pool = None
 
 
