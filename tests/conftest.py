@@ -38,3 +38,27 @@ def tiny_ctx(book_root):
     from helpers import config
 
     return config.setup("tiny", 0, quiet=True)
+
+
+class Killed(RuntimeError):
+    """A training process that died (resume tests): raised right after a checkpoint reached the disk."""
+
+
+def kill_after_checkpoint(monkeypatch, trainer_class, step: int) -> None:
+    """Make `trainer_class` (a transformers Trainer) raise `Killed` once its step-`step` checkpoint is written."""
+    save = trainer_class._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.state.global_step == step:
+            raise Killed
+
+    monkeypatch.setattr(trainer_class, "_save_checkpoint", save_then_die)
+
+
+def steps_run(monkeypatch, trainer_class) -> list[int]:
+    """The global step at each `training_step` call of `trainer_class` from now on (filled as it trains)."""
+    ran, step = [], trainer_class.training_step
+    monkeypatch.setattr(trainer_class, "training_step",
+                        lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
+    return ran

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Killed, kill_after_checkpoint, steps_run
 from PIL import Image
 
 from helpers import models
@@ -205,29 +206,19 @@ def test_vlm_sft_reads_images_with_their_batches_and_resumes_from_its_checkpoint
     with pytest.raises(ValueError, match="pass image_for"):
         evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **common)
 
-    class Killed(RuntimeError):
-        pass
-
-    reads, save = [], Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):
-        save(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise Killed
+    reads = []
 
     def read(key):
         reads.append(key)
         return image_for(key)
 
     lazily = dict(image_for=read, checkpoints=tmp_path / "checkpoints", save_steps=2, **common)
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, Trainer, 2)
     with pytest.raises(Killed):
         evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **lazily)
     monkeypatch.undo()
     assert 0 < len(reads) <= 2  # two steps of one chat each: only the batches' own images were read
-    ran, step = [], Trainer.training_step
-    monkeypatch.setattr(Trainer, "training_step",
-                        lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
+    ran = steps_run(monkeypatch, Trainer)
     assert evo.train_vlm_sft(str(vlm), chats, keys, tmp_path / "model", **lazily)["steps"] == 4
     assert ran == [2, 3]  # went on from the step-2 checkpoint
     ended, unbroken = (load_file(tmp_path / name / "model.safetensors") for name in ("model", "whole"))

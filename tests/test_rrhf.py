@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import Killed, kill_after_checkpoint, steps_run
 
 from helpers import models
 from helpers.rrhf import (IGNORE_INDEX, RRHFCollator, RRHFConfig, RRHFTrainer, build_rrhf_dataset,
@@ -322,26 +323,13 @@ def test_train_agent_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken
     whole = train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "whole",
                         save_strategy="no", **settings)
 
-    class Killed(RuntimeError):
-        pass
-
-    save = RRHFTrainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):  # the process dies right after the step-2 checkpoint is written
-        save(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise Killed
-
-    monkeypatch.setattr(RRHFTrainer, "_save_checkpoint", save_then_die)
     stopped = dict(save_strategy="steps", save_steps=2, **settings)
+    kill_after_checkpoint(monkeypatch, RRHFTrainer, 2)
     with pytest.raises(Killed):
         train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "model", **stopped)
     monkeypatch.undo()
     assert (tmp_path / "checkpoints" / "model" / "checkpoint-2").is_dir()
-    trained_steps = []
-    step = RRHFTrainer.training_step
-    monkeypatch.setattr(RRHFTrainer, "training_step",
-                        lambda self, *a, **k: trained_steps.append(self.state.global_step) or step(self, *a, **k))
+    trained_steps = steps_run(monkeypatch, RRHFTrainer)
     resumed = train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer, dataset, tmp_path / "model",
                           **stopped)
     assert trained_steps == [2, 3]  # only steps 3 and 4 ran: it went on from the checkpoint

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import Killed, kill_after_checkpoint, steps_run
 
 from helpers import models, sft
 
@@ -70,25 +71,12 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_a_changed_one_starts_over
     sft.train(llm, dataset, _config(tmp_path / "whole", max_steps=4, per_device_train_batch_size=2),
               tmp_path / "whole" / "agent")
 
-    class Killed(RuntimeError):
-        pass
-
-    save = Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):  # the process dies right after the step-2 checkpoint is written
-        save(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise Killed
-
     saving = _config(tmp_path, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, Trainer, 2)
     with pytest.raises(Killed):
         sft.train(llm, dataset, saving, tmp_path / "agent")
     monkeypatch.undo()
-    ran = []
-    step = Trainer.training_step
-    monkeypatch.setattr(Trainer, "training_step",
-                        lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
+    ran = steps_run(monkeypatch, Trainer)
     assert sft.train(llm, dataset, saving, tmp_path / "agent")["steps"] == 4
     assert ran == [2, 3]  # went on from the step-2 checkpoint
     ended, unbroken = (load_file(folder / "agent" / "model.safetensors") for folder in (tmp_path, tmp_path / "whole"))
