@@ -408,6 +408,17 @@ def test_cached_images_are_decoded_only_when_their_pixels_are_used(executor, mon
     sent = pickle.loads(pickle.dumps(drawn[0].by_reference()))
     assert not sent.decoded and len(pickle.dumps(drawn[0].by_reference())) < len(pickle.dumps(drawn[0])) / 2
     assert np.array_equal(_pixels(sent), _pixels(drawn[0]))
+    # many at once: the cached ones are read in threads, then kept
+    from helpers.scorers import base
+
+    monkeypatch.setattr(base, "PREPROCESS_WORKERS", 2)
+    fresh = executor.generate(requests, progress=False)
+    threads = []
+    monkeypatch.setattr(executor.cache, "get", lambda key: threads.append(threading.current_thread().name) or get(key))
+    pictures = t2i.decoded([drawn[0], *fresh])
+    assert all(np.array_equal(np.asarray(p), _pixels(d)) for p, d in zip(pictures, [drawn[0], *drawn]))
+    assert len(threads) == 2 and all(name.startswith("preprocess") for name in threads) and fresh[1].decoded
+    monkeypatch.undo()
     gone = t2i.Generated(requests[0], None, "0" * 64, True, "w", (32, 32), executor.cache)
     with pytest.raises(FileNotFoundError, match="no longer in the image cache.*run the stage again"):
         gone.image

@@ -16,6 +16,7 @@ import torch
 from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .t2i import decoded
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -172,7 +173,8 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
         for start in tqdm(range(0, len(share), images_per_batch), desc=desc, unit="batch",
                           disable=len(share) <= images_per_batch):
             batch = share[start:start + images_per_batch]
-            flat = list(answer(model, [generated[i].image for i in batch for _ in questions[i]],
+            pictures = dict(zip(batch, decoded([generated[i] for i in batch])))  # cached ones read in threads
+            flat = list(answer(model, [pictures[i] for i in batch for _ in questions[i]],
                                [q for i in batch for q in questions[i]]))
             for i in batch:
                 answered.append([cache_value(v) for v in flat[:len(questions[i])]])
@@ -213,7 +215,7 @@ class ScoringRun:
             todo = [i for i, v in enumerate(values) if v is None]
             if todo:
                 # split across processes under a multi-process launch (one process: a plain call)
-                fresh = map_sharded(lambda share, scorer=scorer: scorer.score([generated[i].image for i in share],
+                fresh = map_sharded(lambda share, scorer=scorer: scorer.score(decoded([generated[i] for i in share]),
                                                                               [prompts[i] for i in share]),
                                     todo, chunk=getattr(scorer, "batch_size", 32))
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])

@@ -106,23 +106,29 @@ PREPROCESS_WORKERS = max(1, min(8, (os.cpu_count() or 1) // max(1, int(os.enviro
 _preprocess_pool = None
 
 
+def chunks_in_threads(fn, items: Sequence, workers: int | None = None) -> list:
+    """`fn(chunk)` for consecutive chunks of `items`, one chunk per thread (up to `workers`, by default
+    PREPROCESS_WORKERS), results in chunk order; a plain call when there is one worker or one item."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _preprocess_pool
+    workers = PREPROCESS_WORKERS if workers is None else workers
+    if workers <= 1 or len(items) < 2:
+        return [fn(items)]
+    if _preprocess_pool is None or _preprocess_pool._max_workers < workers:
+        _preprocess_pool = ThreadPoolExecutor(max(workers, PREPROCESS_WORKERS), thread_name_prefix="preprocess")
+    size = -(-len(items) // workers)
+    return list(_preprocess_pool.map(fn, [items[start:start + size] for start in range(0, len(items), size)]))
+
+
 def pixels_in_threads(transform, images: Sequence, workers: int | None = None) -> "torch.Tensor":
     """`transform(images)` (one row per image, a tensor) over chunks of `images` in threads, rows in order.
 
     A scorer's preprocessing (resize, crop, normalise) is ~3 ms per 512 px image on one CPU thread, more than the
     GPU needs to score it; every image is transformed on its own, so the result equals one call."""
     import torch
-    from concurrent.futures import ThreadPoolExecutor
 
-    global _preprocess_pool
-    workers = PREPROCESS_WORKERS if workers is None else workers
-    size = -(-len(images) // max(workers, 1))
-    if workers <= 1 or len(images) < 2:
-        return transform(images)
-    if _preprocess_pool is None or _preprocess_pool._max_workers < workers:
-        _preprocess_pool = ThreadPoolExecutor(max(workers, PREPROCESS_WORKERS), thread_name_prefix="preprocess")
-    chunks = [images[start:start + size] for start in range(0, len(images), size)]
-    return torch.cat(list(_preprocess_pool.map(transform, chunks)))
+    return torch.cat(chunks_in_threads(transform, images, workers))
 
 
 def normalize(pixels: "torch.Tensor", mean=CLIP_MEAN, std=CLIP_STD) -> "torch.Tensor":
