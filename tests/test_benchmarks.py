@@ -11,7 +11,7 @@ from helpers import cli
 from helpers.benchmarks import PLAN, cost, load_results
 from helpers.benchmarks.harness import headline, summary_lines
 
-NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring"]
+NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring", "host_io"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,9 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     vqa = by_name["vqa_scoring"]["paths"]
     assert (vqa["naive"]["units"], vqa["project"]["units"]) == (PLAN["vqa_scoring"]["tiny"]["naive"],
                                                                  PLAN["vqa_scoring"]["tiny"]["images"])
+    host = by_name["host_io"]["paths"]
+    assert host["naive"]["units"] == host["project"]["units"] == PLAN["host_io"]["tiny"]["images"]
+    assert host["project"]["settings"]["png"].startswith("zlib 1")
 
 
 def test_summary_names_device_and_every_benchmark(tiny_results):

@@ -1,7 +1,7 @@
-"""The six benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
+"""The seven benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
 
 (a) API generation, (b) image generation, (c) unified-reward scoring, (d) one RRHF optimizer step, (e) one
-Diffusion-DPO step, (f) AGFSync's VQA scoring. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px,
+Diffusion-DPO step, (f) AGFSync's VQA scoring, (g) the CPU work around each drawn image (PNG, scorer pixels). `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px,
 CLIP B/16 + BLIP-L + ViT-H/14, BLIP-2 Flan-T5-XL);
 `tiny` the book's tiny shapes, so CI runs every line of every benchmark on a CPU in about a minute.
 """
@@ -34,6 +34,8 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
     # AGFSync's VQA score: ~8 generated questions per candidate image, 16 images per BLIP-2 call (agfsync.vqa_scores)
     "vqa_scoring": {"full": dict(naive=4, images=64, questions=8, batch=16),
                     "tiny": dict(naive=2, images=16, questions=8, batch=8)},
+    # the CPU's share of every drawn and scored image: its PNG written to the cache, its three scorers' pixels
+    "host_io": {"full": dict(images=64, scorer_side=224), "tiny": dict(images=32, scorer_side=224)},
 }
 
 
@@ -332,9 +334,62 @@ def bench_vqa_scoring(size: str, device: str) -> dict[str, Any]:
                "questions per image")
 
 
+# ---------------------------------------------------------------------------------- (g) host work per image
+
+def bench_host_io(size: str, device: str) -> dict[str, Any]:
+    """The CPU work around each image a stage draws and scores: the PNG written to the image cache and the pixels
+    of CLIP, HPS v2 and ImageReward made from it. Naive: PIL's default PNG level, written in turn, and each
+    scorer's preprocessing on one thread. Project: `ImageCache.put_later` (zlib level 1, writer threads,
+    `flush`) and `scorers.base.pixels_in_threads`. Both make the same pixels; the GPU is idle here."""
+    from PIL import ImageFilter
+    from transformers import CLIPImageProcessor
+
+    from ..config import errors_only
+    from ..scorers import base, hps
+    from ..t2i import ImageCache
+
+    plan = PLAN["host_io"][size]
+    # blurred noise: compresses like a photo (noise itself would be ~4x larger than a real 512 px PNG)
+    images = [image.filter(ImageFilter.GaussianBlur(3)) for image in _noise_images(size, plan["images"])]
+    side = plan["scorer_side"]
+    with errors_only("transformers"):  # without torchvision it says it falls back to PIL, which is what it should do
+        clip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    transforms = [lambda chunk: clip(images=base.rgb(chunk), return_tensors="pt")["pixel_values"],
+                  lambda chunk: hps.resize_longest_pad(chunk, side),
+                  lambda chunk: base.normalize(base.resize_center_crop(chunk, side))]
+    made: dict[str, list] = {}
+
+    def in_turn(folder: str) -> int:
+        for i, image in enumerate(images):
+            image.save(f"{folder}/{i}.png")  # PIL's default zlib level (6)
+        made["naive"] = [transform(images) for transform in transforms]
+        return len(images)
+
+    def overlapped(folder: str) -> int:
+        cache = ImageCache(folder)
+        for i, image in enumerate(images):
+            cache.put_later(f"{i:064d}", image, {})
+        made["project"] = [base.pixels_in_threads(transform, images) for transform in transforms]
+        cache.flush()
+        return len(images)
+
+    paths = []
+    for name, work, settings in (
+            ("naive", in_turn, {"png": "PIL default (zlib 6), in turn", "preprocessing": "one thread"}),
+            ("project", overlapped, {"png": f"zlib {ImageCache.COMPRESS_LEVEL}, {ImageCache.WRITERS} writer threads",
+                                     "preprocessing": f"{base.PREPROCESS_WORKERS} threads"})):
+        with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as timed:
+            paths.append(time_path(name, lambda: work(timed), "cpu", warmup=lambda: work(warm), settings=settings))
+    if not all(torch.equal(a, b) for a, b in zip(made["naive"], made["project"])):
+        raise AssertionError("the threaded preprocessing made other pixels than one thread")
+    return row("host_io", "s/image", {"side": shapes.IMAGE_SIZE[size], **plan}, paths,
+               "CPU work per drawn image: PNG to the image cache and the three unified-reward scorers' pixels")
+
+
 BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "api_generation": bench_api_generation, "image_generation": bench_image_generation, "scoring": bench_scoring,
-    "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step, "vqa_scoring": bench_vqa_scoring}
+    "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step, "vqa_scoring": bench_vqa_scoring,
+    "host_io": bench_host_io}
 
 
 def check_names(names: list[str] | None) -> list[str]:
