@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..device import place
+from ..distributed import link_main_output
 
 IMAGE_TOKEN = "<image>"
 # ChatML as in helpers.models.CHAT_TEMPLATE (text turns render identically), plus image parts: a user turn's content
@@ -234,7 +235,8 @@ def language_tower(path: str | Path, output: str | Path) -> str:
     """The causal LM inside a chat model: `path` itself when it is a causal LM; for an image-text-to-text model (a
     LLaVA), its language model and LM head saved in `output` as a plain causal LM with the chat model's tokenizer.
 
-    ChatGen-Evo's stage 2 adds its ModelTokens to the model stage 1 trained, which reads the chat as text.
+    ChatGen-Evo's stage 2 adds its ModelTokens to the model stage 1 trained, which reads the chat as text. Under a
+    multi-process launch every process calls this together.
     """
     if not is_image_text_to_text(path):
         return str(path)
@@ -249,8 +251,9 @@ def language_tower(path: str | Path, output: str | Path) -> str:
     causal.get_decoder().load_state_dict(inner.state_dict())  # strict: every weight has its place
     causal.get_output_embeddings().load_state_dict(chat_model.get_output_embeddings().state_dict())
     output = Path(output)
-    causal.save_pretrained(output)
+    causal.save_pretrained(output)  # under a launch transformers writes it on the main process only
     AutoProcessor.from_pretrained(path).tokenizer.save_pretrained(output)
+    link_main_output(output)  # so every process finds the weights it is about to load (a collective)
     return str(output)
 
 
