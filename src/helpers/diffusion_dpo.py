@@ -260,6 +260,7 @@ class DiffusionDPOTrainer:
         self.log: list[dict[str, float]] = []
         self._order = self._pair_order()
         self._pending: deque[Future] = deque()  # micro-batches drawn from the stream and being prepared
+        self._identity: dict[str, Any] | None = None  # `resume_identity`, computed on first use
 
     # -------------------------------------------------------------------------------------------- inputs
 
@@ -501,10 +502,12 @@ class DiffusionDPOTrainer:
 
         from .manifest import module_hashes, rows_fingerprint
 
-        settings = {key: value for key, value in asdict(self.config).items()
-                    if key not in ("output_dir", "logging_steps", "save_steps", "max_steps", "prefetch")}
-        return {"settings": settings, "base": str(getattr(self.pipeline, "name_or_path", "") or ""),
-                "data": rows_fingerprint(self.dataset), "code": module_hashes([__name__])}
+        if self._identity is None:  # the pairs' hash reads every stored image once per trainer, not per call
+            settings = {key: value for key, value in asdict(self.config).items()
+                        if key not in ("output_dir", "logging_steps", "save_steps", "max_steps", "prefetch")}
+            self._identity = {"settings": settings, "base": str(getattr(self.pipeline, "name_or_path", "") or ""),
+                              "data": rows_fingerprint(self.dataset), "code": module_hashes([__name__])}
+        return self._identity
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().contiguous() for name, p in self.unet.named_parameters() if p.requires_grad}
@@ -697,8 +700,8 @@ def train_variant(ctx, base_path: str, rows, config: DiffusionDPOConfig, out: Pa
     out = Path(out)
     pipeline = _load_base(base_path, ctx)
     trainer = DiffusionDPOTrainer(pipeline, config, rows)
-    identity, done = sha256_json(trainer.resume_identity()), out / "trained.json"
-    kept = None
+    identity = sha256_json(trainer.resume_identity()) if config.save_steps else None  # hashes every pair once
+    done, kept = out / "trained.json", None
     if config.save_steps and done.is_file() and (out / "pipeline").is_dir():
         record = json.loads(done.read_text())
         kept = record["log"] if record.get("identity") == identity else None

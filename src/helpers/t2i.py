@@ -571,13 +571,6 @@ class Generated:
             raise ValueError(f"Generated {self.key!r} has no ImageCache to be read back from")
         return Generated(self.request, None, self.key, self.cached, self.weights_id, self.size, self._cache)
 
-    def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __setstate__(self, state):
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-
     def __repr__(self) -> str:
         return (f"Generated(key={self.key!r}, cached={self.cached}, weights_id={self.weights_id!r}, "
                 f"size={self.size}, decoded={self.decoded})")
@@ -585,12 +578,12 @@ class Generated:
 
 def decoded(generated: Sequence[Generated]) -> list[Image.Image]:
     """The pixels of each image, those still in the cache read in threads (PNG decoding runs without the GIL;
-    ~5 ms for a 512 px image), then kept on their `Generated` as `.image` keeps them. Anything with an `.image`
-    and no `decoded` flag is taken as it is."""
+    ~5 ms for a 512 px image), then kept on their `Generated` as `.image` keeps them. Anything else with an
+    `.image` gives that; a PIL image is itself."""
     from .scorers.base import chunks_in_threads
 
     chunks_in_threads(lambda chunk: [g.image for g in chunk], [g for g in generated if not getattr(g, "decoded", True)])
-    return [g.image for g in generated]
+    return [getattr(g, "image", g) for g in generated]
 
 
 BATCH_REFERENCE_PIXELS = 512 * 512

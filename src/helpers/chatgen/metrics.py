@@ -260,8 +260,10 @@ def unified_score(fid: float, clip: float, hps: float, image_reward: float,
 
 
 def _pil(images: Sequence) -> list:
-    """PIL images from PIL images or `t2i.Generated` records."""
-    return [getattr(image, "image", image) for image in images]
+    """PIL images from PIL images or `t2i.Generated` records (`t2i.decoded`)."""
+    from ..t2i import decoded
+
+    return decoded(images)
 
 
 def image_metrics(generated_table: pd.DataFrame, generated_images: Sequence, reference_images: Sequence, *,

@@ -96,13 +96,14 @@ class FidFeatures:
     def __call__(self, images: Sequence, keys: Sequence[str] | None = None) -> np.ndarray:
         """One row per image (PIL images, or anything with a `.image`, such as `t2i.Generated`)."""
         from ..distributed import map_sharded
+        from ..t2i import decoded
 
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image (or none)")
         todo = [i for i in range(len(images)) if keys is None or keys[i] not in self.by_key]
-        # every process holds the same images and keys, so they agree on what is left to embed
-        rows = map_sharded(lambda share: self._embed([getattr(images[i], "image", images[i]) for i in share]),
-                           todo, chunk=self.batch_size)
+        # every process holds the same images and keys, so they agree on what is left to embed; `t2i.Generated`
+        # records still in the cache are decoded in threads
+        rows = map_sharded(lambda share: self._embed(decoded([images[i] for i in share])), todo, chunk=self.batch_size)
         fresh = dict(zip(todo, rows))
         if keys is not None:
             self.by_key.update((keys[i], row) for i, row in fresh.items())
