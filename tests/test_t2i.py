@@ -418,6 +418,11 @@ def test_cached_images_are_decoded_only_when_their_pixels_are_used(executor, mon
     pictures = t2i.decoded([drawn[0], *fresh])
     assert all(np.array_equal(np.asarray(p), _pixels(d)) for p, d in zip(pictures, [drawn[0], *drawn]))
     assert len(threads) == 2 and all(name.startswith("preprocess") for name in threads) and fresh[1].decoded
+    threads.clear()
+    twice = executor.generate([requests[0], requests[1], requests[0]], progress=False)  # one key twice: read once
+    assert twice[0] is not twice[2] and twice[0].key == twice[2].key
+    pictures = t2i.decoded(twice)
+    assert len(threads) == 2 and all(g.decoded for g in twice) and pictures[0] is pictures[2]
     monkeypatch.undo()
     gone = t2i.Generated(requests[0], None, "0" * 64, True, "w", (32, 32), executor.cache)
     with pytest.raises(FileNotFoundError, match="no longer in the image cache.*run the stage again"):

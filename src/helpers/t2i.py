@@ -578,11 +578,23 @@ class Generated:
 
 def decoded(generated: Sequence[Generated]) -> list[Image.Image]:
     """The pixels of each image, those still in the cache read in threads (PNG decoding runs without the GIL;
-    ~5 ms for a 512 px image), then kept on their `Generated` as `.image` keeps them. Anything else with an
-    `.image` gives that; a PIL image is itself."""
+    ~5 ms for a 512 px image), then kept on their `Generated` as `.image` keeps them. A key that comes more than
+    once (the same request twice in one call) is read once. Anything else with an `.image` gives that; a PIL image
+    is itself."""
     from .scorers.base import chunks_in_threads
 
-    chunks_in_threads(lambda chunk: [g.image for g in chunk], [g for g in generated if not getattr(g, "decoded", True)])
+    pending: dict[tuple[int, str], list[Generated]] = {}
+    for g in generated:
+        if not getattr(g, "decoded", True):
+            pending.setdefault((id(g._cache), g.key), []).append(g)
+
+    def read(chunk: list[list[Generated]]) -> None:
+        for first, *same in chunk:
+            image = first.image
+            for other in same:
+                other._image = image
+
+    chunks_in_threads(read, list(pending.values()))
     return [getattr(g, "image", g) for g in generated]
 
 
