@@ -62,3 +62,8 @@ def steps_run(monkeypatch, trainer_class) -> list[int]:
     monkeypatch.setattr(trainer_class, "training_step",
                         lambda self, *a, **k: ran.append(self.state.global_step) or step(self, *a, **k))
     return ran
+
+
+def said(printed: str) -> str:
+    """Printed text with its line wrapping undone (`display.say` wraps messages to the page width)."""
+    return " ".join(printed.split())

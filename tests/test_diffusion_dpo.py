@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import said
 from helpers import models
 from helpers.diffusion_dpo import (DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss, per_sample_mse,
                                    preprocess_image)
@@ -333,7 +334,7 @@ def test_a_resume_point_of_other_settings_or_pairs_is_not_continued(sd_folder, t
     for changed, rows in ((longer_config, pairs(2, seed=1)),
                           (tiny_config(tmp_path, save_steps=1, max_steps=3, learning_rate=2e-3), pairs(2, seed=1))):
         log = DiffusionDPOTrainer(load(sd_folder), changed, rows).train()
-        out = capsys.readouterr().out
+        out = said(capsys.readouterr().out)
         assert "resume points of other training" in out and "resumed from" not in out
         assert [row["step"] for row in log] == [1, 2, 3]
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import said
 from helpers import manifest as manifests
 
 
@@ -27,6 +28,16 @@ def test_second_run_with_same_inputs_is_skipped(tmp_path, capsys):
     assert compute.calls == 1
     assert "up to date" in capsys.readouterr().out
     assert record["counts"] == {"rows": 1}
+
+
+def test_the_done_line_names_every_count_within_the_page_width(tmp_path, capsys):
+    counts = {f"count_{i}": i * 1000 for i in range(12)} | {"kept": "everything"}
+    _stage(tmp_path).run(lambda folder: counts)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[stage] done in ") and len(lines) > 1
+    assert all(len(line) <= 100 for line in lines) and all(line.startswith("  ") for line in lines[1:])
+    said = " ".join(line.strip() for line in lines)
+    assert all(f"{name}={value!r}" in said for name, value in counts.items())
 
 
 def test_manifest_records_what_the_issue_asks_for(tmp_path):
@@ -142,7 +153,7 @@ def test_a_resume_point_is_offered_only_to_the_training_that_left_it(tmp_path, c
     assert capsys.readouterr().out == ""
     changed = {"settings": {"lr": 2e-3}, "data": "abc"}
     assert manifests.resume_point(folder, changed, newest) is None
-    assert "resume points of other training" in capsys.readouterr().out
+    assert "resume points of other training" in said(capsys.readouterr().out)
     assert [p.name for p in folder.iterdir()] == [manifests.RESUME_IDENTITY]  # the old run's points are gone
     (tmp_path / "unmarked").mkdir()
     (tmp_path / "unmarked" / "checkpoint-1").mkdir()  # left by a run that wrote no identity: not continued

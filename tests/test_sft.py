@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import Killed, kill_after_checkpoint, steps_run
+from conftest import Killed, kill_after_checkpoint, said, steps_run
 
 from helpers import models, sft
 
@@ -87,7 +87,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_a_changed_one_starts_over
     changed = _config(tmp_path, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
                       learning_rate=5e-3)
     sft.train(llm, dataset, changed, tmp_path / "agent")
-    assert ran == [0, 1, 2, 3] and "resume points of other training" in capsys.readouterr().out
+    assert ran == [0, 1, 2, 3] and "resume points of other training" in said(capsys.readouterr().out)
 
 
 def test_lora_trains_adapters_and_merges_them(llm, tmp_path):

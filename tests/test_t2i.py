@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import said
 from helpers import config, t2i
 
 
@@ -368,7 +369,7 @@ def test_prompts_past_the_token_window_are_counted_once_not_warned_per_batch(run
             log.setLevel(level)
     assert collect.messages == ["another warning"]
     assert fresh.stats["texts_over_token_window"] == 3  # the three long prompts; the short ones are not counted
-    assert capsys.readouterr().out.count("longer than the text encoder's 77-token window") == 1
+    assert said(capsys.readouterr().out).count("longer than the text encoder's 77-token window") == 1
 
 
 def test_blocks_cover_every_request_once_grouped_by_settings_and_equal_one_call(executor):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .display import say
 from .distributed import launched_world_size, world
 from .manifest import resume_point
 from .speed import quiet_clip_truncation
@@ -569,7 +570,7 @@ class DiffusionDPOTrainer:
         for _ in range(int(state["pairs_drawn"])):  # the same pairs come next as in a run that never stopped
             next(self._order)
         self.pairs_drawn = int(state["pairs_drawn"])
-        print(f"Diffusion-DPO: resumed from {folder} (step {self.global_step} of {self.config.max_steps})")
+        say(f"Diffusion-DPO: resumed from {folder} (step {self.global_step} of {self.config.max_steps})")
         return defaultdict(float, state["totals"]), int(state["since_log"])
 
     def save(self, output_dir: str | Path | None = None) -> Path:
@@ -707,7 +708,7 @@ def train_variant(ctx, base_path: str, rows, config: DiffusionDPOConfig, out: Pa
         kept = record["log"] if record.get("identity") == identity else None
     kept = broadcast_from_main(kept)  # the main process's folder decides for every process
     if kept is not None:
-        print(f"Diffusion-DPO: {out} was trained with these settings, data and code; kept")
+        say(f"Diffusion-DPO: {out} was trained with these settings, data and code; kept")
         return kept
     done.unlink(missing_ok=True)
     log = trainer.train()

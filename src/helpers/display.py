@@ -3,6 +3,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+LINE_WIDTH = 100  # characters of printed text a book page shows without scrolling
+
+
+def say(text: str, width: int = LINE_WIDTH) -> None:
+    """Print a message wrapped to `width` columns (continuation lines indented), so that a book page shows all of
+    it: an executed notebook keeps printed lines whole and the page scrolls them sideways."""
+    import textwrap
+
+    print(textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False),
+          flush=True)
+
 
 def image_grid(images: Sequence, titles: Sequence[str] = (), columns: int = 4, suptitle: str = "",
                size: float = 2.0):

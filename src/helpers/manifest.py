@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .display import say
 from .distributed import in_shard, is_main_process, launched_rank, launched_world_size
 
 MANIFEST = "manifest.json"
@@ -155,8 +156,8 @@ def resume_point(folder: Path, identity: Any, find: Callable[[Path], Path | str 
         if folder.is_dir() and any(item.name != RESUME_IDENTITY for item in folder.iterdir()):
             left = json.loads(marker.read_text()).get("identity") if marker.is_file() else None
             if left != wanted:
-                print(f"Note: {folder} holds resume points of other training (its settings or data differ from "
-                      "this run's); they are removed and training starts from step 0.")
+                say(f"Note: {folder} holds resume points of other training (its settings or data differ from "
+                    "this run's); they are removed and training starts from step 0.")
                 shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"identity": wanted, "settings": identity})
@@ -270,7 +271,7 @@ class Stage:
         if self.is_current(fingerprint):
             if self.quiet:
                 return self.manifest
-            print(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
+            say(f"[{self.name}] up to date (manifest {_relative(self.folder / MANIFEST, self.root)}), skipped")
             return self.manifest
         if launched_world_size() > 1 and in_shard():
             raise RuntimeError(f"stage {self.name} started inside one process's share of sharded work; the other "
@@ -299,7 +300,8 @@ class Stage:
         # the stage after it was written takes the stage as current and never arrives at a barrier)
         atomic_write_json(self.folder / MANIFEST, manifest)
         if not self.quiet:
-            print(f"[{self.name}] done in {manifest['wall_time_s']:.1f} s: {counts}")
+            say(f"[{self.name}] done in {manifest['wall_time_s']:.1f} s: "
+                + ", ".join(f"{name}={value!r}" for name, value in counts.items()))
         return manifest
 
     def _run_beside_main(self, fingerprint: str, compute: Callable[..., dict[str, Any] | None], *args,

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
+from .display import say
 from .manifest import atomic_write_json, sha256_json
 from .speed import PipelineSettings, clip_overflow, optimize_pipeline, quiet_clip_truncation, render
 
@@ -781,9 +782,9 @@ class Executor:
         """Counts prompts past the text window in `stats["texts_over_token_window"]`; says so once per executor."""
         over = clip_overflow(pipeline, texts)
         if over and not self.stats["texts_over_token_window"]:
-            print(f"Note: a prompt or negative prompt is longer than the text encoder's "
-                  f"{pipeline.tokenizer.model_max_length}-token window; only its start conditions the image, as in "
-                  "diffusers. The executor counts them in stats['texts_over_token_window'].")
+            say(f"Note: a prompt or negative prompt is longer than the text encoder's "
+                f"{pipeline.tokenizer.model_max_length}-token window; only its start conditions the image, as in "
+                "diffusers. The executor counts them in stats['texts_over_token_window'].")
         self.stats["texts_over_token_window"] += over
 
     def _batches(self, group, items):
