@@ -107,6 +107,25 @@ def test_measured_gpu_costs_replace_the_design_figures():
     assert plain["api"] == {"naive": 5.4, "project": 0.020, "source": cost.DESIGN_SOURCE}
 
 
+def test_unit_table_says_what_a_unit_is_and_where_its_seconds_come_from():
+    units = cost.unit_table(_gpu_document()).set_index("unit")
+    assert set(units.index) == {work.unit for work in cost.paper_work()} and units["one unit is"].str.len().min() > 10
+    image = units.loc["image"]
+    assert (image["naive s/unit"], image["project s/unit"], image["speed-up"]) == (1.0, 0.05, 20.0)
+    assert image["source"] == "t2ibook bench --size full on Test GPU"
+    assert units.loc["score", "source"].startswith("FLOP estimate")
+    # the plot hatches exactly the stages costed by a FLOP estimate, on both paths
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = cost.cost_table(_gpu_document())
+    figure = cost.plot_costs(table)
+    bars = [bar for container in figure.axes[0].containers for bar in container]  # naive, then project
+    guessed = table["cost source"].str.startswith("FLOP estimate").tolist()
+    assert len(bars) == 2 * len(table) and 0 < sum(guessed) < len(table)
+    assert [bool(bar.get_hatch()) for bar in bars] == guessed + guessed
+
+
 def test_stage_hours_are_count_times_seconds():
     table = cost.cost_table(_gpu_document())
     images = table[table["stage"] == "RRHF images"].iloc[0]

@@ -33,6 +33,20 @@ INTERNVL2_2B_PARAMS = 2.2e9
 SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
 
 
+# What one unit of each kind of work is, at paper scale
+UNIT_WORK = {
+    "api": "one API call: 7B Llama, 96-token prompt + 128 new tokens",
+    "image": "one 512-px SD 1.5 image, 20 steps with CFG",
+    "score": "one image through CLIP B/16 + ImageReward + HPS v2",
+    "vqa": "one image's ~8 yes/no questions on BLIP-2 (AGFSync)",
+    "tifa": "one image's ~6 TIFA questions, free-form answers, 5 beams",
+    "train_token_lora": "one training token, 7B with LoRA",
+    "train_token_full": "one training token, 7B, all weights",
+    "train_token_full_2b": "one training token, 2B (InternVL2), all weights",
+    "dpo_pair": "one Diffusion-DPO preference pair at 512 px (SD 1.5 UNet)",
+}
+
+
 @dataclass(frozen=True)
 class Work:
     """One stage's work at paper scale: how many units of which kind, and where the count comes from."""
@@ -169,6 +183,16 @@ def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any
     return costs
 
 
+def unit_table(results: dict[str, Any] | None = None):
+    """Seconds per unit of work on each path, what a unit is, and where each figure comes from (one row per unit)."""
+    import pandas as pd
+
+    costs = unit_costs(results)
+    return pd.DataFrame([{"unit": unit, "one unit is": UNIT_WORK[unit], "naive s/unit": cost["naive"],
+                          "project s/unit": cost["project"], "speed-up": cost["naive"] / cost["project"],
+                          "source": cost["source"]} for unit, cost in costs.items()])
+
+
 def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[str, float] | None = None,
                table2_seeds: int | None = None):
     """GPU-hours per stage for the plain and the project's paths, with the count basis and the cost source.
@@ -255,21 +279,29 @@ def totals(table) -> "Any":
 
 
 def plot_costs(table):
-    """Horizontal bars, log scale: GPU-hours per stage, naive against the project's path, grouped by method."""
+    """Horizontal bars, log scale: GPU-hours per stage, naive against the project's path, grouped by method.
+
+    Bars whose seconds per unit are a FLOP estimate (nothing measured them) are hatched."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Patch
 
     labels = [f"{m}: {s}" for m, s in zip(table["method"], table["stage"])]
     y = np.arange(len(table))
+    estimated = table["cost source"].str.startswith("FLOP estimate").to_numpy()
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(table) + 1.2))
-    ax.barh(y - 0.2, table["naive GPU-h"], height=0.4, label="naive path", color="#c44e52")
-    ax.barh(y + 0.2, table["project GPU-h"], height=0.4, label="project's path", color="#4c72b0")
+    for column, offset, colour in (("naive GPU-h", -0.2, "#c44e52"), ("project GPU-h", 0.2, "#4c72b0")):
+        bars = ax.barh(y + offset, table[column], height=0.4, color=colour, edgecolor="white", linewidth=0.5)
+        for bar, guess in zip(bars, estimated):
+            bar.set_hatch("///" if guess else "")
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("H100 GPU-hours (log scale)")
     ax.set_title("Cost to reproduce at paper scale, per stage")
-    ax.legend(loc="lower right")
+    ax.legend(handles=[Patch(color="#c44e52", label="naive path"), Patch(color="#4c72b0", label="project's path"),
+                       Patch(facecolor="#999999", edgecolor="white", hatch="///", label="FLOP estimate (not measured)")],
+              loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
