@@ -112,8 +112,8 @@ def test_unit_table_says_what_a_unit_is_and_where_its_seconds_come_from():
     assert set(units.index) == {work.unit for work in cost.paper_work()} and units["one unit is"].str.len().min() > 10
     image = units.loc["image"]
     assert (image["naive s/unit"], image["project s/unit"], image["speed-up"]) == (1.0, 0.05, 20.0)
-    assert image["source"] == "t2ibook bench --size full on Test GPU"
-    assert units.loc["score", "source"].startswith("FLOP estimate")
+    assert image["source"] == "measured on Test GPU" and units.loc["score", "source"] == "FLOP estimate"
+    assert cost.unit_table(None).set_index("unit").loc["image", "source"] == "design notes (H100)"
     # the plot hatches exactly the stages costed by a FLOP estimate, on both paths
     import matplotlib
 

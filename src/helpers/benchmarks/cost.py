@@ -184,13 +184,19 @@ def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any
 
 
 def unit_table(results: dict[str, Any] | None = None):
-    """Seconds per unit of work on each path, what a unit is, and where each figure comes from (one row per unit)."""
+    """Seconds per unit of work on each path, what a unit is, and where each figure comes from (one row per unit;
+    `source` in short: "measured on <GPU>", "design notes (H100)" or "FLOP estimate" at `UTILISATION`)."""
     import pandas as pd
+
+    def short(source: str) -> str:
+        if source.startswith("FLOP estimate"):
+            return "FLOP estimate"
+        return "design notes (H100)" if source == DESIGN_SOURCE else "measured on " + source.rsplit(" on ", 1)[-1]
 
     costs = unit_costs(results)
     return pd.DataFrame([{"unit": unit, "one unit is": UNIT_WORK[unit], "naive s/unit": cost["naive"],
                           "project s/unit": cost["project"], "speed-up": cost["naive"] / cost["project"],
-                          "source": cost["source"]} for unit, cost in costs.items()])
+                          "source": short(cost["source"])} for unit, cost in costs.items()])
 
 
 def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[str, float] | None = None,
