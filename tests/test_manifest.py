@@ -4,6 +4,7 @@ import json
 import pytest
 
 from conftest import said
+from helpers import display
 from helpers import manifest as manifests
 
 
@@ -35,7 +36,7 @@ def test_the_done_line_names_every_count_within_the_page_width(tmp_path, capsys)
     _stage(tmp_path).run(lambda folder: counts)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[stage] done in ") and len(lines) > 1
-    assert all(len(line) <= 100 for line in lines) and all(line.startswith("  ") for line in lines[1:])
+    assert all(len(line) <= display.LINE_WIDTH for line in lines) and all(line.startswith("  ") for line in lines[1:])
     said = " ".join(line.strip() for line in lines)
     assert all(f"{name}={value!r}" in said for name, value in counts.items())
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-LINE_WIDTH = 100  # characters of printed text a book page shows without scrolling
+LINE_WIDTH = 76  # characters of printed text a book page shows without scrolling (~78 at 1280 px)
 
 
 def say(text: str, width: int = LINE_WIDTH) -> None:
