@@ -17,9 +17,13 @@ def say(text: str, width: int = LINE_WIDTH) -> None:
 
 def image_grid(images: Sequence, titles: Sequence[str] = (), columns: int = 4, suptitle: str = "",
                size: float = 2.0):
-    """A matplotlib grid of PIL images with a title under each (prompt, model, seed …)."""
+    """A matplotlib grid of PIL images with a title over each (prompt, model, seed …), each line of a title wrapped
+    to the width of its image so that neighbouring titles never run into each other."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
+    fits = max(8, int(size * 72 / (8 * 0.6)))  # characters of an 8-pt title across one image (~0.6 em each)
     rows = max(1, -(-len(images) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows + (0.4 if suptitle else 0)),
                                 squeeze=False)
@@ -28,7 +32,8 @@ def image_grid(images: Sequence, titles: Sequence[str] = (), columns: int = 4, s
         if index < len(images):
             axis.imshow(images[index])
             if index < len(titles):
-                axis.set_title(titles[index], fontsize=8)
+                axis.set_title("\n".join(textwrap.fill(line, fits, break_on_hyphens=False)
+                                          for line in str(titles[index]).split("\n")), fontsize=8)
     if suptitle:
         figure.suptitle(suptitle, fontsize=9)
     figure.tight_layout()
