@@ -104,7 +104,7 @@ def test_measured_gpu_costs_replace_the_design_figures():
     assert costs["score"]["source"].startswith("FLOP estimate")  # not in this file: estimated
     assert (costs["vqa"]["naive"], costs["vqa"]["project"]) == (0.5, 0.05)  # per image with its questions
     plain = cost.unit_costs(None)
-    assert plain["api"] == {"naive": 5.4, "project": 0.020, "source": cost.DESIGN_SOURCE}
+    assert plain["api"] == {"naive": 5.4, "project": 0.020, "source": cost.DESIGN_SOURCE, "label": "design notes (H100)"}
 
 
 def test_unit_table_says_what_a_unit_is_and_where_its_seconds_come_from():
@@ -122,6 +122,7 @@ def test_unit_table_says_what_a_unit_is_and_where_its_seconds_come_from():
     figure = cost.plot_costs(table)
     bars = [bar for container in figure.axes[0].containers for bar in container]  # naive, then project
     guessed = table["cost source"].str.startswith("FLOP estimate").tolist()
+    assert table["estimated"].tolist() == guessed
     assert len(bars) == 2 * len(table) and 0 < sum(guessed) < len(table)
     assert [bool(bar.get_hatch()) for bar in bars] == guessed + guessed
 

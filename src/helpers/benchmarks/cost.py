@@ -19,6 +19,7 @@ UTILISATION = {"project": 0.40, "naive": 0.10}  # share of peak assumed where no
 # static-cache path until a GPU results file replaces it.
 DESIGN_H100 = {"api": {"naive": 5.4, "project": 0.020}, "image": {"naive": 1.07, "project": 0.083}}
 DESIGN_SOURCE = "design notes: H100 measurement"
+ESTIMATE_LABEL = "FLOP estimate"
 
 # FLOP per unit of work, for units without a measurement
 SCORE_FLOP = 2 * (17.6e9 + 61.6e9 + 167.4e9)  # CLIP B/16 + BLIP ViT-L/16 + ViT-H/14 image towers at 224 px (MACs×2)
@@ -167,36 +168,34 @@ def _measured(results: dict[str, Any] | None) -> dict[str, dict[str, float]]:
 
 
 def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Seconds per unit for each kind of work and path, with the source of each figure."""
+    """Seconds per unit for each kind of work and path, with the source of each figure (`source`, and in short,
+    `label`: "measured on <GPU>", "design notes (H100)" or "FLOP estimate")."""
     measured = _measured(results)
     device = results["device"].get("name", "GPU") if measured else ""
     costs: dict[str, dict[str, Any]] = {}
     for unit in sorted({w.unit for w in paper_work()}):
         if unit in measured:
-            costs[unit] = {**measured[unit], "source": f"t2ibook bench --size full on {device}"}
+            costs[unit] = {**measured[unit], "source": f"t2ibook bench --size full on {device}",
+                           "label": f"measured on {device}"}
         elif unit in DESIGN_H100:
-            costs[unit] = {**DESIGN_H100[unit], "source": DESIGN_SOURCE}
+            costs[unit] = {**DESIGN_H100[unit], "source": DESIGN_SOURCE, "label": "design notes (H100)"}
         else:
             estimate = _flop_seconds(unit)
             share = ", ".join(f"{path} {int(100 * s)}%" for path, s in UTILISATION.items())
-            costs[unit] = {**estimate, "source": f"FLOP estimate at a share of the H100 bf16 peak ({share})"}
+            costs[unit] = {**estimate, "source": f"FLOP estimate at a share of the H100 bf16 peak ({share})",
+                           "label": ESTIMATE_LABEL}
     return costs
 
 
 def unit_table(results: dict[str, Any] | None = None):
-    """Seconds per unit of work on each path, what a unit is, and where each figure comes from (one row per unit;
-    `source` in short: "measured on <GPU>", "design notes (H100)" or "FLOP estimate" at `UTILISATION`)."""
+    """Seconds per unit of work on each path, what a unit is, and where each figure comes from, in short (one row
+    per unit)."""
     import pandas as pd
-
-    def short(source: str) -> str:
-        if source.startswith("FLOP estimate"):
-            return "FLOP estimate"
-        return "design notes (H100)" if source == DESIGN_SOURCE else "measured on " + source.rsplit(" on ", 1)[-1]
 
     costs = unit_costs(results)
     return pd.DataFrame([{"unit": unit, "one unit is": UNIT_WORK[unit], "naive s/unit": cost["naive"],
                           "project s/unit": cost["project"], "speed-up": cost["naive"] / cost["project"],
-                          "source": short(cost["source"])} for unit, cost in costs.items()])
+                          "source": cost["label"]} for unit, cost in costs.items()])
 
 
 def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[str, float] | None = None,
@@ -216,7 +215,8 @@ def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[s
         rows.append({"method": work.method, "stage": work.stage, "unit": work.unit, "count": int(work.count),
                      "naive GPU-h": work.count * cost["naive"] / 3600,
                      "project GPU-h": work.count * cost["project"] / 3600,
-                     "count basis": work.basis, "cost source": cost["source"]})
+                     "count basis": work.basis, "cost source": cost["source"],
+                     "estimated": cost["label"] == ESTIMATE_LABEL})
     table = pd.DataFrame(rows)
     table["speed-up"] = table["naive GPU-h"] / table["project GPU-h"]
     return table
@@ -294,7 +294,7 @@ def plot_costs(table):
 
     labels = [f"{m}: {s}" for m, s in zip(table["method"], table["stage"])]
     y = np.arange(len(table))
-    estimated = table["cost source"].str.startswith("FLOP estimate").to_numpy()
+    estimated = table["estimated"].to_numpy()
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(table) + 1.2))
     for column, offset, colour in (("naive GPU-h", -0.2, "#c44e52"), ("project GPU-h", 0.2, "#4c72b0")):
         bars = ax.barh(y + offset, table[column], height=0.4, color=colour, edgecolor="white", linewidth=0.5)
