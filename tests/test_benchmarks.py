@@ -221,6 +221,9 @@ def test_a_failing_benchmark_is_recorded_and_the_rest_still_run_and_save(tmp_pat
     # --out may name a folder: the file takes the device's default name in it
     assert cli.main(["bench", "--size", "tiny", "--only", "scoring", "--out", str(folder)]) == 0
     assert [b["name"] for b in load_results(folder / "cpu-tiny.json")["benchmarks"]] == ["scoring"]
+    # a path that does not exist yet is a folder to make unless it names a .json file
+    assert cli.main(["bench", "--size", "tiny", "--only", "scoring", "--out", str(tmp_path / "new" / "dir")]) == 0
+    assert (tmp_path / "new" / "dir" / "cpu-tiny.json").is_file()
 
 
 def test_targets_table_checks_each_bound_against_the_gpu_file():

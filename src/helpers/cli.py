@@ -194,9 +194,10 @@ def _add_bench(commands) -> None:
     bench.add_argument("--size", choices=["tiny", "full"], default=None,
                        help="full: the paper's shapes (needs a GPU); tiny: the book's (default on CPU)")
     bench.add_argument("--only", nargs="*", default=None,
-                       help="some of: api_generation image_generation scoring rrhf_step dpo_step (default: all)")
-    bench.add_argument("--out", default=None, help="results file, or a folder for <device>-<size>.json in it "
-                                                    "(default: benchmarks/results/)")
+                       help="benchmark names, e.g. api_generation image_generation (default: all seven; an unknown "
+                            "name lists them)")
+    bench.add_argument("--out", default=None, help="a results file (*.json), or a folder, made if missing, for "
+                                                    "<device>-<size>.json in it (default: benchmarks/results/)")
     bench.add_argument("--fail-fast", action="store_true",
                        help="stop at the first benchmark that fails (default: record it under `failed`, run the rest, "
                             "exit with status 1)")
@@ -222,7 +223,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"t2ibook bench: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else repo_root() / "benchmarks" / "results"
-    if out.is_dir():
+    if out.is_dir() or out.suffix != ".json":  # a folder, existing or to be made
         out = out / benchmarks.default_results_name(results_document(size, device, []))
     # saved after every benchmark: a run cut short by a time limit keeps the benchmarks it finished
     document = benchmarks.run(size, device, names, progress=lambda line: print(line, flush=True),
