@@ -526,6 +526,33 @@ def test_pairs_from_image_paths_are_embedded_when_saved(tmp_path):
     assert np.array_equal(np.asarray(saved[0]["rejected"]), np.asarray(pictures["k1"]))
 
 
+def test_pairs_from_two_image_caches_get_one_fingerprint(tmp_path):
+    """datasets fingerprints the in-memory table, paths included: two clones of the book saved different
+    state.json files for the same pairs. The fingerprint follows the rows' content, not where the images sit."""
+    def rows_in(folder, shade=0):
+        folder.mkdir()
+        rows = []
+        for index in range(2):
+            row = _pair_row(index)
+            for side in ("chosen", "rejected"):
+                row[side].save(folder / f"{side}{index}.png")
+                row[side] = str(folder / f"{side}{index}.png")
+            row["chosen_score"] += shade
+            rows.append(row)
+        return rows
+
+    first = agfsync.preference_dataset(rows_in(tmp_path / "clone"))
+    twin = agfsync.preference_dataset(rows_in(tmp_path / "twin"))
+    changed = agfsync.preference_dataset(rows_in(tmp_path / "changed", shade=1))
+    assert first._fingerprint == twin._fingerprint != changed._fingerprint
+    with_pixels = [_pair_row(0)], [_pair_row(1)]
+    assert agfsync.preference_dataset(with_pixels[0])._fingerprint != \
+        agfsync.preference_dataset(with_pixels[1])._fingerprint
+    first.save_to_disk(tmp_path / "a")
+    twin.save_to_disk(tmp_path / "b")
+    assert (tmp_path / "a" / "state.json").read_bytes() == (tmp_path / "b" / "state.json").read_bytes()
+
+
 # ------------------------------------------------------------------------------- conversion efficiency
 
 # p1: unequal scores, image 0 has VQA 100 / aesthetic 70; p2: equal scores; p3: unequal, no image good at both;

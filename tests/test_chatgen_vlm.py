@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -49,6 +50,9 @@ def test_build_counts_card_and_config(folders, vlm):
         counts["image_token_id"] == counts["vocab_size"] - 1
     assert processor.image_token == IMAGE_TOKEN and processor.chat_template == VLM_CHAT_TEMPLATE
     assert "random-weight stand-in" in (folder / "README.md").read_text().lower()
+    # the saved config names the LLM's folder, not its absolute path (which differs between clones of the book)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["text_config"]["_name_or_path"] == "llama" and str(folders[0]) not in json.dumps(saved)
 
 
 def test_language_model_weights_are_the_llms(folders, vlm):

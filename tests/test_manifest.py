@@ -85,6 +85,19 @@ def test_a_crash_leaves_no_manifest_and_the_next_run_recomputes(tmp_path):
     assert compute.calls == 2
 
 
+def test_a_file_linked_in_from_elsewhere_is_named_where_it_sits(tmp_path):
+    """Tiny checkpoints link their base pipeline's files; an output's name must not be its target's absolute
+    path, which differs between two clones of the book."""
+    shared, stage = tmp_path / "base", tmp_path / "stage"
+    shared.mkdir(), stage.mkdir()
+    (shared / "model_index.json").write_text("{}")
+    (stage / "model_index.json").symlink_to("../base/model_index.json")
+    (stage / "own.txt").write_text("x")
+    hashes = manifests.hash_tree(stage)
+    assert set(hashes) == {"model_index.json", "own.txt"}
+    assert hashes["model_index.json"] == hashlib.sha256(b"{}").hexdigest()
+
+
 def test_missing_input_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         _stage(tmp_path, inputs=[tmp_path / "nowhere.jsonl"]).run(Counter())

@@ -831,7 +831,32 @@ def preference_dataset(rows: Sequence[Mapping[str, Any]]):
     extra_names = [key for key in rows[0] if key not in PREFERENCE_COLUMNS]
     extra = Dataset.from_list([{k: row[k] for k in extra_names} for row in rows]).features if extra_names else {}
     columns = {name: [row[name] for row in rows] for name in [*PREFERENCE_COLUMNS, *extra_names]}
-    return Dataset.from_dict(columns, features=preference_features(dict(extra)))
+    made = Dataset.from_dict(columns, features=preference_features(dict(extra)))
+    # datasets fingerprints the in-memory table, image file paths included, so the saved state.json would differ
+    # between two clones of the book; the fingerprint is taken from the rows' content instead
+    return Dataset(made.data, info=made.info, fingerprint=_rows_fingerprint(rows))
+
+
+def _rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A 16-hex fingerprint of preference rows: an image file by its name (the image cache's names are content
+    keys), a PIL image by its pixels, every other value as JSON."""
+    import hashlib
+    from pathlib import Path
+
+    from PIL import Image as PILImage
+
+    from .manifest import sha256_json
+
+    def value(item: Any) -> Any:
+        if isinstance(item, PILImage.Image):
+            return [item.mode, list(item.size), hashlib.sha256(item.tobytes()).hexdigest()]
+        return Path(item).name if isinstance(item, Path) else item
+
+    def image(item: Any) -> Any:
+        return Path(item).name if isinstance(item, str) else value(item)
+
+    return sha256_json([{k: image(v) if k in ("chosen", "rejected") else value(v) for k, v in row.items()}
+                        for row in rows])[:16]
 
 
 # ------------------------------------------------------------------------------- conversion efficiency

@@ -50,10 +50,14 @@ def hash_tree(path: Path, root: Path | None = None, skip: Iterable[str] = (MANIF
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    # the link's own place first: a file linked in from another stage's folder (tiny checkpoints share their
+    # base pipeline's files) is named where it sits, not by its target's absolute path, which differs per clone
+    for leaf, base in ((path.absolute(), root.absolute()), (path.resolve(), root.resolve())):
+        try:
+            return leaf.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

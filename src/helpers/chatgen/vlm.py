@@ -80,6 +80,8 @@ def build_tiny_vlm(folder: str | Path, llm_folder: str | Path, seed: int = 0, im
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     tokenizer.chat_template = VLM_CHAT_TEMPLATE
 
+    # its config would otherwise record the absolute folder it was loaded from, so the saved file differed per clone
+    language_model.config.name_or_path = llm_folder.name
     num_patches = (image_size // patch_size) ** 2
     vision_config = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32,
                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
