@@ -232,6 +232,24 @@ def test_batched_images_equal_one_at_a_time(executor, run_ctx, catalog):
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 2  # float summation order only
 
 
+def test_a_step_cap_draws_what_a_call_with_that_many_steps_draws(executor, run_ctx, catalog, monkeypatch):
+    capped = t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=4, max_sampling_steps=3)
+    capped.cache = t2i.ImageCache(run_ctx.runs_dir / "capped_cache")
+    drawn_steps = []
+    render = t2i.render
+    monkeypatch.setattr(t2i, "render", lambda *a, **k: drawn_steps.append(k["steps"]) or render(*a, **k))
+    asks = [t2i.Request(api(sampling_steps=n), "a paper lantern", "", 9) for n in (20, 30, 2)]
+    out = capped.generate(asks, progress=False)
+    assert drawn_steps == [3, 2]  # 20 and 30 steps above the cap are one image, drawn with 3; 2 stays 2
+    assert out[0].key == out[1].key and capped.stats["generated"] == 2
+    plain = executor.generate([t2i.Request(api(sampling_steps=n), "a paper lantern", "", 9) for n in (3, 2)],
+                              progress=False)
+    assert np.array_equal(_pixels(out[0]), _pixels(plain[0]))  # capped at 3 = a 3-step call
+    assert out[2].key == plain[1].key  # below the cap the key is the uncapped one: nothing is drawn twice
+    with pytest.raises(ValueError, match="max_sampling_steps=0 must be at least 1"):
+        t2i.ExecutorConfig(max_sampling_steps=0)
+
+
 def test_batches_hold_fewer_images_as_images_grow_past_512_px(executor, monkeypatch):
     assert t2i.images_per_batch(32, 512, 512) == 32 and t2i.images_per_batch(32, 1024, 1024) == 8
     assert t2i.images_per_batch(32, 512, 768) == 21  # 32 · 262,144 / 393,216 = 21.3

@@ -1042,7 +1042,8 @@ def split_prompts(qa_rows: Sequence[Mapping[str, Any]], eval_share: float, seed:
 
 def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_threshold: float, min_questions: int,
                           num_candidates: int, text_noise: float, eval_share: float, architecture: str,
-                          max_side: int | None, batch_size: int, thresholds: Mapping[str, Sequence[float]]):
+                          max_side: int | None, batch_size: int, thresholds: Mapping[str, Sequence[float]],
+                          max_sampling_steps: int | None = None):
     """Notebook 12: prompts → dedup → QA → candidates → scores → best/worst pairs as an HF dataset."""
     from pathlib import Path
 
@@ -1067,7 +1068,8 @@ def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_th
     train = [p for p in prompts if p["split"] == "train"]
     requests, owners = candidate_requests(train, default_api(catalog.base(architecture)),
                                           num_candidates=num_candidates, text_noise=text_noise, seed=ctx.seed)
-    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     table = generate_and_score_images(executor, requests, owners, {p["prompt_id"]: p["questions"] for p in prompts},
                                       ctx)
     table.to_csv(folder / "candidates.csv", index=False)

@@ -101,7 +101,8 @@ def propose(agent, prompts: Sequence[str], *, num_samples: int, num_beams: int, 
 
 
 def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *, num_images: int,
-                      max_side: int | None, batch_size: int, scorer_names: Sequence[str]) -> dict[str, int]:
+                      max_side: int | None, batch_size: int, scorer_names: Sequence[str],
+                      max_sampling_steps: int | None = None) -> dict[str, int]:
     """Fill `reward` (mean fixed-range unified score over `num_images` seeds) and per-image keys in every candidate."""
     from .scoring import ScoringRun
     from .t2i import Executor, Request
@@ -112,7 +113,8 @@ def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *,
             for seed in range(num_images):
                 requests.append(Request(candidate["api"], row["prompt"], row["negative_prompt"], seed))
                 owners.append(candidate)
-    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     scorer = ScoringRun.for_run(ctx, scorer_names)
     scores = scorer.generate_and_score(executor, requests)  # in blocks: ~240,000 images at paper scale
     for candidate in {id(c): c for c in owners}.values():

@@ -732,7 +732,8 @@ def _load_base(path: str, ctx):
 def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompts_jsonl: Path, *, architecture: str,
               config_kwargs: Mapping[str, Any], variants: Mapping[str, Sequence[float]], eval_seeds: int,
               max_side: int | None, batch_size: int, tifa: str = "", hps_benchmark: str = "",
-              benchmark_limit: int = 0, tifa_answering: str = "free_form") -> dict[str, Any]:
+              benchmark_limit: int = 0, tifa_answering: str = "free_form",
+              max_sampling_steps: int | None = None) -> dict[str, Any]:
     """Notebook 13: Diffusion-DPO on notebook 12's pairs (and on pairs chosen by other score weights), then the
     base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates; and the
     base and AGFSync models draw the TIFA and HPS v2 benchmarks (`tifa`, `hps_benchmark`: their sources; empty, the
@@ -776,7 +777,8 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
                 requests.append(Request(api, prompt["prompt"], "", seed))
                 owners.append({"system": system, "prompt_id": prompt["prompt_id"], "category": prompt["category"],
                                "prompt": prompt["prompt"], "seed": seed})
-    executor = aligned_executor(ctx, architecture, pipelines, max_side=max_side, batch_size=batch_size)
+    executor = aligned_executor(ctx, architecture, pipelines, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     table = agfsync.generate_and_score_images(executor, requests, owners,
                                               {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
     table.to_csv(folder / "evaluation.csv", index=False)

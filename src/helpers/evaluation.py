@@ -240,7 +240,7 @@ def plot_results(table, metric: str = "unified_pooled"):
 def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path], variants: Mapping[str, Path],
               sets: Mapping[str, list[dict[str, str]]], *, num_seeds: int, max_side: int | None, batch_size: int,
               scorer_names: Sequence[str], baseline_architecture: str, decode_batch_size: int,
-              max_new_tokens: int) -> dict[str, Any]:
+              max_new_tokens: int, max_sampling_steps: int | None = None) -> dict[str, Any]:
     """Notebook 08: agents' calls on every prompt set, the six systems' images and scores, written as CSV."""
     import pandas as pd
 
@@ -279,7 +279,8 @@ def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path],
                     owners.append({"prompt_set": prompt_set, "system": system, "prompt_index": i, "seed": seed,
                                    "model": call["api"]["model"], "base_model": call["api"]["base_model"],
                                    "sampler": call["api"]["sampling_method"], "fallback": call["fallback"]})
-    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     scorer = ScoringRun.for_run(ctx, scorer_names)
     images = pd.concat([pd.DataFrame(owners), scorer.generate_and_score(executor, requests)], axis=1)
     images.to_csv(Path(folder) / "images.csv", index=False)

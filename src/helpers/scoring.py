@@ -341,7 +341,7 @@ def pick_showcase(records: Sequence[dict], count: int, seed: int = 0) -> list[di
 
 def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: int, num_seeds: int,
                  max_side: int | None, batch_size: int, scorer_names: Sequence[str],
-                 num_outputs: int) -> dict[str, Any]:
+                 num_outputs: int, max_sampling_steps: int | None = None) -> dict[str, Any]:
     """Stage 05: validate a mixed batch, run DABench APIs and their defaults over seeds, score, write tables."""
     import pandas as pd
 
@@ -370,7 +370,8 @@ def run_showcase(folder: Path, ctx: "RunContext", dabench_path: Path, num_apis: 
                              "base_model": call["base_model"], "sampler": call["sampling_method"],
                              "steps": call["sampling_steps"], "cfg": call["cfg_scale"],
                              "size": f"{call['width']}×{call['height']}", "prompt": record["instruction"]["prompt"]})
-    executor = t2i.Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = t2i.Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                    max_sampling_steps=max_sampling_steps)
     scorer = ScoringRun.for_run(ctx, scorer_names)
     scores = scorer.generate_and_score(executor, requests).drop(columns=["prompt"])
     table = pd.concat([pd.DataFrame(rows), scores], axis=1)

@@ -438,8 +438,11 @@ class ImageCache:
         self._writers = None
 
     @staticmethod
-    def key(request: Request, weights_id: str, size: tuple[int, int]) -> str:
+    def key(request: Request, weights_id: str, size: tuple[int, int], steps: int | None = None) -> str:
+        """The image's cache key: what is drawn (the call, the drawn size and steps, the weights), nothing else."""
         api = {k: request.api.get(k) for k in API_FIELDS if k != "model_description"}
+        if steps is not None:  # the steps actually drawn; two calls that differ only above a cap share one image
+            api["sampling_steps"] = steps
         payload = {"api": api, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
                    "seed": request.seed, "weights": weights_id, "size": list(size)}
         if request.text_noise:  # only noised images carry the field, so every other key stays as it was
@@ -518,9 +521,12 @@ class ImageCache:
 
 @dataclass
 class ExecutorConfig:
-    """How the executor renders. `max_side` scales sizes down (tiny models draw at 32–64 px), keeping aspect."""
+    """How the executor renders. `max_side` scales sizes down (tiny models draw at 32–64 px), keeping aspect;
+    `max_sampling_steps` caps the steps drawn (a random-weight tiny UNet gains nothing from 30 steps over 10, and its
+    per-step cost, mostly Python overhead, is most of the tiny book's time). The API call keeps its own values."""
 
     max_side: int | None = None
+    max_sampling_steps: int | None = None
     batch_size: int = 8  # images per diffusers call up to 512×512; larger images come proportionally fewer at a time
     max_pipelines: int = 4
     device: str = "cpu"
@@ -533,6 +539,9 @@ class ExecutorConfig:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
         if self.max_side is not None and (self.max_side < 16 or self.max_side % 8):
             raise ValueError(f"max_side={self.max_side} must be a multiple of 8, at least 16 (or None for native)")
+        if self.max_sampling_steps is not None and self.max_sampling_steps < 1:
+            raise ValueError(f"max_sampling_steps={self.max_sampling_steps} must be at least 1 (or None for the API "
+                             "call's own steps)")
 
 
 class Generated:
@@ -612,6 +621,11 @@ def images_per_batch(batch_size: int, width: int, height: int) -> int:
     mixes SD 1.5 at 512 px with SDXL at 1024 px: 32 at 512×512 is 8 at 1024×1024 (where 32 would not fit in 80 GB).
     """
     return max(1, min(batch_size, batch_size * BATCH_REFERENCE_PIXELS // (width * height)))
+
+
+def drawn_steps(steps: int, max_sampling_steps: int | None) -> int:
+    """The sampling steps actually drawn: the call's own, or the cap when it asks for more."""
+    return steps if max_sampling_steps is None or steps <= max_sampling_steps else max_sampling_steps
 
 
 def render_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -755,14 +769,15 @@ class Executor:
             checkpoint, lora = self.plan(request.api)
             weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
             size = render_size(request.api["width"], request.api["height"], self.config.max_side)
-            key = self.cache.key(request, weights_id, size)
+            steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
+            key = self.cache.key(request, weights_id, size, steps)
             planned.append((request, key, weights_id, size))
             if key in cached or self.cache.has(key):  # decoded only when its pixels are used (`Generated.image`)
                 cached.add(key)
                 self.stats["cache_hits"] += 1
                 continue
-            group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"],
-                     request.api["sampling_steps"], float(request.api["cfg_scale"]), size)
+            group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"], steps,
+                     float(request.api["cfg_scale"]), size)
             todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
         drawn: dict[str, Image.Image] = {}
         bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)

@@ -958,7 +958,8 @@ def reference_images(records: Sequence[dict[str, Any]], catalog, executor) -> di
 def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *, per_record_types: int,
               limit: int, min_words: int, max_words: int, dedup_threshold: float, test_share: float,
               few_shot_max: int, judge: bool, max_side: int | None, batch_size: int,
-              history_writing: str = "one_call", multimodal_openings: Sequence[str] = ()) -> dict[str, Any]:
+              history_writing: str = "one_call", multimodal_openings: Sequence[str] = (),
+              max_sampling_steps: int | None = None) -> dict[str, Any]:
     """Notebook 10: role-played chats → filters → near-duplicate removal → split by model → settings → saved bench."""
     from ..models import load_spacy, resolve
     from ..scorers.bertscore import BertScorer
@@ -970,7 +971,8 @@ def run_stage(folder: Path, ctx, records: Sequence[dict[str, Any]], generator, *
     chosen = list(records)
     random.Random(ctx.seed).shuffle(chosen)
     chosen = chosen[:limit or None]
-    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     keys = reference_images(multimodal_records(chosen, per_record_types, ctx.seed), catalog, executor)
     rejected: list[dict[str, Any]] = []
     samples = make_samples(chosen, generator, per_record_types=per_record_types, seed=ctx.seed,

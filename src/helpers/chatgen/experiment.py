@@ -103,7 +103,7 @@ def predict(folder: Path, ctx, samples: list[ChatSample], records, catalog, chat
 def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: str, sft_config,
               token_steps: int, token_lr: float, token_batch_size: int, k: int, baseline_examples: int,
               max_new_tokens: int, num_seeds: int, max_side: int | None, batch_size: int,
-              fid_feature: str) -> dict[str, Any]:
+              fid_feature: str, max_sampling_steps: int | None = None) -> dict[str, Any]:
     """Notebook 11 end to end; writes predictions.jsonl, rows.csv (per sample) and set_metrics.csv (FID, per set)."""
     from ..manifest import append_jsonl
     from ..scorers.bertscore import BertScorer
@@ -122,7 +122,8 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     (folder / "predictions.jsonl").unlink(missing_ok=True)
     append_jsonl(folder / "predictions.jsonl", [p.to_dict() for p in predictions])
     test = [s for s in samples if s.split == "test"]
-    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size)
+    executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
+                                max_sampling_steps=max_sampling_steps)
     scoring = ScoringRun.for_run(ctx, ("clip", "hps", "image_reward"))
     # each image's FID features are extracted once, in the block that draws it; FIDs of subsets come from the rows
     features = FidFeatures(ctx.model_path("clip") if fid_feature == "clip" else fid_feature, ctx.device,
