@@ -1,7 +1,9 @@
 """Diffusion-DPO: the loss against hand-worked values, and one or two steps on tiny SD and SDXL pipelines."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +176,9 @@ def test_one_step_trains_the_unet_and_freezes_the_rest(sd_folder, tmp_path):
 
     saved = UNet2DConditionModel.from_pretrained(trainer.save())
     assert all(torch.equal(tensor, pipeline.unet.state_dict()[name]) for name, tensor in saved.state_dict().items())
+    # the saved config names the base by its folder, not by an absolute path that differs between clones
+    written = json.loads((Path(tiny_config(tmp_path).output_dir) / "config.json").read_text())
+    assert written["_name_or_path"] == f"{Path(sd_folder).name}/unet" and str(sd_folder) not in json.dumps(written)
 
 
 def test_second_step_moves_the_loss_away_from_log2(sd_folder, tmp_path):

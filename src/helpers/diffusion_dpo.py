@@ -583,6 +583,9 @@ class DiffusionDPOTrainer:
             merged.unload_lora()
         else:
             merged = self.unet
+        loaded_from = merged.config.get("_name_or_path") or ""
+        if Path(loaded_from).is_absolute():  # a local base: name its folder, not where this clone of the book sits
+            merged.register_to_config(_name_or_path="/".join(Path(loaded_from).parts[-2:]))
         merged.save_pretrained(folder)
         self._model_card(folder)
         return folder
