@@ -847,15 +847,12 @@ def _rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
 
     from .manifest import sha256_json
 
-    def value(item: Any) -> Any:
+    def portable(name: str, item: Any) -> Any:
         if isinstance(item, PILImage.Image):
             return [item.mode, list(item.size), hashlib.sha256(item.tobytes()).hexdigest()]
-        return Path(item).name if isinstance(item, Path) else item
+        return Path(item).name if name in ("chosen", "rejected") else item
 
-    def image(item: Any) -> Any:
-        return Path(item).name if isinstance(item, str) else value(item)
-
-    return sha256_json([{k: image(v) if k in ("chosen", "rejected") else value(v) for k, v in row.items()}
+    return sha256_json([{name: portable(name, item) for name, item in row.items()}
                         for row in rows])[:16]
 
 
