@@ -103,3 +103,44 @@ def test_errors_only_silences_warnings_inside_and_restores_the_level_after_an_er
     with pytest.raises(ValueError, match="only 'transformers' and 'diffusers'"):
         with config.errors_only("torch"):
             pass
+
+
+LATE_IMPORT = """
+import sys
+from helpers import config
+ctx = config.setup("tiny", {seed}, quiet=True)
+before = sorted(name for name in ("torch", "diffusers", "datasets", "transformers") if name in sys.modules)
+import torch, datasets, diffusers.utils.logging, transformers.utils.logging
+seeded_late = torch.rand(4).tolist()
+torch.manual_seed({seed})
+print(before, seeded_late == torch.rand(4).tolist(), ctx.device, ctx.dtype,
+      datasets.is_progress_bar_enabled(), diffusers.utils.logging.is_progress_bar_enabled(),
+      transformers.utils.logging.is_progress_bar_enabled())
+"""
+
+
+def test_setup_imports_no_model_library_yet_a_later_import_is_seeded_and_quiet(book_root):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LATE_IMPORT.format(seed=7)], capture_output=True, text=True,
+                            env={**os.environ, "T2IBOOK_ROOT": str(book_root)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]", "True", "cpu", "torch.float32", "False", "False", "False"]
+
+
+def test_when_imported_waits_for_the_import_that_runs_the_module(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    (tmp_path / "late_imported_module.py").write_text("value = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "late_imported_module", raising=False)
+    seen = []
+    config.when_imported("late_imported_module", lambda module: seen.append(module.value))
+    assert importlib.util.find_spec("late_imported_module") is not None and seen == []  # looking is not importing
+    module = importlib.import_module("late_imported_module")
+    assert seen == [1] and not isinstance(module.__loader__, config._ThenRun)  # the real loader is back
+    config.when_imported("late_imported_module", lambda module: seen.append(2))  # imported already: runs now
+    assert seen == [1, 2]
+    monkeypatch.delitem(sys.modules, "late_imported_module")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import os
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable
 
 import yaml
 
@@ -89,13 +92,65 @@ def looks_like_secret(name: str) -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so reruns give the same tables."""
+    """Seed Python, NumPy and torch (CPU and CUDA) so reruns give the same tables. A process that has not imported
+    torch yet gets it seeded right after its first import (see `when_imported`), which leaves it in the same state."""
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    when_imported("torch", lambda torch: torch.manual_seed(seed))
+
+
+def when_imported(name: str, action: Callable[[ModuleType], Any]) -> None:
+    """Call `action(module)` now when module `name` is imported already, else right after its first import.
+
+    Notebooks that never touch a model (crawling, filtering, the user study) then never pay for importing torch,
+    diffusers and datasets (about 8 s on a 2-core machine), yet a later import still finds them seeded and
+    quiet. One action waits per module name: a later call replaces the one before."""
+    if name in sys.modules:
+        action(sys.modules[name])
+        return
+    _AfterImport.waiting[name] = action
+    if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a module with a waiting action it asks the finders after it and wraps the loader
+    they return, so that the action runs once the module has executed. (A spec that is only looked at, as
+    `importlib.util.find_spec` does to test whether a library is installed, leaves the action waiting.)"""
+
+    waiting: dict[str, Callable[[ModuleType], Any]] = {}
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.waiting:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenRun(spec.loader)
+                return spec
+        return None
+
+
+class _ThenRun(importlib.abc.Loader):
+    """A loader that runs its module with the real loader, puts the real loader back on it, then runs the action
+    waiting for it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        action = _AfterImport.waiting.pop(module.__name__, None)
+        if action is not None:
+            action(module)
 
 
 @dataclass
@@ -106,8 +161,23 @@ class RunContext:
     seed: int
     recipe: Recipe
     root: Path
-    device: str
-    dtype: Any
+    _device: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> str:
+        """`cuda` (or `cuda:<rank>`) or `cpu`, picked on first use (picking imports torch; see `helpers.device`)."""
+        if self._device is None:
+            from .device import pick_device
+
+            self._device = pick_device()
+        return self._device
+
+    @property
+    def dtype(self):
+        """The torch dtype models run in on `device`: bf16 (fp16 on older GPUs) or fp32 on CPU."""
+        from .device import pick_dtype
+
+        return pick_dtype(self.device)
 
     @property
     def runs_dir(self) -> Path:
@@ -136,9 +206,8 @@ class RunContext:
 
 
 def setup(profile: str = "tiny", seed: int = 0, recipe: str = "", quiet: bool = False) -> RunContext:
-    """One call at the top of every notebook: load the recipe, seed, pick the device, set display defaults."""
-    from .device import pick_device, pick_dtype
-
+    """One call at the top of every notebook: load the recipe, seed, set display defaults. Nothing here imports
+    torch: the device is picked when first asked for, and the setup line names it only when torch is loaded."""
     root = repo_root()
     loaded = load_recipe(recipe or profile, root)
     if loaded.profile != profile:
@@ -152,23 +221,21 @@ def setup(profile: str = "tiny", seed: int = 0, recipe: str = "", quiet: bool = 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     seed_everything(seed)
     _display_defaults()
-    device = pick_device()
-    ctx = RunContext(profile=profile, seed=seed, recipe=loaded, root=root, device=device, dtype=pick_dtype(device))
+    ctx = RunContext(profile=profile, seed=seed, recipe=loaded, root=root)
     if not quiet:
-        print(f"profile={profile} seed={seed} device={device} dtype={str(ctx.dtype).replace('torch.', '')} "
-              f"recipe={loaded.parameters_for('')['recipe']}")
+        device = (f" device={ctx.device} dtype={str(ctx.dtype).replace('torch.', '')}" if "torch" in sys.modules
+                  else "")
+        print(f"profile={profile} seed={seed}{device} recipe={loaded.parameters_for('')['recipe']}")
     return ctx
 
 
 def _quiet_library_progress_bars() -> None:
-    """Loading a tiny model takes milliseconds; its library progress bars would only clutter the page."""
-    import datasets
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+    """Loading a tiny model takes milliseconds; its library progress bars would only clutter the page. Each
+    library is quietened when it is (or once it gets) imported."""
+    when_imported("datasets", lambda datasets: datasets.disable_progress_bars())
+    for library in ("transformers", "diffusers"):
+        when_imported(library, lambda module: importlib.import_module(f"{module.__name__}.utils.logging")
+                      .disable_progress_bar())
     # (CLIP's per-batch "input was truncated" notices are filtered where prompts are encoded and counted instead:
     # helpers.speed.quiet_clip_truncation; every other diffusers warning still shows)
 

@@ -26,7 +26,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .scoring import unified_metric
 
 METRICS = ("clip", "image_reward", "hps")
 SYSTEMS = ("Baseline", "Baseline*", "DiffAgent#", "Retrieval", "DiffAgent-SFT", "DiffAgent-RRHF")
@@ -161,6 +160,8 @@ def paired_comparison(system: Sequence[float], reference: Sequence[float], num_r
 def with_pooled_unified(images, metrics: Sequence[str] = METRICS, by: str = "prompt_set",
                         column: str = "unified_pooled"):
     """`images` plus the unified score normalised over every image of each `by` group (all systems pooled)."""
+    from .scoring import unified_metric  # (here, not at the top: the user study reads tables and needs no torch)
+
     images = images.copy()
     images[column] = np.nan
     for _, group in images.groupby(by):
