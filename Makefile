@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 PYTEST_ARGS ?=
+# Test files run in TEST_WORKERS processes (pytest-xdist), one file per process at a time, in collection order,
+# so that the rest of the suite runs beside the end-to-end book run, which starts first. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: book test install run html small-models clean
 
@@ -14,7 +17,7 @@ book: install
 	$(BIN)/t2ibook book
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 install: $(STAMP)
 

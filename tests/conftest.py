@@ -12,6 +12,12 @@ COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "_build", "runs", "*.egg-i
                                      "cache", "extra", "node_modules", "[0-9][0-9]_*.ipynb.bak")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end book run is the longest test by far: it goes first, so that under `make test` (pytest-xdist,
+    one test file per worker at a time, files in this order) every other file runs beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 def copy_repo(destination: Path) -> Path:
     """A copy of the checkout's sources (no venv, no runs, no executed notebooks, no build)."""
     shutil.copytree(REPO, destination, ignore=COPY_IGNORE)
