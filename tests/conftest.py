@@ -1,10 +1,19 @@
 """Shared fixtures: a throw-away book root so tests never write into the checkout's data/ or book/."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two worker processes beside the end-to-end test's two single-threaded book runs, on a 2-core
+    # machine: one torch thread per worker (set before torch is first imported), else OpenMP threads spin waiting
+    # for cores the others hold (a small matmul loop ran 4.6x slower on two threads than on one beside two busy
+    # processes; the tiny benchmarks' fixture took 401 s instead of 60)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # what a fresh clone holds, minus what is generated
