@@ -220,6 +220,18 @@ def test_each_catalog_model_has_its_own_weights_and_sdxl_runs(executor):
     assert out[2].image.size == (24, 32)
 
 
+def test_interleaved_models_load_each_pipeline_once_per_call(run_ctx, catalog):
+    one_pipeline = t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=4, max_pipelines=1)
+    one_pipeline.cache = t2i.ImageCache(run_ctx.runs_dir / "interleaved_cache")
+    # groups in the order first asked (A, Twin, A with a LoRA) would load A twice with room for one pipeline
+    requests = [t2i.Request(api(model, kind=kind), "a tram at night", "", seed) for seed, (model, kind) in enumerate(
+        [("AlphaMix", "Checkpoint"), ("Twin", "Checkpoint"), ("InkStyle", "LORA"), ("Twin", "Checkpoint"),
+         ("AlphaMix", "Checkpoint")])]
+    out = one_pipeline.generate(requests, progress=False)
+    assert one_pipeline.stats["pipelines_loaded"] == 2 and one_pipeline.stats["generated"] == 5
+    assert [g.request.seed for g in out] == [0, 1, 2, 3, 4]  # handed back in the order asked
+
+
 def test_batched_images_equal_one_at_a_time(executor, run_ctx, catalog):
     requests = [t2i.Request(api(sampling_method=s), "a bowl of ramen", "", 5) for s in ("DPM++ 2M Karras",)] * 1
     requests += [t2i.Request(api(sampling_method="DPM++ 2M Karras"), f"a bowl of ramen {i}", "", 5 + i)
