@@ -136,11 +136,14 @@ def test_when_imported_waits_for_the_import_that_runs_the_module(tmp_path, monke
     (tmp_path / "late_imported_module.py").write_text("value = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "late_imported_module", raising=False)
+    monkeypatch.setattr(config._AfterImport, "waiting", {})  # nothing else waits (other tests' setups leave some)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     seen = []
     config.when_imported("late_imported_module", lambda module: seen.append(module.value))
     assert importlib.util.find_spec("late_imported_module") is not None and seen == []  # looking is not importing
     module = importlib.import_module("late_imported_module")
     assert seen == [1] and not isinstance(module.__loader__, config._ThenRun)  # the real loader is back
+    assert not any(isinstance(finder, config._AfterImport) for finder in sys.meta_path)  # gone once nothing waits
     config.when_imported("late_imported_module", lambda module: seen.append(2))  # imported already: runs now
     assert seen == [1, 2]
     monkeypatch.delitem(sys.modules, "late_imported_module")

@@ -149,6 +149,8 @@ class _ThenRun(importlib.abc.Loader):
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
         action = _AfterImport.waiting.pop(module.__name__, None)
+        if not _AfterImport.waiting:  # nothing left to wait for: later imports skip the finder
+            sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _AfterImport)]
         if action is not None:
             action(module)
 

@@ -781,12 +781,12 @@ class Executor:
             todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
         drawn: dict[str, Image.Image] = {}
         bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)
-        # one checkpoint's groups one after another (and its LoRAs in turn), so a call loads each pipeline once
-        # however its requests interleave models, and keeps at most one pipeline in use at a time
-        ordered = sorted(todo.items(), key=lambda item: (item[0][0].weights_id, item[0][1].weights_id if item[0][1]
-                                                          else ""))
+        def weights_order(item):  # a checkpoint's groups together, its LoRAs in turn: each pipeline loads once
+            checkpoint, lora = item[0][:2]
+            return checkpoint.weights_id, lora.weights_id if lora else ""
+
         try:
-            for group, keys in ordered:
+            for group, keys in sorted(todo.items(), key=weights_order):
                 for batch in self._batches(group, list(keys.items())):
                     drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
                     bar.update(len(batch))
