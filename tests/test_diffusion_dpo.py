@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import said
 from helpers import models
 from helpers.diffusion_dpo import (DiffusionDPOConfig, DiffusionDPOTrainer, diffusion_dpo_loss, per_sample_mse,
-                                   preprocess_image)
+                                   preprocess_image, require_pairs)
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -362,3 +362,10 @@ def test_a_finished_model_is_kept_by_a_rerun_and_its_resume_points_removed(sd_fo
     other = diffusion_dpo.train_variant(ctx, str(sd_folder), pairs(2), tiny_config(
         tmp_path, output_dir=str(out), save_steps=1, max_steps=2, learning_rate=5e-3), out)
     assert other != log  # other settings: trained afresh
+
+
+def test_ablation_variants_without_pairs_are_named_with_their_weights():
+    variants = {"VQA only": (1.0, 0.0, 0.0), "CLIP only": (0.0, 1.0, 0.0), "mix": (0.35, 0.55, 0.1)}
+    require_pairs({"VQA only": [{"prompt": "a"}], "CLIP only": [{"prompt": "a"}], "mix": [{"prompt": "a"}]}, variants)
+    with pytest.raises(ValueError, match=r"'VQA only' \(weights 1,0,0\), 'mix' \(weights 0.35,0.55,0.1\);.*ablation"):
+        require_pairs({"VQA only": [], "CLIP only": [{"prompt": "a"}], "mix": []}, variants)

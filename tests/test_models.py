@@ -74,7 +74,8 @@ def test_tiny_stable_diffusion_draws_deterministic_64px_images(tiny_sd):
     first = smoke.draw(tiny_sd, "a lighthouse", [0, 1], steps=2)
     again = smoke.draw(tiny_sd, "a lighthouse", [0], steps=2)
     assert first[0].size == (64, 64)
-    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))  # image i depends only on seed i
+    # image i depends only on seed i: a batch of one sums in another order, so up to a pixel level of rounding
+    assert np.abs(np.asarray(first[0], dtype=int) - np.asarray(again[0], dtype=int)).max() <= 2
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
 
 

@@ -9,6 +9,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from helpers import agfsync
 from helpers.scorers import aesthetic, bertscore, fid, vqa
 
 
@@ -90,6 +91,19 @@ def test_tiny_vqa_is_deterministic_and_inserts_image_tokens(vqa_folder, vqa_scor
     model, processor = vqa_scorer.model, vqa_scorer.processor
     ids = processor(images=_noise_images(1), text=["Question: red? Answer:"], return_tensors="pt")["input_ids"][0]
     assert (ids == model.config.image_token_index).sum() == facts["num_query_tokens"] == model.config.num_query_tokens
+
+
+def test_tiny_vqa_answers_turn_on_the_picture(vqa_folder, vqa_scorer):
+    # pictures it was not calibrated on (another seed), and other questions: about half yes, not the same for all
+    styles = vqa.calibration_styles(seed=7, per_style=4)
+    pictures = [picture for style in styles for picture in style]
+    questions = ["is there a cat?", "is the castle red?", "are there two boats on the lake?", "is it raining?"]
+    p = np.stack([vqa_scorer.yes_probability(pictures, [q] * len(pictures)) for q in questions])  # (question, picture)
+    assert 0.2 < (p > 0.5).mean() < 0.8
+    scores = [agfsync.vqa_score(p[:, i]) for i in range(len(pictures))]
+    assert len(set(scores)) >= 3  # AGFSync's VQA score tells pictures apart
+    card = (vqa_folder / "README.md").read_text()
+    assert "about half the answers are yes" in card
 
 
 def test_vqa_yes_probability_is_a_batched_deterministic_probability(vqa_scorer):

@@ -732,6 +732,16 @@ def _load_base(path: str, ctx):
     return pipeline.to(ctx.device)
 
 
+def require_pairs(variant_rows: dict[str, list], variants: dict[str, tuple[float, ...]]) -> None:
+    """Raise, naming them, if some ablation variants got no preference pairs (every prompt's candidates tie)."""
+    empty = [f"{name!r} (weights {','.join(f'{w:g}' for w in variants[name])})"
+             for name, rows in variant_rows.items() if not rows]
+    if empty:
+        raise ValueError(f"ablation variants without preference pairs: {', '.join(empty)}; under those weights every "
+                         "prompt's candidates score the same. Drop them from the `ablation` parameter "
+                         "(name:w_vqa,w_clip,w_aes;...)")
+
+
 def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompts_jsonl: Path, *, architecture: str,
               config_kwargs: Mapping[str, Any], variants: Mapping[str, Sequence[float]], eval_seeds: int,
               max_side: int | None, batch_size: int, tifa: str = "", hps_benchmark: str = "",
@@ -758,14 +768,18 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
         return DiffusionDPOConfig(output_dir=str(folder / name), seed=ctx.seed, **config_kwargs)
 
     # the pairs stay datasets rows, each image decoded when its pair is drawn (at paper scale 45,834 pairs are
-    # ~70 GB as pixels); the ablation's pairs point at the image cache's PNGs
+    # ~70 GB as pixels); the ablation's pairs point at the image cache's PNGs. Every variant's pairs are chosen
+    # before any training, so a variant without pairs stops the stage before hours of training, not after.
+    candidates, cache = pd.read_csv(candidates_csv), ImageCache(ctx.runs_dir / "image_cache")
+    variant_rows = {name: agfsync.pair_rows(candidates, lambda key: str(cache.path(key)), weights)
+                    for name, weights in variants.items()}
+    require_pairs(variant_rows, variants)
     logs = {"AGFSync": train_variant(ctx, base_path, load_from_disk(str(preferences)), config("aligned"),
                                      folder / "aligned")}
     pipelines = {"AGFSync": folder / "aligned" / "pipeline"}
-    candidates, cache = pd.read_csv(candidates_csv), ImageCache(ctx.runs_dir / "image_cache")
     for name, weights in variants.items():
         slug = "variants/" + "_".join(f"{w:g}" for w in weights)
-        pairs = agfsync.preference_dataset(agfsync.pair_rows(candidates, lambda key: str(cache.path(key)), weights))
+        pairs = agfsync.preference_dataset(variant_rows[name])
         logs[name] = train_variant(ctx, base_path, pairs, config(slug), folder / slug)
         pipelines[name] = folder / slug / "pipeline"
     pd.DataFrame([{"model": name, **row} for name, log in logs.items() for row in log]).to_csv(

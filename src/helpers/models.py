@@ -237,17 +237,19 @@ def _tiny_clip_text_config(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
                 pad_token_id=tokenizer.pad_token_id)
 
 
-# the tiny SD 1.5-shaped UNet and the two-level VAE (latents at half the image size); benchmarks reuse them
+# the tiny SD 1.5-shaped UNet and a four-level VAE: latents at an eighth of the image size, as in SD, so a 32-px
+# image is a 4×4 latent (a two-level VAE gave 16×16 latents and the UNet drew 2.4× slower); benchmarks reuse them
 TINY_SD_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, in_channels=4, out_channels=4,
                     cross_attention_dim=32, attention_head_dim=8,
                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-TINY_VAE = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_VAE_FACTOR = 2 ** (len(TINY_VAE["block_out_channels"]) - 1)  # image side / latent side
 
 
 def _tiny_vae(resolution: int, seed: int):
-    """A two-level VAE (latents at half the image size) shared by the tiny SD and SDXL pipelines."""
+    """A four-level VAE (latents at an eighth of the image size, as in SD) shared by the tiny SD and SDXL pipelines."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -264,7 +266,7 @@ def build_tiny_stable_diffusion(folder: Path, seed: int = 0, resolution: int = 6
     text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_text_config(tokenizer)))
     vae = _tiny_vae(resolution, seed + 1)
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(**TINY_SD_UNET, sample_size=resolution // 2)
+    unet = UNet2DConditionModel(**TINY_SD_UNET, sample_size=resolution // TINY_VAE_FACTOR)
     # SD 1.5's own scheduler settings, so swapping in other samplers behaves as on the real checkpoint
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -289,8 +291,9 @@ def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int 
     vae = _tiny_vae(resolution, seed + 1)
     torch.manual_seed(seed + 2)
     # SDXL's micro-conditioning: 6 size/crop numbers embedded at 8 dims each, plus the pooled text embedding
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=resolution // 2,
-                                in_channels=4, out_channels=4, attention_head_dim=(2, 4), use_linear_projection=True,
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1,
+                                sample_size=resolution // TINY_VAE_FACTOR, in_channels=4, out_channels=4,
+                                attention_head_dim=(2, 4), use_linear_projection=True,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..models import TINY_SD_UNET, TINY_VAE
+from ..models import TINY_SD_UNET, TINY_VAE, TINY_VAE_FACTOR
 
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -26,7 +26,7 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=("UpDecoderBlock2D",) * 4)
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-SD_TINY_UNET = dict(TINY_SD_UNET, sample_size=32)  # the book's tiny pipeline at 64 px
+SD_TINY_UNET = dict(TINY_SD_UNET, sample_size=64 // TINY_VAE_FACTOR)  # the book's tiny pipeline at 64 px
 SD_TINY_VAE = dict(TINY_VAE, sample_size=64)
 SD_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=77, projection_dim=32)

@@ -304,8 +304,88 @@ def build_tiny_vqa(folder: Path, seed: int = 0, text_model: str = "llama") -> di
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id,
                                                decoder_start_token_id=text.get("decoder_start_token_id"))
-    model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    yes_share = calibrate_yes_no(model, processor, seed)
+    model.save_pretrained(folder)
     _model_card(folder, f"BLIP-2 (ViT + Q-Former + {'Llama' if text_model == 'llama' else 'T5'} text model)", seed,
-                f"{num_query_tokens} query tokens, {image_size} px images; answers yes/no at random.")
-    return {"parameters": _count_parameters(model), "vocab_size": len(tokenizer), "num_query_tokens": num_query_tokens}
+                f"{num_query_tokens} query tokens, {image_size} px images. Random weights, except that its yes/no "
+                "answer rows are set so that the answer turns on the image: about half the answers are yes.")
+    return {"parameters": _count_parameters(model), "vocab_size": len(tokenizer), "num_query_tokens": num_query_tokens,
+            "calibration_yes_share": yes_share}
+
+
+CALIBRATION_QUESTIONS = ("is there a dog?", "is the sky blue?", "is there a red car?", "are there two people?",
+                         "is it night?", "is there a river between the hills?")
+
+
+def calibration_styles(seed: int, per_style: int = 8, size: int = 32) -> list[list[Image.Image]]:
+    """Seeded pictures like a tiny random pipeline's, in styles: colour blobs on a 2–32 cell grid, smoothly enlarged,
+    of random brightness and contrast, under none, some or strong pixel noise (one list of pictures per style)."""
+    rng = np.random.default_rng(seed)
+    styles = []
+    for cells in (2, 4, 8, 32):
+        for noise in (0, 30, 60):
+            pictures = []
+            for _ in range(per_style):
+                grid = rng.normal(rng.uniform(80, 180), rng.uniform(10, 80), size=(cells, cells, 3))
+                blobs = Image.fromarray(grid.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+                pixels = np.asarray(blobs, dtype=np.float64) + rng.normal(0, noise, size=(size, size, 3))
+                pictures.append(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)))
+            styles.append(pictures)
+    return styles
+
+
+# Only the sign of the yes–no margin sets AGFSync's VQA score, so a small spread (P(yes) about 0.35–0.65) is
+# enough; with the ridge term it keeps the two rows' norm near 2 (the others' is 0.1): larger rows magnify float noise
+# (padding widths) in every softmax of the text model, and tilt every position's next token towards yes or no.
+RIDGE = 1e-4  # × the mean eigenvalue of the hidden states' Gram matrix
+SPREAD = 0.3  # standard deviation of the fitted margin, in logits
+
+
+@torch.no_grad()
+def calibrate_yes_no(model, processor, seed: int, spread: float = SPREAD) -> float:
+    """Make a random-weight BLIP-2's yes/no answers turn on the picture; returns the share of yes after.
+
+    With random weights P(yes) sits at one value (about 0.49) whatever the picture, so AGFSync's VQA score — the
+    share of questions answered yes, P(yes) > 0.5 — is the same for every image, and its preference pairs hinge on
+    rounding. Here the "yes" rows of the output layer move by a vector `a` and the "no" rows by −a, so the yes–no
+    margin gains 2a·h (h: the text model's last hidden state). `a` is fitted by least squares so that the margin
+    follows the direction in which h varies most between pictures of one style (`calibration_styles`) once the
+    directions that tell styles apart are removed, centred on each question and scaled to `spread`: about half the
+    answers are yes whatever the style of the pictures scored, and different pictures get different answers.
+    """
+    scorer = VqaScorer(model, processor, "calibration")
+    head = model.language_model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: captured.append(args[0][:, -1].double()))
+    styles = calibration_styles(seed)
+    pictures = [picture for style in styles for picture in style]
+    try:
+        margins, hidden = [], []
+        for question in CALIBRATION_QUESTIONS:
+            captured.clear()
+            p = torch.as_tensor(scorer.yes_probability(pictures, [question] * len(pictures)), dtype=torch.float64)
+            margins.append(torch.log(p) - torch.log1p(-p))
+            hidden.append(torch.cat(captured).view(len(styles), len(styles[0]), -1))  # question: (style, picture, h)
+    finally:
+        hook.remove()
+    hidden_states = torch.stack(hidden)  # (question, style, picture, h)
+    style_means = hidden_states.mean(2, keepdim=True)
+    within = (hidden_states - style_means).flatten(0, 2)
+    between = (style_means - hidden_states.mean((1, 2), keepdim=True)).flatten(0, 2)
+    _, values, vectors = torch.linalg.svd(between, full_matrices=False)
+    style_directions = vectors[values > 0.05 * values[0]]
+    within = within - within @ style_directions.T @ style_directions
+    direction = torch.linalg.svd(within, full_matrices=False).Vh[0]
+    z = (hidden_states @ direction).flatten(1)  # (question, every picture)
+    target = spread * (z - z.median(1, keepdim=True).values) / z.std()
+    # ridge least squares: a short shift that fits well, rather than a long one that fits exactly
+    x, y = 2 * hidden_states.flatten(0, 2), target.flatten() - torch.cat(margins)
+    gram = x.T @ x
+    shift = torch.linalg.solve(gram + RIDGE * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype),
+                               x.T @ y)
+    shift = shift.to(head.weight.dtype)
+    head.weight[scorer.yes_ids] += shift
+    head.weight[scorer.no_ids] -= shift
+    answers = np.concatenate([scorer.yes_probability(pictures, [q] * len(pictures)) for q in CALIBRATION_QUESTIONS])
+    return round(float((answers > 0.5).mean()), 4)
