@@ -342,6 +342,25 @@ RIDGE = 1e-4  # × the mean eigenvalue of the hidden states' Gram matrix
 SPREAD = 0.3  # standard deviation of the fitted margin, in logits
 
 
+def margin_shift(hidden_states: torch.Tensor, margins: torch.Tensor, spread: float) -> torch.Tensor:
+    """The vector `a` of `calibrate_yes_no`, from the last hidden states (question, style, picture, h) and the
+    yes–no margins (question, style, picture) they gave."""
+    style_means = hidden_states.mean(2, keepdim=True)
+    within = (hidden_states - style_means).flatten(0, 2)
+    between = (style_means - hidden_states.mean((1, 2), keepdim=True)).flatten(0, 2)
+    _, values, vectors = torch.linalg.svd(between, full_matrices=False)
+    style_directions = vectors[values > 0.05 * values[0]]
+    within = within - within @ style_directions.T @ style_directions
+    direction = torch.linalg.svd(within, full_matrices=False).Vh[0]
+    z = (hidden_states @ direction).flatten(1)  # (question, every picture)
+    target = spread * (z - z.median(1, keepdim=True).values) / z.std()
+    # ridge least squares: a short shift that fits well, rather than a long one that fits exactly
+    x, y = 2 * hidden_states.flatten(0, 2), target.flatten() - margins.flatten()
+    gram = x.T @ x
+    ridge = RIDGE * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge, x.T @ y)
+
+
 @torch.no_grad()
 def calibrate_yes_no(model, processor, seed: int, spread: float = SPREAD) -> float:
     """Make a random-weight BLIP-2's yes/no answers turn on the picture; returns the share of yes after.
@@ -365,25 +384,11 @@ def calibrate_yes_no(model, processor, seed: int, spread: float = SPREAD) -> flo
         for question in CALIBRATION_QUESTIONS:
             captured.clear()
             p = torch.as_tensor(scorer.yes_probability(pictures, [question] * len(pictures)), dtype=torch.float64)
-            margins.append(torch.log(p) - torch.log1p(-p))
-            hidden.append(torch.cat(captured).view(len(styles), len(styles[0]), -1))  # question: (style, picture, h)
+            margins.append((torch.log(p) - torch.log1p(-p)).view(len(styles), -1))
+            hidden.append(torch.cat(captured).view(len(styles), len(styles[0]), -1))
     finally:
         hook.remove()
-    hidden_states = torch.stack(hidden)  # (question, style, picture, h)
-    style_means = hidden_states.mean(2, keepdim=True)
-    within = (hidden_states - style_means).flatten(0, 2)
-    between = (style_means - hidden_states.mean((1, 2), keepdim=True)).flatten(0, 2)
-    _, values, vectors = torch.linalg.svd(between, full_matrices=False)
-    style_directions = vectors[values > 0.05 * values[0]]
-    within = within - within @ style_directions.T @ style_directions
-    direction = torch.linalg.svd(within, full_matrices=False).Vh[0]
-    z = (hidden_states @ direction).flatten(1)  # (question, every picture)
-    target = spread * (z - z.median(1, keepdim=True).values) / z.std()
-    # ridge least squares: a short shift that fits well, rather than a long one that fits exactly
-    x, y = 2 * hidden_states.flatten(0, 2), target.flatten() - torch.cat(margins)
-    gram = x.T @ x
-    shift = torch.linalg.solve(gram + RIDGE * gram.trace() / len(gram) * torch.eye(len(gram), dtype=gram.dtype),
-                               x.T @ y)
+    shift = margin_shift(torch.stack(hidden), torch.stack(margins), spread)
     shift = shift.to(head.weight.dtype)
     head.weight[scorer.yes_ids] += shift
     head.weight[scorer.no_ids] -= shift
