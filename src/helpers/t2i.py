@@ -781,6 +781,7 @@ class Executor:
             todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
         drawn: dict[str, Image.Image] = {}
         bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)
+
         def weights_order(item):  # a checkpoint's groups together, its LoRAs in turn: each pipeline loads once
             checkpoint, lora = item[0][:2]
             return checkpoint.weights_id, lora.weights_id if lora else ""

@@ -384,7 +384,7 @@ def calibrate_yes_no(model, processor, seed: int, spread: float = SPREAD) -> flo
         for question in CALIBRATION_QUESTIONS:
             captured.clear()
             p = torch.as_tensor(scorer.yes_probability(pictures, [question] * len(pictures)), dtype=torch.float64)
-            margins.append((torch.log(p) - torch.log1p(-p)).view(len(styles), -1))
+            margins.append(torch.logit(p).view(len(styles), -1))
             hidden.append(torch.cat(captured).view(len(styles), len(styles[0]), -1))
     finally:
         hook.remove()
