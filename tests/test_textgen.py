@@ -266,6 +266,22 @@ def test_transformers_backend_batches_and_is_deterministic_when_greedy(tiny_llam
     assert tiny_llama.name.startswith("transformers:") and not tiny_llama.is_stand_in
 
 
+def test_transformers_backend_batches_conversations_of_similar_length(tiny_llama, monkeypatch):
+    short, long = [{"role": "user", "content": "a cat"}], textgen.describe_model_messages(OLDTOWN)
+    widths, generate = [], tiny_llama.model.generate
+
+    def recording(**batch):
+        widths.append(tuple(batch["input_ids"].shape))
+        return generate(**batch)
+
+    monkeypatch.setattr(tiny_llama.model, "generate", recording)
+    replies = tiny_llama.generate([long, short, long, short], max_new_tokens=4)
+    # the two short chats share a batch, so neither long one pads them out to its width
+    assert len(widths) == 2 and widths[0][1] < widths[1][1] and widths[0][0] == widths[1][0] == 2
+    assert replies[0] == replies[2] and replies[1] == replies[3]  # and each reply returns to its own place
+    assert replies[1] == tiny_llama.generate([short], max_new_tokens=4)[0]
+
+
 def test_transformers_backend_ignores_template_fields_and_seeds_sampling(tiny_llama):
     with_fields = textgen.describe_model_messages(OLDTOWN)
     assert tiny_llama.generate([with_fields], max_new_tokens=6) == tiny_llama.generate(

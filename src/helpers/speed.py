@@ -71,6 +71,7 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
     Prompts are decoded in length-sorted batches padded to a multiple of `settings.bucket`. With `compile`
     every batch is also filled up to `batch_size` (repeating its last prompt), so CUDA graphs are captured for
     a handful of shapes and replayed for the rest of the run. `progress` is called with the batch size after each.
+    `generate_kwargs` go to `generate` last, so `do_sample=True, temperature=...` samples instead (seed first).
     """
     settings = settings or DecodeSettings()
     options: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,

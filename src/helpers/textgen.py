@@ -141,53 +141,51 @@ class TemplateGenerator(TextGenerator):
 # ---------------------------------------------------------------------------------------------- transformers
 
 class TransformersGenerator(TextGenerator):
-    """A local causal LM: chat template, left padding, batched `generate`, only the new text returned."""
+    """A local causal LM: chat template, length-sorted left-padded batches, only the new text returned.
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype=None, batch_size: int = 8):
+    Decoding goes through `helpers.speed.greedy_decode`, the agent's path: batches of similar length, and on a
+    GPU a static KV cache with CUDA graphs (`decode_settings` overrides that choice).
+    """
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype=None, batch_size: int = 8,
+                 decode_settings=None):
         from .models import load_causal_lm
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.name = f"transformers:{model_path}"
         self.batch_size = batch_size
+        self.decode_settings = decode_settings  # a helpers.speed.DecodeSettings; None: DecodeSettings.auto
         self.model, self.tokenizer = load_causal_lm(model_path, device, dtype)
-        # decoder-only models continue from the last position, so padding must sit on the left
-        self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
         """Greedy when `temperature` is 0, else sampling seeded once with `seed` before the first batch."""
+        import dataclasses
+
         import torch
 
-        sampling = temperature > 0
-        if sampling:
-            torch.manual_seed(seed)
-        replies: list[str] = []
-        for start in tqdm(range(0, len(messages_batch), self.batch_size), desc="generating", unit="batch"):
-            replies += self._generate_batch(messages_batch[start:start + self.batch_size], max_new_tokens,
-                                            {"do_sample": True, "temperature": temperature} if sampling
-                                            else {"do_sample": False})
-        return replies
-
-    def _generate_batch(self, messages_batch: list[list[dict]], max_new_tokens: int, sampling: dict) -> list[str]:
-        import torch
+        from .speed import DecodeSettings, greedy_decode
 
         openings = [opening(m) for m in messages_batch]
-        # a final assistant message is continued in place (the chat template leaves its turn open)
-        texts = [self.tokenizer.apply_chat_template(chat_messages(m), tokenize=False, add_generation_prompt=not lead,
-                                                    continue_final_message=bool(lead))
-                 for m, lead in zip(messages_batch, openings)]
-        # the chat template already writes any BOS token; adding special tokens again would double it
-        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = inputs.to(self.model.device)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        # a final assistant message is continued in place (the chat template leaves its turn open); the template
+        # already writes any BOS token, so the tokenizer adds no special tokens of its own
+        prompts = [self.tokenizer(self.tokenizer.apply_chat_template(
+                       chat_messages(m), tokenize=False, add_generation_prompt=not lead,
+                       continue_final_message=bool(lead)), add_special_tokens=False)["input_ids"]
+                   for m, lead in zip(messages_batch, openings)]
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+        if sampling:
+            torch.manual_seed(seed)
+        settings = dataclasses.replace(self.decode_settings or DecodeSettings.auto(self.model.device),
+                                       batch_size=self.batch_size)
+        with tqdm(total=len(prompts), desc="generating", unit="chat") as bar:
+            tokens = greedy_decode(self.model, prompts, pad_id=self.tokenizer.pad_token_id,
+                                   max_new_tokens=max_new_tokens, settings=settings, progress=bar.update, **sampling)
         return [(lead + text).strip() if lead else text.strip()
-                for lead, text in zip(openings, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))]
+                for lead, text in zip(openings, self.tokenizer.batch_decode(tokens, skip_special_tokens=True))]
 
 
 # ------------------------------------------------------------------------------------------------- openai
