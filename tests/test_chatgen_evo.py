@@ -226,6 +226,15 @@ def test_vlm_sft_reads_images_with_their_batches_and_resumes_from_its_checkpoint
         torch.testing.assert_close(ended[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_generation_batches_chats_of_similar_length_and_answers_in_input_order(text_chat, monkeypatch):
+    spy = Spy(lambda chat: f"reply to {len(chat[-1]['content'])} characters")
+    monkeypatch.setattr(text_chat, "generate", spy)
+    chats = [[{"role": "user", "content": "x" * n}] for n in (50, 1, 40, 2, 45)]
+    replies = evo._generate(text_chat, chats, [None] * 5, 8, batch_size=2, desc="", progress=False)
+    assert replies == [f"reply to {n} characters" for n in (50, 1, 40, 2, 45)]
+    assert [[len(c[-1]["content"]) for c in call["conversations"]] for call in spy.calls] == [[1, 2], [40, 45], [50]]
+
+
 # ------------------------------------------------------------------------------------------- stage order
 
 STAGE1_PROMPTS = {s.id: f"written prompt number {i}, golden light" for i, s in enumerate(TEST)}
@@ -242,8 +251,11 @@ def stage_answers(chat):
 
 
 def stage3_content(spy, sample_index: int) -> str:
-    conversation = spy.calls[-1]["conversations"][sample_index]
-    return "\n".join(m["content"] for m in conversation)
+    """TEST[sample_index]'s stage-3 chat, found by its stage-1 prompt (a batch holds chats in length order)."""
+    marker = f"Prompt: {STAGE1_PROMPTS[TEST[sample_index].id]}\n"
+    [content] = [text for text in ("\n".join(m["content"] for m in chat) for chat in spy.calls[-1]["conversations"])
+                 if marker in text]
+    return content
 
 
 def test_stage3_sees_the_stage1_prompt_and_the_stage2_models_demonstrations(text_chat, head, monkeypatch):

@@ -367,19 +367,26 @@ def _images(chat_model, samples: Sequence[ChatSample], image_for: ImageFor | Non
 
 def _generate(chat_model, conversations: list, images: list, max_new_tokens: int, batch_size: int, desc: str,
               progress: bool) -> list[str]:
-    """Greedy replies, `batch_size` chats per `generate` call, with a progress bar over the batches."""
+    """Greedy replies in input order, `batch_size` chats per `generate` call, with a progress bar over the batches.
+
+    Chats of similar length share a batch (a one-line request is not padded out to a long history's width).
+    """
     from tqdm.auto import tqdm
+
+    from ..speed import length_buckets
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    replies: list[str] = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc=desc, disable=not progress):
-        stop = start + batch_size
-        replies += chat_model.generate(conversations[start:stop], images=images[start:stop],
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if len(replies) != len(conversations):
-        raise RuntimeError(f"{len(replies)} replies for {len(conversations)} chats")
-    return replies
+    replies: list[str | None] = [None] * len(conversations)
+    lengths = [sum(len(str(message.get("content") or "")) for message in chat) for chat in conversations]
+    for chunk in tqdm(length_buckets(lengths, batch_size), desc=desc, disable=not progress):
+        texts = chat_model.generate([conversations[i] for i in chunk], images=[images[i] for i in chunk],
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if len(texts) != len(chunk):
+            raise RuntimeError(f"{len(texts)} replies for {len(chunk)} chats")
+        for i, text in zip(chunk, texts):
+            replies[i] = text
+    return replies  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------- Evo stage 1
