@@ -149,6 +149,7 @@ def test_cost_model_multipliers_are_the_paper_recipes():
     dpo = recipe["13_diffusion_dpo"]
     assert cost.RECIPE_COUNTS == {
         "rrhf_images_per_candidate": recipe["07_rrhf"]["num_images"],
+        "rrhf_texts_per_prompt": recipe["07_rrhf"]["num_samples"] + recipe["07_rrhf"]["num_beams"],
         "table2_seeds": recipe["08_evaluate_diffagent"]["num_seeds"],
         "table2_prompts_per_set": recipe["08_evaluate_diffagent"]["prompts_per_set"],
         "chatgen_seeds": recipe["11_chatgen_evo"]["num_seeds"],

@@ -161,6 +161,52 @@ def test_left_padding_does_not_change_the_result(tiny_llm, prompt_ids):
     assert torch.equal(left_padded[:, 3:], plain)
 
 
+def test_a_batch_of_prompts_gives_each_prompt_its_own_search(tiny_llm):
+    """Prompts of three lengths, left-padded, share each step and the KV cache, and each gets its one-prompt result."""
+    model, tokenizer = tiny_llm
+    prompts = [generation.chat_prompt(tokenizer, text) for text in
+               ["a cat", "oil painting of a robot at night", "a red bicycle leaning on a wall in the rain, film grain"]]
+    batch = generation._left_padded(prompts, tokenizer.pad_token_id, model.device)
+    width = batch["input_ids"].shape[1]
+    options = dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, max_new_tokens=7,
+                   pad_token_id=tokenizer.pad_token_id)
+    free = generation.diverse_beam_search_batch(model, **batch, eos_token_id=tokenizer.eos_token_id, **options)
+    emitted = sorted({token for rows in free for token in rows[:, width:].flatten().tolist()})
+    for eos_token_id in [tokenizer.eos_token_id, *emitted[:2]]:  # tokens the search emits: some beams finish
+        together = generation.diverse_beam_search_batch(model, **batch, eos_token_id=eos_token_id, **options)
+        for prompt, rows in zip(prompts, together):
+            alone = generation.diverse_beam_search(model, torch.tensor([prompt]), eos_token_id=eos_token_id, **options)
+            assert (rows[:, :width - len(prompt)] == tokenizer.pad_token_id).all()
+            assert rows[:, width - len(prompt):].tolist() == alone.tolist(), f"eos {eos_token_id}"
+
+
+def test_a_prompt_whose_groups_are_done_leaves_the_batch_and_the_others_go_on():
+    """Token 4 (eos) is likely only where the short prompt's first two answer tokens go (positions 2 and 3): its
+    groups are done after two steps, while the long prompt's beams run to the end."""
+    eos_likely, eos_unlikely = [0.04, 0.03, 0.02, 0.01, 0.9], [0.5, 0.3, 0.1, 0.09, 0.01]
+    table = torch.tensor([eos_likely if position in (1, 2) else eos_unlikely for position in range(12)]).log()
+    model = TableLM(table[:, None, :].expand(-1, 5, -1).clone())
+    short, long = [1, 2], [1, 2, 3, 0]
+    options = dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, max_new_tokens=5, eos_token_id=4,
+                   pad_token_id=4)
+    batch = generation._left_padded([short, long], 4, "cpu")
+    rows_per_forward = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_forward.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    together = generation.diverse_beam_search_batch(model, **batch, **options)
+    assert rows_per_forward == [2, 8, 4, 4, 4]  # the prompts once, both prompts' beams, then the long one's alone
+    short_alone = generation.diverse_beam_search(model, torch.tensor(short), **options)
+    long_alone = generation.diverse_beam_search(model, torch.tensor(long), **options)
+    assert short_alone.shape[1] - len(short) < 5 == long_alone.shape[1] - len(long)  # finished early / ran on
+    assert together[0][:, 2:].tolist() == short_alone.tolist() and together[1].tolist() == long_alone.tolist()
+
+
+def test_hamming_penalty_of_several_prompts_counts_each_prompts_own_picks():
+    log_probs = torch.zeros(2, 3, 4)
+    penalised = generation.hamming_penalty(log_probs, torch.tensor([[1, 1], [3, 9]]), 0.5)  # 9: a pad id past the vocab
+    assert penalised.tolist() == [[[0.0, -1.0, 0.0, 0.0]] * 3, [[0.0, 0.0, 0.0, -0.5]] * 3]
+
+
 def test_diverse_candidates_decode_one_completion_per_beam(tiny_llm):
     model, tokenizer = tiny_llm
     texts = generation.diverse_candidates(model, tokenizer, "a cat", num_beams=4, num_beam_groups=2,
@@ -180,3 +226,31 @@ def test_sample_candidates_are_reproducible_per_seed(tiny_llm):
     assert [len(texts) for texts in first] == [3, 3]
     assert all(isinstance(text, str) for texts in first for text in texts)
     assert math.prod(len(set(texts)) for texts in first) > 1, "random sampling should not repeat one completion"
+
+
+def test_proposals_decode_prompts_of_similar_length_together_and_keep_the_prompts_order(tiny_llm, monkeypatch):
+    from helpers.candidates import propose
+
+    model, tokenizer = tiny_llm
+    agent = SimpleNamespace(model=model, tokenizer=tokenizer)
+    prompts = ["a portrait of an old sailor with a pipe, dramatic light", "a cat",
+               "a watercolor map of an imaginary island with mountains", "a dog"]
+    options = dict(num_beams=2, num_beam_groups=2, diversity_penalty=1.0, max_new_tokens=5, batch_size=2,
+                   progress=False)
+    batches = []
+
+    def recording(method):
+        def record(model, tokenizer, batch, **kwargs):
+            batches.append(batch)
+            return method(model, tokenizer, batch, **kwargs)
+        return record
+
+    for name in ("sample_candidates", "diverse_candidates_batch"):
+        monkeypatch.setattr(generation, name, recording(getattr(generation, name)))
+    texts = propose(agent, prompts, num_samples=2, **options)
+    assert batches == [["a cat", "a dog"], [prompts[0], prompts[2]]] * 2  # sampling, then beams
+    assert [len(found) for found in texts] == [4] * 4
+    for prompt, found in zip(prompts, texts):  # beams are deterministic: each prompt's own, after its 2 samples
+        assert found[2:] == generation.diverse_candidates(model, tokenizer, prompt, num_beams=2, num_beam_groups=2,
+                                                          diversity_penalty=1.0, max_new_tokens=5)
+    assert propose(agent, prompts, num_samples=2, **options) == texts  # each sampled batch keeps its seed

@@ -68,35 +68,37 @@ def propose(agent, prompts: Sequence[str], *, num_samples: int, num_beams: int, 
             batch_size: int = 8, progress: bool = True) -> list[list[str]]:
     """The agent's raw candidate texts per prompt: `num_samples` samples, then `num_beams` diverse beams.
 
-    Under a multi-process launch the sampled chunks and the prompts' beam searches are split across processes
-    (each chunk keeps its own seed, so the candidates do not depend on how many processes there are).
+    Prompts are decoded `batch_size` at a time, grouped by length (a short prompt is not padded to a long one's
+    width); the answers keep the prompts' order. Under a multi-process launch the batches are split across
+    processes, and each sampled batch keeps its own seed, so the candidates do not depend on how many processes
+    there are.
     """
     from tqdm.auto import tqdm
 
     from .distributed import map_sharded
-    from .generation import diverse_candidates, sample_candidates
+    from .generation import chat_prompt, diverse_candidates_batch, sample_candidates
+    from .speed import length_buckets
 
     texts: list[list[str]] = [[] for _ in prompts]
+    chunks = length_buckets([len(chat_prompt(agent.tokenizer, prompt)) for prompt in prompts], batch_size)
+
+    def decode(method, desc: str, options_for) -> None:
+        """`method` on every batch (numbered in length order); `options_for(number)` gives its keyword arguments."""
+        def run(numbered: list[tuple[int, list[int]]]) -> list[list[list[str]]]:
+            return [method(agent.model, agent.tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                           **options_for(number)) for number, chunk in tqdm(numbered, desc=desc, disable=not progress)]
+
+        for chunk, found in zip(chunks, map_sharded(run, list(enumerate(chunks)))):
+            for index, candidates in zip(chunk, found):
+                texts[index] += candidates
+
     if num_samples:
-        def sample(starts: list[int]) -> list[list[list[str]]]:
-            return [sample_candidates(agent.model, agent.tokenizer, list(prompts[start:start + batch_size]),
-                                      num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, seed=seed + start)
-                    for start in tqdm(starts, desc="sampling", disable=not progress)]
-
-        starts = list(range(0, len(prompts), batch_size))
-        for start, chunk in zip(starts, map_sharded(sample, starts)):
-            for offset, samples in enumerate(chunk):
-                texts[start + offset] += samples
+        decode(sample_candidates, "sampling", lambda number: {"num_samples": num_samples, "temperature": temperature,
+                                                              "seed": seed + number * batch_size})
     if num_beams:
-        def beams(indices: list[int]) -> list[list[str]]:
-            return [diverse_candidates(agent.model, agent.tokenizer, prompts[index], num_beams=num_beams,
-                                       num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
-                                       max_new_tokens=max_new_tokens)
-                    for index in tqdm(indices, desc="diverse beams", disable=not progress)]
-
-        for index, found in enumerate(map_sharded(beams, list(range(len(prompts))))):
-            texts[index] += found
+        beam_options = {"num_beams": num_beams, "num_beam_groups": num_beam_groups,
+                        "diversity_penalty": diversity_penalty}
+        decode(diverse_candidates_batch, "diverse beams", lambda number: beam_options)
     return texts
 
 

@@ -62,28 +62,61 @@ def diverse_beam_search(model, input_ids, attention_mask=None, *, num_beams: int
                         diversity_penalty: float, max_new_tokens: int, eos_token_id=None,
                         pad_token_id=None) -> torch.LongTensor:
     """[num_beams, seq_len] sequences (prompt included, best first) from diverse beam search on one prompt."""
-    _check_beam_arguments(num_beams, num_beam_groups, diversity_penalty, max_new_tokens)
     prompt, prompt_mask = _one_prompt(input_ids, attention_mask)
+    return diverse_beam_search_batch(model, prompt, prompt_mask, num_beams=num_beams, num_beam_groups=num_beam_groups,
+                                     diversity_penalty=diversity_penalty, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id)[0]
+
+
+@torch.no_grad()
+def diverse_beam_search_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                              num_beams: int, num_beam_groups: int, diversity_penalty: float, max_new_tokens: int,
+                              eos_token_id=None, pad_token_id=None) -> list[torch.LongTensor]:
+    """Diverse beam search on a left-padded batch of prompts [batch, width]: per prompt, the sequences
+    `diverse_beam_search` gives its row of the batch alone ([num_beams, seq_len], padded prompt included).
+
+    One forward pass per step serves every beam of every prompt still searching (a 7B model's decoding step
+    costs about the same for 4 rows as for 128); a prompt leaves the batch as soon as all its groups are done.
+    """
+    _check_beam_arguments(num_beams, num_beam_groups, diversity_penalty, max_new_tokens)
+    prompts, prompt_mask = _prompt_batch(input_ids, attention_mask)
     eos_ids = _token_ids(eos_token_id)
     if pad_token_id is None and eos_ids:
         pad_token_id = eos_ids[0]  # as `generate` does when a model has no pad token
-    group_size = num_beams // num_beam_groups
-    groups = [GroupHypotheses(group_size) for _ in range(num_beam_groups)]
-    sequences, mask = prompt.expand(num_beams, -1), prompt_mask.expand(num_beams, -1)
-    beam_scores = torch.full((num_beams,), UNREACHED_SCORE, device=prompt.device)
+    group_size, width = num_beams // num_beam_groups, prompts.shape[1]
+    searches = [[GroupHypotheses(group_size) for _ in range(num_beam_groups)] for _ in range(len(prompts))]
+    beams_of = torch.arange(len(prompts), device=prompts.device).repeat_interleave(num_beams)
+    sequences, mask = prompts[beams_of], prompt_mask[beams_of]
+    beam_scores = torch.full((len(sequences),), UNREACHED_SCORE, device=prompts.device)
     beam_scores[::group_size] = 0.0
-    log_probs, cache = _prefill(model, prompt, prompt_mask, num_beams)
+    # the prompts run once; every beam starts from a copy of its prompt's log-probs and cache
+    log_probs, cache = _forward(model, prompts, prompt_mask, None)
+    log_probs = log_probs[beams_of]
+    _reorder_cache(cache, beams_of)
+    active, results = list(range(len(prompts))), [None] * len(prompts)
     for step in range(max_new_tokens):
-        tokens, rows, beam_scores = _choose_tokens(log_probs, beam_scores, sequences, groups, diversity_penalty,
-                                                   eos_ids, pad_token_id, prompt.shape[1])
+        tokens, rows, beam_scores = _choose_tokens(log_probs, beam_scores, sequences, [searches[p] for p in active],
+                                                   diversity_penalty, eos_ids, pad_token_id, width)
         sequences = torch.cat([sequences[rows], tokens[:, None]], dim=1)
-        mask = torch.cat([mask[rows], mask.new_ones(num_beams, 1)], dim=1)
-        if all(group.done for group in groups) or step == max_new_tokens - 1:
+        mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], dim=1)
+        staying = []
+        for j, p in enumerate(active):
+            block = slice(j * num_beams, (j + 1) * num_beams)
+            if step == max_new_tokens - 1 or all(group.done for group in searches[p]):
+                best = _finalize(sequences[block], beam_scores[block], searches[p], width)
+                results[p] = _pad_rows(best, width + max_new_tokens, eos_ids, pad_token_id)
+            else:
+                staying.append(j)
+        if not staying:
             break
+        if len(staying) < len(active):  # finished prompts leave the batch, and their rows the cache
+            kept = torch.cat([torch.arange(j * num_beams, (j + 1) * num_beams, device=rows.device) for j in staying])
+            rows, tokens, sequences, mask, beam_scores = rows[kept], tokens[kept], sequences[kept], mask[kept], \
+                beam_scores[kept]
+            active = [active[j] for j in staying]
         _reorder_cache(cache, rows)
         log_probs, cache = _forward(model, tokens[:, None], mask, cache)
-    best = _finalize(sequences, beam_scores, groups, prompt.shape[1])
-    return _pad_rows(best, prompt.shape[1] + max_new_tokens, eos_ids, pad_token_id)
+    return results
 
 
 def beam_search(model, input_ids, attention_mask=None, *, num_beams: int, max_new_tokens: int, eos_token_id=None,
@@ -122,6 +155,19 @@ def _one_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     return input_ids, attention_mask.long()
 
 
+def _prompt_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts and their mask as [batch, width] tensors."""
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} is not a batch of prompts; pass "
+                         "[batch, width], left-padded, with the attention_mask the tokenizer returned")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
+                         f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids")
+    return input_ids, attention_mask.to(input_ids.device).long()
+
+
 def _token_ids(token_id) -> tuple[int, ...]:
     """`None`, one id or several ids (a model may stop on several eos tokens) as a tuple."""
     if token_id is None:
@@ -140,13 +186,6 @@ def _forward(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
     return torch.log_softmax(output.logits[:, -1, :].float(), dim=-1), output.past_key_values
 
 
-def _prefill(model, prompt: torch.Tensor, prompt_mask: torch.Tensor, num_beams: int):
-    """Run the prompt once and copy its log-probs and cache to every beam (all beams share the prompt)."""
-    log_probs, cache = _forward(model, prompt, prompt_mask, None)
-    _reorder_cache(cache, torch.zeros(num_beams, dtype=torch.long, device=prompt.device))
-    return log_probs.expand(num_beams, -1), cache
-
-
 def _reorder_cache(cache, rows: torch.Tensor) -> None:
     """Make cache row i hold the past of beam `rows[i]`."""
     if cache is None:
@@ -159,46 +198,69 @@ def _reorder_cache(cache, rows: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------- one step
 
-def _choose_tokens(log_probs, beam_scores, sequences, groups: list[GroupHypotheses], diversity_penalty: float,
-                   eos_ids: tuple[int, ...], pad_token_id: int | None, prompt_len: int):
-    """One step for all groups in order: (next token, source beam, running score) for every beam."""
-    num_beams, group_size = log_probs.shape[0], groups[0].size
-    tokens = torch.zeros(num_beams, dtype=torch.long, device=log_probs.device)
+def _choose_tokens(log_probs, beam_scores, sequences, searches: list[list[GroupHypotheses]],
+                   diversity_penalty: float, eos_ids: tuple[int, ...], pad_token_id: int | None, prompt_len: int):
+    """One step for every prompt's groups, in group order: (next token, source row, running score) for every beam.
+
+    Rows are prompt-major (prompt j owns rows j * num_beams ...). Each group is chosen for all prompts at once (one
+    top-k and one copy to the host per group and step), then its eos bookkeeping runs per prompt.
+    """
+    num_prompts, num_groups, group_size = len(searches), len(searches[0]), searches[0][0].size
+    num_beams, vocab_size = num_groups * group_size, log_probs.shape[-1]
+    device = log_probs.device
+    log_probs, scores = log_probs.view(num_prompts, num_beams, vocab_size), beam_scores.view(num_prompts, num_beams)
+    tokens = torch.zeros(num_prompts, num_beams, dtype=torch.long, device=device)
     rows = torch.zeros_like(tokens)
-    scores = beam_scores.clone()
-    for g, group in enumerate(groups):
+    new_scores = scores.clone()
+    # twice the group (one more per extra eos id) so that group_size candidates remain after removing eos ones
+    k = min(max(2, 1 + len(eos_ids)) * group_size, group_size * vocab_size)
+    generated_len = sequences.shape[1] + 1 - prompt_len
+    for g in range(num_groups):
         beams = slice(g * group_size, (g + 1) * group_size)
-        if group.done:
-            # a done group idles on pad tokens copied from its first beam, as in 4.x; later groups still see them
-            tokens[beams], rows[beams], scores[beams] = pad_token_id, g * group_size, 0.0
-            continue
-        penalised = hamming_penalty(log_probs[beams], tokens[:g * group_size], diversity_penalty)
-        kept = _beam_step(penalised + beam_scores[beams, None], sequences[beams], group, eos_ids, prompt_len)
-        scores[beams] = torch.tensor([score for score, _, _ in kept], device=scores.device)
-        tokens[beams] = torch.tensor([token for _, token, _ in kept], device=tokens.device)
-        rows[beams] = torch.tensor([g * group_size + row for _, _, row in kept], device=rows.device)
-    return tokens, rows, scores
+        penalised = hamming_penalty(log_probs[:, beams], tokens[:, :g * group_size], diversity_penalty)
+        top_scores, top_indices = torch.topk((penalised + scores[:, beams, None]).flatten(1), k)
+        picks = []
+        for j, (groups, prompt_scores, prompt_indices) in enumerate(
+                zip(searches, top_scores.tolist(), top_indices.tolist())):
+            group = groups[g]
+            if group.done:
+                # a done group idles on pad tokens copied from its first beam, as in 4.x; later groups still see them
+                picks.append([(0.0, pad_token_id, 0)] * group_size)
+                continue
+            group_sequences = sequences[j * num_beams + g * group_size:j * num_beams + (g + 1) * group_size]
+            picks.append(_beam_step(prompt_scores, prompt_indices, vocab_size, group_sequences, group, eos_ids,
+                                    generated_len))
+        new_scores[:, beams] = torch.tensor([[score for score, _, _ in kept] for kept in picks], device=device)
+        tokens[:, beams] = torch.tensor([[token for _, token, _ in kept] for kept in picks], device=device)
+        rows[:, beams] = torch.tensor([[j * num_beams + g * group_size + row for _, _, row in kept]
+                                       for j, kept in enumerate(picks)], device=device)
+    return tokens.flatten(), rows.flatten(), new_scores.flatten()
 
 
 def hamming_penalty(log_probs: torch.Tensor, earlier_tokens: torch.Tensor, diversity_penalty: float) -> torch.Tensor:
-    """`log_probs` minus `diversity_penalty` × how often each token is among `earlier_tokens` (this step's picks)."""
+    """`log_probs` minus `diversity_penalty` × how often each token is among `earlier_tokens` (this step's picks).
+
+    One prompt: log_probs [beams, vocab], earlier_tokens [picks]; several: [prompts, beams, vocab] and
+    [prompts, picks], each prompt penalised by its own picks.
+    """
     if earlier_tokens.numel() == 0:
         return log_probs
     vocab_size = log_probs.shape[-1]
-    counts = torch.bincount(earlier_tokens, minlength=vocab_size)[:vocab_size]  # a pad id past the vocab is no token
-    return log_probs - diversity_penalty * counts.to(log_probs.dtype)
+    picks = earlier_tokens.reshape(-1, earlier_tokens.shape[-1])
+    is_token = picks < vocab_size  # a pad id past the vocab is no token
+    counts = torch.zeros(len(picks), vocab_size, dtype=log_probs.dtype, device=log_probs.device)
+    counts.scatter_add_(1, picks.where(is_token, 0), is_token.to(log_probs.dtype))
+    counts = counts.reshape(*earlier_tokens.shape[:-1], 1, vocab_size) if earlier_tokens.dim() > 1 else counts[0]
+    return log_probs - diversity_penalty * counts
 
 
-def _beam_step(candidate_scores: torch.Tensor, group_sequences: torch.Tensor, group: GroupHypotheses,
-               eos_ids: tuple[int, ...], prompt_len: int) -> list[tuple[float, int, int]]:
-    """Ordinary beam search inside one group (4.4x `BeamSearchScorer.process`): the (score, token, row) kept."""
-    group_size, vocab_size = candidate_scores.shape
-    # twice the group (one more per extra eos id) so that group_size candidates remain after removing eos ones
-    k = min(max(2, 1 + len(eos_ids)) * group_size, candidate_scores.numel())
-    top_scores, top_indices = torch.topk(candidate_scores.flatten(), k)
-    generated_len = group_sequences.shape[1] + 1 - prompt_len
+def _beam_step(top_scores: list[float], top_indices: list[int], vocab_size: int, group_sequences: torch.Tensor,
+               group: GroupHypotheses, eos_ids: tuple[int, ...], generated_len: int) -> list[tuple[float, int, int]]:
+    """Ordinary beam search inside one group (4.4x `BeamSearchScorer.process`) on the step's top candidates
+    (flattened [beam, token] indices, best first): the (score, token, row) kept."""
+    group_size = group.size
     kept = []
-    for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_indices.tolist())):
+    for rank, (score, index) in enumerate(zip(top_scores, top_indices)):
         row, token = divmod(index, vocab_size)
         if token in eos_ids:
             if rank < group_size:  # 4.x finishes only eos candidates ranked inside the group's top group_size
@@ -208,9 +270,9 @@ def _beam_step(candidate_scores: torch.Tensor, group_sequences: torch.Tensor, gr
         if len(kept) == group_size:
             break
     if len(kept) < group_size:
-        raise ValueError(f"only {len(kept)} of the top {k} candidates are not eos {eos_ids}; a group of "
-                         f"{group_size} beams needs a vocabulary with more non-eos tokens")
-    group.done = group.done or group.is_done(top_scores[0].item(), generated_len)
+        raise ValueError(f"only {len(kept)} of the top {len(top_scores)} candidates are not eos {eos_ids}; a group "
+                         f"of {group_size} beams needs a vocabulary with more non-eos tokens")
+    group.done = group.done or group.is_done(top_scores[0], generated_len)
     return kept
 
 
@@ -300,10 +362,20 @@ def sample_candidates(model, tokenizer, prompts: list[str], *, num_samples: int,
 def diverse_candidates(model, tokenizer, prompt: str, *, num_beams: int, num_beam_groups: int,
                        diversity_penalty: float, max_new_tokens: int) -> list[str]:
     """`num_beams` completions of one chat-formatted prompt from diverse beam search, best first."""
-    input_ids = torch.tensor([chat_prompt(tokenizer, prompt)], device=model.device)
+    return diverse_candidates_batch(model, tokenizer, [prompt], num_beams=num_beams, num_beam_groups=num_beam_groups,
+                                    diversity_penalty=diversity_penalty, max_new_tokens=max_new_tokens)[0]
+
+
+def diverse_candidates_batch(model, tokenizer, prompts: Sequence[str], *, num_beams: int, num_beam_groups: int,
+                             diversity_penalty: float, max_new_tokens: int) -> list[list[str]]:
+    """Per chat-formatted prompt, `num_beams` completions from diverse beam search, best first; the prompts share
+    every decoding step (prompts of similar length waste the least on padding)."""
+    batch = _left_padded([chat_prompt(tokenizer, p) for p in prompts], _pad_id(tokenizer), model.device)
     eos_token_id = model.generation_config.eos_token_id
-    sequences = diverse_beam_search(model, input_ids, num_beams=num_beams, num_beam_groups=num_beam_groups,
-                                    diversity_penalty=diversity_penalty, max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
-                                    pad_token_id=_pad_id(tokenizer))
-    return tokenizer.batch_decode(sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+    found = diverse_beam_search_batch(model, batch["input_ids"], batch["attention_mask"], num_beams=num_beams,
+                                      num_beam_groups=num_beam_groups, diversity_penalty=diversity_penalty,
+                                      max_new_tokens=max_new_tokens,
+                                      eos_token_id=eos_token_id if eos_token_id is not None else tokenizer.eos_token_id,
+                                      pad_token_id=_pad_id(tokenizer))
+    width = batch["input_ids"].shape[1]
+    return [tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True) for sequences in found]

@@ -62,6 +62,7 @@ class Work:
 # Per-run multipliers the paper recipe (configs/paper.yaml) sets; a test keeps the two in step.
 RECIPE_COUNTS = {
     "rrhf_images_per_candidate": 10,  # 07_rrhf num_images (DiffAgent: k = 10)
+    "rrhf_texts_per_prompt": 8,  # 07_rrhf num_samples + num_beams: the agent texts decoded per alignment prompt
     "table2_seeds": 4,  # 08_evaluate_diffagent num_seeds
     "table2_prompts_per_set": 1_000,  # 08_evaluate_diffagent prompts_per_set (COCO, PartiPrompts)
     "chatgen_seeds": 4,  # 11_chatgen_evo num_seeds
@@ -93,8 +94,9 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     return [
         Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
              "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
-        Work("DiffAgent", "RRHF candidates (API calls)", "api", align_prompts * candidates,
-             f"{align_prompts:,} alignment prompts × {candidates} distinct candidates"),
+        Work("DiffAgent", "RRHF candidates (API calls)", "api", align_prompts * counts["rrhf_texts_per_prompt"],
+             f"{align_prompts:,} alignment prompts × {counts['rrhf_texts_per_prompt']} texts (samples + diverse "
+             f"beams; ~{candidates} distinct candidates remain)"),
         Work("DiffAgent", "RRHF images", "image", align_prompts * candidates * k,
              f"{align_prompts:,} prompts × {candidates} candidates × k = {k}"),
         Work("DiffAgent", "RRHF scoring (unified reward)", "score", align_prompts * candidates * k,
