@@ -201,6 +201,45 @@ def test_a_prompt_whose_groups_are_done_leaves_the_batch_and_the_others_go_on():
     assert together[0][:, 2:].tolist() == short_alone.tolist() and together[1].tolist() == long_alone.tolist()
 
 
+class EosAtPositions(torch.nn.Module):
+    """The tiny Llama (with its KV cache), but eos gets +20 logits where the next token's position is listed."""
+
+    def __init__(self, model, eos_token_id: int, positions: set[int]):
+        super().__init__()
+        self.model, self.eos_token_id, self.positions = model, eos_token_id, positions
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        logits = output.logits.clone()
+        boosted = torch.tensor([int(p) + 1 in self.positions for p in position_ids[:, -1]])
+        logits[boosted, -1, self.eos_token_id] += 20.0
+        return SimpleNamespace(logits=logits, past_key_values=output.past_key_values)
+
+
+def test_a_finished_prompt_leaves_the_kv_cache_and_the_others_decode_on_unchanged(tiny_llm):
+    model, tokenizer = tiny_llm
+    short, long = (generation.chat_prompt(tokenizer, text) for text in ["a cat", "oil painting of a robot at night"])
+    eos = tokenizer.eos_token_id
+    # eos is likely for the short prompt's first two answer tokens only: the long prompt's start further on
+    boosted = EosAtPositions(model, eos, {len(short), len(short) + 1})
+    assert len(long) > len(short) + 2
+    options = dict(num_beams=4, num_beam_groups=2, diversity_penalty=0.5, max_new_tokens=6, eos_token_id=eos,
+                   pad_token_id=tokenizer.pad_token_id)
+    rows_per_forward = []
+    boosted.register_forward_pre_hook(lambda _, args, kwargs: rows_per_forward.append(len(kwargs["input_ids"])),
+                                      with_kwargs=True)
+    batch = generation._left_padded([short, long], tokenizer.pad_token_id, model.device)
+    together = generation.diverse_beam_search_batch(boosted, **batch, **options)
+    assert rows_per_forward == [2, 8, 4, 4, 4, 4]  # both prompts' beams until the short one's groups are done
+    width = batch["input_ids"].shape[1]
+    short_alone = generation.diverse_beam_search(boosted, torch.tensor([short]), **options)
+    long_alone = generation.diverse_beam_search(boosted, torch.tensor([long]), **options)
+    assert short_alone.shape[1] - len(short) < 6 == long_alone.shape[1] - len(long)
+    assert together[0][:, width - len(short):].tolist() == short_alone.tolist()
+    assert together[1][:, width - len(long):].tolist() == long_alone.tolist()
+
+
 def test_hamming_penalty_of_several_prompts_counts_each_prompts_own_picks():
     log_probs = torch.zeros(2, 3, 4)
     penalised = generation.hamming_penalty(log_probs, torch.tensor([[1, 1], [3, 9]]), 0.5)  # 9: a pad id past the vocab
