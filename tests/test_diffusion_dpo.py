@@ -219,6 +219,22 @@ def test_lora_reference_trains_only_the_adapters(sd_folder, tmp_path):
     assert any(not torch.equal(tensor, base_before[name]) for name, tensor in merged.state_dict().items())
 
 
+def test_lora_adapters_start_from_the_config_seed_whatever_ran_before(sd_folder, tmp_path):
+    """A run that found its images in a cache draws fewer random numbers before training than one that drew them:
+    the adapters must not depend on that, nor move the caller's random state."""
+    adapters = []
+    for earlier_draws, seed in ((0, 0), (5, 0), (0, 1)):
+        torch.manual_seed(123)
+        torch.rand(earlier_draws)
+        state = torch.get_rng_state()
+        pipeline = load(sd_folder)
+        DiffusionDPOTrainer(pipeline, tiny_config(tmp_path, reference="lora-disabled", lora_r=2, seed=seed), pairs())
+        assert torch.equal(torch.get_rng_state(), state)
+        adapters.append({name: p.detach().clone() for name, p in pipeline.unet.named_parameters() if "lora_A" in name})
+    assert adapters[0] and all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+    assert not all(torch.equal(adapters[0][name], adapters[2][name]) for name in adapters[0])  # the seed matters
+
+
 def test_sdxl_runs_one_step(sdxl_folder, tmp_path):
     from datasets import Dataset, Features, Image as ImageFeature, Value
 

@@ -309,6 +309,28 @@ def test_train_agent_with_lora_saves_a_merged_model_that_differs_only_where_adap
     assert (tmp_path / "model" / "log_history.json").is_file()
 
 
+def test_train_agent_with_lora_gives_the_same_model_whatever_ran_before(llm_folder, tokenizer, tmp_path):
+    """The adapters' initial weights come from the config's seed, not from the process's random state (which
+    depends on, e.g., whether the candidates' images were drawn or found in a cache)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers.rrhf import train_agent
+
+    saved = []
+    for run, earlier_draws in enumerate((0, 7)):
+        torch.manual_seed(123)
+        torch.rand(earlier_draws)
+        train_agent(AutoModelForCausalLM.from_pretrained(llm_folder), tokenizer,
+                    build_rrhf_dataset(THREE_CANDIDATE_ROWS), tmp_path / f"model{run}", max_steps=2,
+                    per_device_train_batch_size=2, learning_rate=1e-2, report_to="none", save_strategy="no",
+                    use_cpu=True, disable_tqdm=True, use_lora=True, lora_r=4, lora_alpha=8, seed=0,
+                    lora_target_modules=["q_proj", "v_proj"])
+        saved.append(load_file(tmp_path / f"model{run}" / "model.safetensors"))
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+
+
 def test_train_agent_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_run_ends(llm_folder, tokenizer,
                                                                                            tmp_path, monkeypatch):
     from safetensors.torch import load_file

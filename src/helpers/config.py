@@ -101,6 +101,19 @@ def seed_everything(seed: int) -> None:
     when_imported("torch", lambda torch: torch.manual_seed(seed))
 
 
+@contextmanager
+def private_seed(seed: int, device=None):
+    """torch's random state seeded with `seed` inside the block and restored after it (CPU, and `device` when it is
+    a GPU): random draws in the block (sampling, a LoRA adapter's initial weights) do not depend on what ran before
+    in the process, such as images drawn or found in a cache, and leave the caller's random state as it was."""
+    import torch
+
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def when_imported(name: str, action: Callable[[ModuleType], Any]) -> None:
     """Call `action(module)` now when module `name` is imported already, else right after its first import.
 

@@ -121,7 +121,7 @@ class DiffusionDPOConfig:
     resolution: int = field(default=512, metadata={
         "help": "Square training size in pixels (images are resized and centre-cropped): 512 for SD 1.5, 1024 "
                 "for SDXL, 32-64 for the tiny pipelines."})
-    seed: int = field(default=0, metadata={"help": "Seeds the pair order, the noise, the timesteps and VAE sampling."})
+    seed: int = field(default=0, metadata={"help": "Seeds the LoRA adapters, the pair order, the noise, the timesteps and VAE sampling."})
     logging_steps: int = field(default=10, metadata={
         "help": "Log every this many optimizer steps (values are averaged over the steps since the last log)."})
     max_grad_norm: float | None = field(default=1.0, metadata={
@@ -228,10 +228,13 @@ class DiffusionDPOTrainer:
         if config.use_lora:
             from peft import LoraConfig
 
+            from .config import private_seed
+
             self.unet.requires_grad_(False)
             # gaussian A, zero B: the adapter starts as the identity, so at step 0 the model equals the reference
-            self.unet.add_adapter(LoraConfig(r=config.lora_r, lora_alpha=config.lora_r, init_lora_weights="gaussian",
-                                             target_modules=LORA_TARGET_MODULES))
+            with private_seed(config.seed, self.device):  # the same A whatever ran before in the process
+                self.unet.add_adapter(LoraConfig(r=config.lora_r, lora_alpha=config.lora_r,
+                                                 init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
             self.reference_unet = None  # the same UNet with adapters disabled
         else:
             # copy before any training flag or dtype change, so the reference is the pipeline's UNet as given

@@ -347,10 +347,10 @@ def sample_candidates(model, tokenizer, prompts: list[str], *, num_samples: int,
         raise ValueError(f"num_samples={num_samples} must be >= 1 and temperature={temperature} > 0; for one "
                          "deterministic answer use beam_search")
     batch = _left_padded([chat_prompt(tokenizer, p) for p in prompts], _pad_id(tokenizer), model.device)
-    cuda_devices = [model.device] if model.device.type == "cuda" else []
+    from .config import private_seed
+
     # a private RNG stream: reruns repeat exactly, and the caller's random state is left as it was
-    with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with private_seed(seed, model.device), torch.no_grad():
         # top_k=0: only temperature and top_p shape the distribution (generate's default top_k=50 would cut the tail)
         output = model.generate(**batch, do_sample=True, num_return_sequences=num_samples, top_k=0,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

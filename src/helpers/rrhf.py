@@ -328,7 +328,10 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
 
         if config.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a graph from the (frozen) embeddings
-        model = get_peft_model(model, config.peft_config())
+        from .config import private_seed
+
+        with private_seed(config.seed, model.device):  # the adapters' initial weights, as TRL's SFTTrainer seeds them
+            model = get_peft_model(model, config.peft_config())
     trainer = RRHFTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
                           processing_class=tokenizer)
     before = trainer.evaluate()
