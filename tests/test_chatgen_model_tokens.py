@@ -154,6 +154,30 @@ def test_toy_task_reaches_full_accuracy(lm):
     assert select_model(head, tokenizer, examples[1]) == targets[1]
 
 
+def test_training_runs_each_context_through_the_frozen_lm_once_when_examples_repeat(lm, monkeypatch):
+    """15 examples, 12 steps of 4: the LM reads each context once (15 rows, not ~48), and the rows train as they
+    do when every step runs the LM again (the reuse switched off)."""
+    from helpers.chatgen import model_tokens
+
+    model, tokenizer = lm
+    rows_read = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: rows_read.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    reused = ModelTokenHead(model, MODEL_NAMES, tokenizer)
+    log = train_model_tokens(reused, tokenizer, toy_examples(), steps=12, lr=0.05, batch_size=4, seed=0,
+                             progress=False)
+    assert sum(rows_read) == len(toy_examples()) == 15
+    rows_read.clear()
+    monkeypatch.setattr(model_tokens, "FEATURE_CACHE_BYTES", 0)
+    every_step = ModelTokenHead(model, MODEL_NAMES, tokenizer)
+    again = train_model_tokens(every_step, tokenizer, toy_examples(), steps=12, lr=0.05, batch_size=4, seed=0,
+                               progress=False)
+    assert 40 < sum(rows_read) <= 48  # every step reads its 4 contexts (one repeated inside a batch, once)
+    assert [row["loss"] for row in log] == pytest.approx([row["loss"] for row in again], abs=1e-5)
+    assert torch.allclose(reused.rows, every_step.rows, atol=1e-5)
+    assert not torch.equal(reused.rows, ModelTokenHead(model, MODEL_NAMES, tokenizer).rows)  # they did train
+
+
 def greedy_oracle(head, tokenizer, context, max_new_tokens):
     """Independent greedy decoding: full forward each step, one context, no cache, no padding.
 

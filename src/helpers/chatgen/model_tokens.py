@@ -31,6 +31,7 @@ from ..generation import _left_padded, _pad_id
 from . import TASK_PREFIXES, ChatSample
 
 ROWS_FILE = "model_tokens.safetensors"
+FEATURE_CACHE_BYTES = 2 * 2**30  # the most that training keeps of the frozen LM's features, to reuse them
 NAMES_FILE = "model_tokens.json"
 INITS = ("names", "mean")
 
@@ -132,6 +133,11 @@ class ModelTokenHead(torch.nn.Module):
         return logits
 
     def _logits(self, input_ids, attention_mask, cache, logits_to_keep: int = 0, **model_kwargs):
+        vocab_logits, hidden, cache = self._lm(input_ids, attention_mask, cache, logits_to_keep, **model_kwargs)
+        return self.logits_from_features(vocab_logits, hidden), cache
+
+    def _lm(self, input_ids, attention_mask, cache, logits_to_keep: int = 0, **model_kwargs):
+        """The LM's own part: its vocabulary logits and the final hidden states (float32, as the rows), the cache."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # positions count only real tokens, so a left-padded context is placed exactly like an unpadded one
@@ -147,8 +153,18 @@ class ModelTokenHead(torch.nn.Module):
         hidden = output.hidden_states[-1]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        model_logits = hidden.to(self.rows.dtype) @ self.rows.T
-        return torch.cat([output.logits.to(self.rows.dtype), model_logits], dim=-1), output.past_key_values
+        return output.logits.to(self.rows.dtype), hidden.to(self.rows.dtype), output.past_key_values
+
+    @torch.no_grad()
+    def context_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """What the frozen LM gives at the position after each context: vocabulary logits [batch, vocab_size] and
+        final hidden state [batch, hidden_size]. Neither depends on the rows, so training can reuse them."""
+        vocab_logits, hidden, _ = self._lm(input_ids, attention_mask, None, logits_to_keep=1)
+        return vocab_logits[:, -1], hidden[:, -1]
+
+    def logits_from_features(self, vocab_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over vocabulary + model tokens: the LM's own, then h @ rows.T."""
+        return torch.cat([vocab_logits, hidden @ self.rows.T], dim=-1)
 
     # ------------------------------------------------------------------------------------ save / load
 
@@ -235,6 +251,11 @@ def train_model_tokens(head: ModelTokenHead, tokenizer, examples: Sequence[Mappi
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and examples non-empty")
     encoded = [context_ids(tokenizer, e) for e in examples]
     labels = torch.tensor([head.model_index(e["model"]) for e in examples])
+    # Only the rows train, so a context's LM features never change. When examples come round again (more steps
+    # than one epoch) and all their features fit in FEATURE_CACHE_BYTES, each context runs through the LM once.
+    feature_bytes = len(examples) * (head.vocab_size + head.hidden_size) * head.rows.element_size()
+    reuse = steps * batch_size > len(examples) and feature_bytes <= FEATURE_CACHE_BYTES
+    features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     # weight decay 0 by default: decay would pull the rows (and so the model tokens' logits) towards zero
     optimizer = torch.optim.AdamW([head.rows], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -245,9 +266,15 @@ def train_model_tokens(head: ModelTokenHead, tokenizer, examples: Sequence[Mappi
         if len(order) < batch_size:  # a new epoch: every example once before any repeats
             order += torch.randperm(len(examples), generator=generator).tolist()
         chosen, order = order[:batch_size], order[batch_size:]
-        batch = _left_padded([encoded[i] for i in chosen], _pad_id(tokenizer), head.rows.device)
+        missing = [i for i in dict.fromkeys(chosen) if i not in features]
+        if missing:
+            batch = _left_padded([encoded[i] for i in missing], _pad_id(tokenizer), head.rows.device)
+            features.update(zip(missing, zip(*head.context_features(batch["input_ids"], batch["attention_mask"]))))
         target = labels[chosen].to(head.rows.device)
-        next_logits = _next_logits(head, batch)
+        next_logits = head.logits_from_features(torch.stack([features[i][0] for i in chosen]),
+                                                torch.stack([features[i][1] for i in chosen]))
+        if not reuse:
+            features.clear()
         loss = selection_loss_from_logits(next_logits, target, head.vocab_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
