@@ -121,7 +121,8 @@ class DiffusionDPOConfig:
     resolution: int = field(default=512, metadata={
         "help": "Square training size in pixels (images are resized and centre-cropped): 512 for SD 1.5, 1024 "
                 "for SDXL, 32-64 for the tiny pipelines."})
-    seed: int = field(default=0, metadata={"help": "Seeds the LoRA adapters, the pair order, the noise, the timesteps and VAE sampling."})
+    seed: int = field(default=0, metadata={
+        "help": "Seeds the LoRA adapters, the pair order, the noise, the timesteps and VAE sampling."})
     logging_steps: int = field(default=10, metadata={
         "help": "Log every this many optimizer steps (values are averaged over the steps since the last log)."})
     max_grad_norm: float | None = field(default=1.0, metadata={
