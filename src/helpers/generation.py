@@ -146,13 +146,7 @@ def _one_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} is not one prompt; pass [prompt_len] or "
                          "[1, prompt_len] and call once per prompt")
-    if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
-    attention_mask = attention_mask.reshape(1, -1).to(input_ids.device)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match input_ids "
-                         f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids")
-    return input_ids, attention_mask.long()
+    return _prompt_batch(input_ids, None if attention_mask is None else attention_mask.reshape(1, -1))
 
 
 def _prompt_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
