@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import said
@@ -325,6 +326,110 @@ def test_paper_weights_download_a_single_file_lora(run_ctx, tmp_path, monkeypatc
     executor = t2i.Executor(t2i.ModelCatalog([]), store, t2i.ImageCache(tmp_path / "cache"))
     executor._with_lora(pipeline, weights)
     assert pipeline.get_list_adapters()["unet"] == ["lora_civitai_21"]
+
+
+def _lora_weights(run_ctx, tmp_path, architecture, seeds, text_encoder=True):
+    """Tiny LoRAs (UNet and text-encoder attention) for the base pipeline of `architecture`, one per seed."""
+    from helpers import models
+
+    base = Path(t2i.TinyWeights(run_ctx).base(architecture).path)
+    made = []
+    for seed in seeds:
+        folder = tmp_path / f"lora_{architecture[:4]}_{seed}"
+        models.build_tiny_lora(folder, base, seed=seed, text_encoder=text_encoder)
+        made.append(t2i.Weights(str(folder), "folder", f"lora-{seed}"))
+    return made
+
+
+def _draw(pipeline, executor, lora, seed=4):
+    executor._with_lora(pipeline, lora)
+    image = t2i.render(pipeline, ["a heron in the reeds"], [""], [seed], steps=3, cfg=7.0, width=32, height=32,
+                       device="cpu")[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def _tensors(pipeline):
+    parts = [part for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipeline, part, None) is not None]
+    return {f"{part}.{name}": tensor.clone() for part in parts
+            for name, tensor in getattr(pipeline, part).state_dict().items()}
+
+
+@pytest.mark.parametrize("architecture", ["SD 1.5", "SDXL 1.0"])
+def test_merged_loras_draw_the_adapter_images_and_leave_the_base_exactly_as_it_was(run_ctx, tmp_path, architecture):
+    """merge_lora: same images as the adapters, the plain module tree kept, and no LoRA left over after a switch."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    first, second = _lora_weights(run_ctx, tmp_path, architecture, seeds=(5, 6))
+    base = t2i.TinyWeights(run_ctx).base(architecture)
+    config = dict(max_side=32, max_sampling_steps=3)
+    adapters = t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(**config))
+    merging = t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(**config, merge_loras=True))
+    assert not adapters.merges_loras and merging.merges_loras
+    assert t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(compile_unet=True)).merges_loras
+    with_adapters, merged = (t2i.load_pipeline(base, architecture) for _ in range(2))
+    original = _tensors(merged)
+    modules = [type(m) for m in merged.unet.modules()]
+    expected = {lora: _draw(with_adapters, adapters, lora) for lora in (first, second, None)}
+    assert not np.array_equal(expected[first], expected[None])
+    assert not np.array_equal(expected[first], expected[second])
+    for lora in (first, second, None, second, first):  # each switch writes the base back before the next merge
+        got = _draw(merged, merging, lora)
+        assert np.abs(got - expected[lora]).max() <= 1, lora
+        assert [type(m) for m in merged.unet.modules()] == modules  # what a compiled UNet's guards check
+        assert not any(isinstance(m, BaseTunerLayer) for part in (merged.unet, merged.text_encoder)
+                       for m in part.modules())
+    text_weight = next(k for k in original if k.startswith("text_encoder.")
+                       and k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert not torch.equal(_tensors(merged)[text_weight], original[text_weight])  # the text-encoder part is merged too
+    # a LoRA file that breaks half-way (one tensor of the wrong shape) leaves the base weights and the plain modules
+    from safetensors.torch import load_file, save_file
+
+    layers = load_file(Path(first.path) / "pytorch_lora_weights.safetensors")
+    name = sorted(layers)[-1]
+    layers[name] = torch.zeros(layers[name].shape[0] + 1, *layers[name].shape[1:])
+    save_file(layers, tmp_path / "broken.safetensors")
+    with pytest.raises(Exception, match="size mismatch|shape"):
+        merging._with_lora(merged, t2i.Weights(str(tmp_path / "broken.safetensors"), "file", "broken"))
+    for _ in range(2):  # right after the failure, and after drawing with no LoRA
+        after = _tensors(merged)
+        assert after.keys() == original.keys() and all(torch.equal(after[k], original[k]) for k in original)
+        assert [type(m) for m in merged.unet.modules()] == modules
+        assert np.array_equal(_draw(merged, merging, None), expected[None])
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_draws_one_lora_after_another_without_recompiling(run_ctx, tmp_path):
+    """`-m slow` (torch.compile on the CPU, ~1 min): as adapters, every new LoRA recompiled the UNet, and past
+    torch's recompile limit it ran eagerly; merged, the first draw compiles and the next LoRAs reuse its graph."""
+    from torch._dynamo.utils import counters
+
+    from helpers import speed
+
+    loras = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(11, 12, 13))
+    pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+    speed.optimize_pipeline(pipeline, speed.PipelineSettings(compile_unet=True))
+    executor = t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(compile_unet=True))
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    _draw(pipeline, executor, loras[0])
+    compiled = counters["stats"]["unique_graphs"]
+    for lora in (loras[1], None, loras[2], loras[0]):
+        _draw(pipeline, executor, lora)
+    assert compiled > before and counters["stats"]["unique_graphs"] == compiled
+
+
+def test_adapters_past_max_loras_are_dropped_least_recently_used_first(run_ctx, tmp_path):
+    loras = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(7, 8, 9), text_encoder=False)
+    base = t2i.TinyWeights(run_ctx).base("SD 1.5")
+    executor = t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(max_loras=2))
+    unbounded = t2i.Executor(t2i.ModelCatalog([]), None, None, t2i.ExecutorConfig(max_loras=8))
+    pipeline, reference = t2i.load_pipeline(base, "SD 1.5"), t2i.load_pipeline(base, "SD 1.5")
+    for lora in (loras[0], loras[1], loras[0], loras[2], loras[1]):  # 7, 8, 7 again (now newest), 9 drops 8 ...
+        assert np.array_equal(_draw(pipeline, executor, lora), _draw(reference, unbounded, lora))
+    assert sorted(pipeline.get_list_adapters()["unet"]) == ["lora_lora-8", "lora_lora-9"]
+    assert len(reference.get_list_adapters()["unet"]) == 3
+    with pytest.raises(ValueError, match="max_loras=0 must be at least 1"):
+        t2i.ExecutorConfig(max_loras=0)
 
 
 def test_paper_weights_beside_the_main_process_wait_for_its_download(run_ctx, tmp_path, monkeypatch):

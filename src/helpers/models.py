@@ -336,24 +336,36 @@ def build_tiny_checkpoint(folder: Path, base_folder: Path, seed: int) -> dict[st
     return {"unet_parameters": _count_parameters(unet), "base": base_folder.name}
 
 
-def build_tiny_lora(folder: Path, base_folder: Path, seed: int, rank: int = 4) -> dict[str, Any]:
-    """A catalog LoRA in tiny: random low-rank adapters on the base UNet's attention, saved in diffusers' format."""
+def build_tiny_lora(folder: Path, base_folder: Path, seed: int, rank: int = 4,
+                    text_encoder: bool = False) -> dict[str, Any]:
+    """A catalog LoRA in tiny: random low-rank adapters on the base UNet's attention, saved in diffusers' format.
+
+    `text_encoder=True` also adapts the attention of each text encoder, as many Civitai LoRAs do.
+    """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
+    import transformers
 
     unet = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
     torch.manual_seed(seed)
     # init_lora_weights=False draws A and B at random, so the adapter changes the output from the start
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    for encoder in ("text_encoder", "text_encoder_2") if text_encoder else ():
+        if (Path(base_folder) / encoder).exists():
+            architecture = transformers.AutoConfig.from_pretrained(Path(base_folder) / encoder).architectures[0]
+            model = getattr(transformers, architecture).from_pretrained(Path(base_folder) / encoder)
+            model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                         target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+            layers[f"{encoder}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     pipeline_class = DiffusionPipeline.load_config(base_folder)["_class_name"]
     import diffusers
 
-    getattr(diffusers, pipeline_class).save_lora_weights(folder, unet_lora_layers=layers)
+    getattr(diffusers, pipeline_class).save_lora_weights(folder, **layers)
     _model_card(folder, f"LoRA (rank {rank}) for {Path(base_folder).name}", seed)
-    return {"lora_parameters": sum(t.numel() for t in layers.values()), "rank": rank}
+    return {"lora_parameters": sum(t.numel() for part in layers.values() for t in part.values()), "rank": rank}
 
 
 def build_tiny_clip(folder: Path, seed: int = 0, image_size: int = 64) -> dict[str, Any]:

@@ -533,10 +533,16 @@ class ExecutorConfig:
     dtype: str = "float32"
     channels_last: bool = False  # helpers.speed: NHWC UNet/VAE (on by default on CUDA)
     compile_unet: bool = False  # helpers.speed: torch.compile the UNet (paper profile on CUDA)
+    # LoRAs merged into the weights (one at a time) instead of loaded as adapters; None: when the UNet is compiled,
+    # where each adapter would change the module tree and recompile the UNet (`merge_lora`)
+    merge_loras: bool | None = None
+    max_loras: int = 8  # adapters kept loaded per pipeline when not merged (least recently used ones are dropped)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras={self.max_loras} must be at least 1")
         if self.max_side is not None and (self.max_side < 16 or self.max_side % 8):
             raise ValueError(f"max_side={self.max_side} must be a multiple of 8, at least 16 (or None for native)")
         if self.max_sampling_steps is not None and self.max_sampling_steps < 1:
@@ -681,27 +687,29 @@ class Executor:
             self.pipelines.popitem(last=False)
         return pipeline
 
+    @property
+    def merges_loras(self) -> bool:
+        return self.config.compile_unet if self.config.merge_loras is None else self.config.merge_loras
+
     def _with_lora(self, pipeline, lora: Weights | None):
-        """Switch the pipeline to this LoRA alone (loading it once as a named adapter), or to no LoRA."""
+        """Switch the pipeline to this LoRA alone, or to no LoRA: merged into the weights (`merge_lora`) or as a
+        named adapter, loaded once and kept while it is among the `max_loras` most recently used."""
+        if self.merges_loras:
+            merge_lora(pipeline, lora)
+            return
+        loaded: OrderedDict[str, None] = pipeline.__dict__.setdefault("_t2i_loras", OrderedDict())
         if lora is None:
-            if getattr(pipeline, "_t2i_loras", None):
+            if loaded:
                 pipeline.disable_lora()
             return
-        loaded = pipeline.__dict__.setdefault("_t2i_loras", set())
         name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
-        if name not in loaded:
-            from .config import errors_only
-
-            path = Path(lora.path)
-            # Civitai LoRAs often train the UNet only: not worth a warning
-            with errors_only("diffusers"), warnings.catch_warnings():
-                # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
-                warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
-                if lora.kind == "file":
-                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                else:
-                    pipeline.load_lora_weights(str(path), adapter_name=name)
-            loaded.add(name)
+        if name in loaded:
+            loaded.move_to_end(name)
+        else:
+            load_lora(pipeline, lora, name)
+            loaded[name] = None
+            while len(loaded) > self.config.max_loras:  # a paper-scale run meets hundreds of LoRAs, ~0.1 GB each
+                pipeline.delete_adapters(loaded.popitem(last=False)[0])
         pipeline.enable_lora()
         pipeline.set_adapters([name], adapter_weights=[1.0])
 
@@ -865,6 +873,65 @@ def text_conditioning(pipeline, requests: Sequence[Request], architecture: str, 
     if pooled is not None:
         conditioning.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
     return conditioning
+
+
+def load_lora(pipeline, lora: Weights, name: str) -> None:
+    """Load a LoRA (a diffusers folder or a single file) into `pipeline` as the adapter `name`."""
+    from .config import errors_only
+
+    path = Path(lora.path)
+    # Civitai LoRAs often train the UNet only: not worth a warning
+    with errors_only("diffusers"), warnings.catch_warnings():
+        # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+        if lora.kind == "file":
+            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        else:
+            pipeline.load_lora_weights(str(path), adapter_name=name)
+
+
+def merge_lora(pipeline, lora: Weights | None) -> None:
+    """Give `pipeline` this LoRA merged into its weights (W + scale·BA), or no LoRA, keeping its module tree.
+
+    A LoRA loaded as an adapter wraps each layer it touches, and a compiled UNet guards on its modules: every new
+    adapter recompiled it, and after torch's recompile limit (8) the UNet ran eagerly for the rest of the run. Here
+    the LoRA is loaded, fused and unloaded again, so the plain layers (and their compiled graph) stay, and eager
+    layers pay no LoRA matmuls. The first time a weight is changed it is copied; switching to another LoRA (or to
+    none) writes the copies back first, so LoRAs never accumulate and the base is restored exactly.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = pipeline.__dict__.setdefault("_t2i_merged", {"lora": None, "original": {}})
+    wanted = lora.weights_id if lora is not None else None
+    if state["lora"] == wanted:
+        return
+
+    def restore() -> None:
+        with torch.no_grad():
+            for parameter, original in state["original"].values():
+                parameter.copy_(original)
+        state["lora"] = None
+
+    if state["lora"] is not None:
+        restore()
+    if lora is None:
+        return
+    components = [name for name in pipeline._lora_loadable_modules if getattr(pipeline, name, None) is not None]
+    try:
+        load_lora(pipeline, lora, "merging")
+        for component in components:
+            for module in getattr(pipeline, component).modules():
+                if isinstance(module, BaseTunerLayer):
+                    for parameter in module.get_base_layer().parameters(recurse=False):
+                        state["original"].setdefault(id(parameter), (parameter, parameter.detach().clone()))
+        pipeline.fuse_lora(components=components, lora_scale=1.0, adapter_names=["merging"])
+    except BaseException:  # a LoRA file that fails to load or fuse leaves the pipeline plain, with its base weights
+        pipeline.unload_lora_weights()
+        restore()
+        raise
+    pipeline.unload_lora_weights()
+    pipeline._merged_adapters = set()  # unloaded: nothing is left for diffusers to unfuse
+    state["lora"] = wanted
 
 
 def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
