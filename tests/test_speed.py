@@ -72,6 +72,52 @@ def test_tuned_pipeline_draws_the_plain_pipelines_images(tmp_path):
     assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[1]))
 
 
+def _cache_lengths(model) -> list[int]:
+    """The static cache length each forward of `model` sees, recorded by a hook (remove it with `.remove()`)."""
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        layers = getattr(kwargs.get("past_key_values"), "layers", None)
+        if layers and hasattr(layers[0], "max_cache_len"):
+            seen.append(layers[0].max_cache_len)
+
+    return seen, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_static_cache_decoding_sizes_every_batch_for_the_longest_prompt(lm):
+    """One cache length for all batches: each new length compiled the decoding step again (see the slow test)."""
+    model, tokenizer = models.load_causal_lm(lm[0].name_or_path)  # fresh: transformers keeps a model's longest cache
+    prompts = [[7] * 5, [8] * 20, [9] * 37]  # widths 16, 32 and 48 in buckets of 16
+    seen, hook = _cache_lengths(model)
+    try:
+        out = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
+                                  settings=speed.DecodeSettings(1, static_cache=True, bucket=16))
+    finally:
+        hook.remove()
+    assert set(seen) == {48 + 6} and len(seen) == 3 * 6  # 3 batches of one prefill + 5 decoding steps
+    plain = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
+                                settings=speed.DecodeSettings(1))
+    assert out == plain
+
+
+@pytest.mark.slow
+def test_compiled_decoding_compiles_once_for_many_prompt_widths(lm):
+    """`-m slow` (torch.compile on the CPU, ~20 s): 12 prompt widths, one graph, past torch's recompile limit of 8
+    without dropping to eager decoding, and the eager tokens."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = lm
+    prompts = [[5 + i] * (3 + 16 * i) for i in range(12)]
+    settings = speed.DecodeSettings(1, static_cache=True, compile=True, bucket=16)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    fast = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=4, settings=settings)
+    assert settings.compile_error is None and counters["stats"]["unique_graphs"] == before + 1
+    plain = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=4,
+                                settings=speed.DecodeSettings(1))
+    assert fast == plain
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decoding_equals_dynamic_batches(lm):
     model, tokenizer = lm

@@ -68,9 +68,10 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
                   settings: DecodeSettings | None = None, progress=None, **generate_kwargs) -> list[list[int]]:
     """The new tokens `model` writes greedily after each prompt (token ids in, token ids out, input order kept).
 
-    Prompts are decoded in length-sorted batches padded to a multiple of `settings.bucket`. With `compile`
-    every batch is also filled up to `batch_size` (repeating its last prompt), so CUDA graphs are captured for
-    a handful of shapes and replayed for the rest of the run. `progress` is called with the batch size after each.
+    Prompts are decoded in length-sorted batches padded to a multiple of `settings.bucket`, with one static cache
+    length for the whole call (the longest prompt's width + `max_new_tokens`). With `compile` every batch is also
+    filled up to `batch_size` (repeating its last prompt), so the decoding step has one shape: its CUDA graph is
+    captured once and replayed for the rest of the run. `progress` is called with the batch size after each.
     `generate_kwargs` go to `generate` last, so `do_sample=True, temperature=...` samples instead (seed first).
     """
     settings = settings or DecodeSettings()
@@ -78,11 +79,18 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
                                **generate_kwargs}
     if settings.static_cache:
         options["cache_implementation"] = "static"
+        # one cache length for every batch: a cache sized per batch changes the compiled decoding step's shapes, so
+        # each new prompt width compiled again, and past torch's recompile limit (8) the rest of the run ran eagerly
+        options["max_cache_len"] = padded_width(max((len(p) for p in prompts), default=1), settings.bucket) \
+            + max_new_tokens
     compiled = settings.compile and settings.compile_error is None
     if compiled:
         from transformers import CompileConfig
 
-        options["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        on_cuda = model.device.type == "cuda"
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told (CPU: no graphs)
+        options["compile_config"] = config
     else:
         options["disable_compile"] = True
     results: list[list[int] | None] = [None] * len(prompts)
