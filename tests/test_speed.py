@@ -118,6 +118,35 @@ def test_compiled_decoding_compiles_once_for_many_prompt_widths(lm):
     assert fast == plain
 
 
+@pytest.mark.slow
+def test_more_compiled_unets_than_torchs_default_limit_all_run_compiled(monkeypatch):
+    """`-m slow` (~1 min): ten differently built modules of one class compiled through optimize_pipeline each get
+    their graph; with torch's default limit of 8 per compiled function, the ninth and tenth ran eagerly."""
+    from types import SimpleNamespace
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    class Stack(torch.nn.Module):  # one class, as SD 1.5 and SDXL UNets are: its forward holds every graph
+        def __init__(self, depth: int):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Conv2d(2, 2, 3, padding=1) for _ in range(depth))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    for depth in range(1, 11):
+        unet = Stack(depth)
+        speed.optimize_pipeline(SimpleNamespace(unet=unet), speed.PipelineSettings(compile_unet=True))
+        before = counters["stats"]["unique_graphs"]
+        unet(torch.ones(1, 2, 8, 8))
+        assert counters["stats"]["unique_graphs"] == before + 1, f"module {depth} ran without its own graph"
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decoding_equals_dynamic_batches(lm):
     model, tokenizer = lm

@@ -139,6 +139,13 @@ class PipelineSettings:
         return cls(channels_last=on_cuda, compile_unet=on_cuda if compile_unet is None else compile_unet)
 
 
+# Graphs torch keeps per compiled function before it runs the rest eagerly (torch's default is 8). SD 1.5 and SDXL
+# UNets are one class, so their forward holds the graphs of both, and of each image size and batch length that
+# automatic dynamic shapes does not absorb: a tiny SD + SDXL run used up 8 after nine shapes and drew the next ones
+# eagerly. Each graph compiles once per run.
+COMPILED_GRAPHS_LIMIT = 64
+
+
 def optimize_pipeline(pipeline, settings: PipelineSettings):
     """Apply `settings` to `pipeline` in place and return it.
 
@@ -149,6 +156,9 @@ def optimize_pipeline(pipeline, settings: PipelineSettings):
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if settings.compile_unet and not getattr(pipeline.unet, "_t2i_compiled", False):
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
         # compile the forward in place (the module object stays the same, so LoRA loading still finds its layers)
         pipeline.unet.compile(mode=settings.compile_mode, fullgraph=False)
         pipeline.unet._t2i_compiled = True
