@@ -342,10 +342,10 @@ def build_tiny_lora(folder: Path, base_folder: Path, seed: int, rank: int = 4,
 
     `text_encoder=True` also adapts the attention of each text encoder, as many Civitai LoRAs do.
     """
+    import transformers
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
-    import transformers
 
     unet = UNet2DConditionModel.from_pretrained(Path(base_folder) / "unet")
     torch.manual_seed(seed)
