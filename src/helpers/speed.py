@@ -156,9 +156,9 @@ def optimize_pipeline(pipeline, settings: PipelineSettings):
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if settings.compile_unet and not getattr(pipeline.unet, "_t2i_compiled", False):
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
         # compile the forward in place (the module object stays the same, so LoRA loading still finds its layers)
         pipeline.unet.compile(mode=settings.compile_mode, fullgraph=False)
         pipeline.unet._t2i_compiled = True
