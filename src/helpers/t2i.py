@@ -925,12 +925,12 @@ def merge_lora(pipeline, lora: Weights | None) -> None:
                     for parameter in module.get_base_layer().parameters(recurse=False):
                         state["original"].setdefault(id(parameter), (parameter, parameter.detach().clone()))
         pipeline.fuse_lora(components=components, lora_scale=1.0, adapter_names=["merging"])
-    except BaseException:  # a LoRA file that fails to load or fuse leaves the pipeline plain, with its base weights
-        pipeline.unload_lora_weights()
+    except BaseException:  # a LoRA file that fails to load or fuse leaves the base weights
         restore()
         raise
-    pipeline.unload_lora_weights()
-    pipeline._merged_adapters = set()  # unloaded: nothing is left for diffusers to unfuse
+    finally:  # either way the plain layers come back
+        pipeline.unload_lora_weights()
+        pipeline._merged_adapters = set()  # unloaded: nothing is left for diffusers to unfuse
     state["lora"] = wanted
 
 
