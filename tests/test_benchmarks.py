@@ -51,6 +51,10 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     host = by_name["host_io"]["paths"]
     assert host["naive"]["units"] == host["project"]["units"] == PLAN["host_io"]["tiny"]["images"]
     assert host["project"]["settings"]["png"].startswith("zlib 1")
+    # the photograph's PNGs: zlib 6 (naive) writes fewer bytes than the cache's zlib 1, both far below raw pixels
+    side = by_name["host_io"]["shapes"]["side"]
+    sizes = [host[path]["settings"]["png_bytes_per_image"] for path in ("naive", "project")]
+    assert 0 < sizes[0] < sizes[1] < 3 * side * side
 
 
 def test_summary_names_device_and_every_benchmark(tiny_results):
@@ -255,3 +259,64 @@ def test_agfsync_evaluation_counts_tifa_answering_and_hps_scoring():
     flop = 25_000 / 4_081 * (1.728e11 + 4.8e11) + 5.14e11
     assert tifa["project GPU-h"] == pytest.approx(32_648 * flop / (790e12 * 0.40) / 3600)
     assert "FLOP estimate" in tifa["cost source"]
+
+
+# ------------------------------------------------------------------------------------------ disk
+
+def test_photo_crops_are_distinct_squares_of_the_asked_side():
+    import numpy as np
+
+    from helpers.benchmarks.photos import photo_crops
+
+    crops = photo_crops(512, 9)
+    assert {crop.size for crop in crops} == {(512, 512)} and {crop.mode for crop in crops} == {"RGB"}
+    assert len({np.asarray(crop).tobytes() for crop in crops}) == 9
+    assert np.array_equal(np.asarray(crops[1]), np.asarray(crops[0])[:, ::-1])  # the odd ones are mirrored
+    assert [np.asarray(c).tobytes() for c in photo_crops(512, 9)] == [np.asarray(c).tobytes() for c in crops]
+    assert photo_crops(64, 3)[2].size == (64, 64)
+
+
+def test_png_bytes_are_measured_at_each_paths_level():
+    import io
+
+    from helpers.benchmarks.photos import photo_crops
+    from helpers.t2i import ImageCache
+
+    assert cost.PNG_LEVELS == {"project": ImageCache.COMPRESS_LEVEL, "naive": 6}  # the cache's level, PIL's default
+
+    def by_hand(level):
+        sizes = []
+        for crop in photo_crops(128, 4):
+            buffer = io.BytesIO()
+            crop.save(buffer, "PNG", compress_level=level)
+            sizes.append(len(buffer.getvalue()))
+        return sum(sizes) / 4
+
+    assert cost.png_bytes_per_image(128, 4) == {"project": by_hand(1), "naive": by_hand(6)}
+    # a photograph compresses like a picture: between a quarter and three quarters of its raw 512-px pixels
+    # (random noise, what a random-weight pipeline draws, does not compress at all)
+    raw = 512 * 512 * 3
+    assert 0.25 * raw < cost.png_bytes_per_image(512, 2)["project"] < 0.75 * raw
+
+
+def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table = cost.disk_table({"project": 500_000, "naive": 400_000})
+    drawn = {(w.method, w.stage): w.count for w in cost.paper_work() if w.unit == "image"}
+    images = {(m, s): n for m, s, n in zip(table["method"], table["stage"], table["images"])}
+    assert len(images) == len(table) and set(drawn) < set(images) and all(images[k] == n for k, n in drawn.items())
+    table = table.set_index("stage")
+    # 4,000 prompts × 6 candidates × 10 images at 0.5 MB = 120 GB (0.4 MB: 96 GB)
+    assert table.loc["RRHF images", "GB"] == pytest.approx(120.0)
+    assert table.loc["RRHF images", "GB at PIL's default"] == pytest.approx(96.0)
+    # a winner and a loser for each of the 45,834 AGFSync prompts
+    pairs = table.loc["Preference dataset (winner + loser per prompt)"]
+    assert pairs["images"] == 91_668 and pairs["GB"] == pytest.approx(91_668 * 5e5 / 1e9)
+    # 859.5M UNet parameters × 4 bytes × (weights + AdamW's two moments) = 10.314 GB, whatever the PNGs weigh
+    resume = table.loc["Diffusion-DPO resume point (newest only)"]
+    assert resume["GB"] == resume["GB at PIL's default"] == pytest.approx(10.314)
+    figure = cost.plot_disk(table.reset_index())
+    assert len(figure.axes[0].patches) == len(table)
+    assert f"{table['GB'].sum():,.0f} GB" in figure.axes[0].get_title()

@@ -427,8 +427,9 @@ class ImageCache:
 
     WRITERS = 2  # background PNG writers
     MAX_PENDING = 256  # images waiting to be written before `put_later` waits for the oldest
-    # zlib level 1: a 512 px picture encodes in ~15 ms instead of ~75 ms at PIL's default 6, for ~20% more bytes
-    # (measured on one CPU thread, against the ~83 ms an H100 takes to draw it); the pixels are the same
+    # zlib level 1: a 512 px photograph encodes in ~45 ms instead of ~120 ms at PIL's default 6 on one thread of
+    # a 2-core CI machine, for ~7% more bytes (428 kB against 400 kB; notebook 14 measures it on every run), next
+    # to the ~83 ms an H100 takes to draw it; the pixels are the same
     COMPRESS_LEVEL = 1
 
     def __init__(self, root: Path):

@@ -32,6 +32,8 @@ TIFA_FLOP = TIFA_QUESTIONS / TIFA_TEXTS * (2 * 1.2e9 * 72 + 5 * 30 * 2 * 1.6e9) 
 LLAMA7B_PARAMS = 6.7e9
 INTERNVL2_2B_PARAMS = 2.2e9
 SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
+SD15_UNET_PARAMS = 859.5e6
+AGFSYNC_PROMPTS = 45_834  # AGFSync dataset card
 
 
 # What one unit of each kind of work is, at paper scale
@@ -87,7 +89,7 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     seeds = counts["table2_seeds"] if table2_seeds is None else table2_seeds
     eval_prompts = dabench_test + 2 * counts["table2_prompts_per_set"]  # DABench test + COCO + PartiPrompts
     chatgen_train, chatgen_test, chatgen_multimodal = 256_606, 14_564, 69_548 + 1_668
-    agf_prompts, agf_candidates = 45_834, counts["agfsync_candidates"]
+    agf_prompts, agf_candidates = AGFSYNC_PROMPTS, counts["agfsync_candidates"]
     hps_prompts = 3_200  # HPS v2 benchmark: 4 styles × 800 prompts
     agf_eval = TIFA_TEXTS + hps_prompts
     agf_eval_seeds = counts["agfsync_eval_seeds"]
@@ -132,6 +134,55 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("AGFSync", "Evaluation: HPS v2 scores", "score", hps_prompts * agf_eval_seeds * 2,
              "every HPS v2 image (costed like the three unified-reward scorers: an upper bound)"),
     ]
+
+
+# Disk. Every drawn image stays in the image cache as a PNG, so that no image is drawn twice: the project's zlib
+# level (t2i.ImageCache.COMPRESS_LEVEL; a test keeps the two in step) next to PIL's default.
+PNG_LEVELS = {"project": 1, "naive": 6}
+
+
+def png_bytes_per_image(side: int = 512, count: int = 8) -> dict[str, float]:
+    """Mean PNG size in bytes of `count` `side`-px crops of a photograph, at each path's zlib level (measured here)."""
+    from .photos import png_bytes, photo_crops
+
+    crops = photo_crops(side, count)
+    return {path: sum(png_bytes(crop, level) for crop in crops) / count for path, level in PNG_LEVELS.items()}
+
+
+def disk_table(png_bytes: dict[str, float]):
+    """Disk per stage at paper scale, in GB: each image-drawing stage's PNGs in the image cache at `png_bytes` per
+    image, AGFSync's preference dataset (it embeds a copy of each pair's PNGs) and the Diffusion-DPO resume point."""
+    import pandas as pd
+
+    rows = [(w.method, w.stage, w.count, w.count * png_bytes["project"], w.count * png_bytes["naive"],
+             "PNGs in the image cache") for w in paper_work() if w.unit == "image"]
+    pairs = 2 * AGFSYNC_PROMPTS
+    rows.append(("AGFSync", "Preference dataset (winner + loser per prompt)", pairs, pairs * png_bytes["project"],
+                 pairs * png_bytes["naive"], "PNG copies embedded in the dataset (datasets.save_to_disk)"))
+    resume = SD15_UNET_PARAMS * 4 * 3  # fp32 weights + AdamW's two fp32 moments; only the newest is kept
+    rows.append(("AGFSync", "Diffusion-DPO resume point (newest only)", 0, resume, resume,
+                 "SD 1.5 UNet in fp32 + AdamW state"))
+    table = pd.DataFrame(rows, columns=["method", "stage", "images", "bytes", "bytes at PIL's default", "what"])
+    for column in ("bytes", "bytes at PIL's default"):
+        table[column.replace("bytes", "GB")] = table.pop(column) / 1e9
+    return table[["method", "stage", "images", "GB", "GB at PIL's default", "what"]]
+
+
+def plot_disk(table):
+    """Horizontal bars: GB per stage at the image cache's zlib level, coloured by method, the total in the title."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    y = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(table) + 1.2))
+    colours = {"DiffAgent": "#4c72b0", "ChatGen": "#55a868", "AGFSync": "#dd8452"}
+    ax.barh(y, table["GB"], color=[colours.get(m, "#999999") for m in table["method"]])
+    ax.set_yticks(y, [f"{m}: {s}" for m, s in zip(table["method"], table["stage"])], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB on disk")
+    ax.set_title(f"Disk at paper scale: {table['GB'].sum():,.0f} GB in all")
+    fig.tight_layout()
+    return fig
 
 
 def _flop_seconds(unit: str) -> dict[str, float] | None:

@@ -12,6 +12,7 @@ import gc
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -341,16 +342,16 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
     of CLIP, HPS v2 and ImageReward made from it. Naive: PIL's default PNG level, written in turn, and each
     scorer's preprocessing on one thread. Project: `ImageCache.put_later` (zlib level 1, writer threads,
     `flush`) and `scorers.base.pixels_in_threads`. Both make the same pixels; the GPU is idle here."""
-    from PIL import ImageFilter
     from transformers import CLIPImageProcessor
 
     from ..config import errors_only
     from ..scorers import base, hps
     from ..t2i import ImageCache
+    from .photos import SOURCE, photo_crops
 
     plan = PLAN["host_io"][size]
-    # blurred noise: compresses like a photo (noise itself would be ~4x larger than a real 512 px PNG)
-    images = [image.filter(ImageFilter.GaussianBlur(3)) for image in _noise_images(size, plan["images"])]
+    # a photograph, which compresses like a drawn picture (the noise a random-weight pipeline draws is ~2x larger)
+    images = photo_crops(shapes.IMAGE_SIZE[size], plan["images"])
     side = plan["scorer_side"]
     with errors_only("transformers"):  # without torchvision it says it falls back to PIL, which is what it should do
         clip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
@@ -380,9 +381,11 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
                                      "preprocessing": f"{base.PREPROCESS_WORKERS} threads"})):
         with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as timed:
             paths.append(time_path(name, lambda: work(timed), "cpu", warmup=lambda: work(warm), settings=settings))
+            written = sorted(Path(timed).rglob("*.png"))
+            paths[-1].settings["png_bytes_per_image"] = sum(p.stat().st_size for p in written) / len(written)
     if not all(torch.equal(a, b) for a, b in zip(made["naive"], made["project"])):
         raise AssertionError("the threaded preprocessing made other pixels than one thread")
-    return row("host_io", "s/image", {"side": shapes.IMAGE_SIZE[size], **plan}, paths,
+    return row("host_io", "s/image", {"side": shapes.IMAGE_SIZE[size], "images_from": SOURCE, **plan}, paths,
                "CPU work per drawn image: PNG to the image cache and the three unified-reward scorers' pixels")
 
 
