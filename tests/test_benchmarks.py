@@ -320,3 +320,40 @@ def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point()
     figure = cost.plot_disk(table.reset_index())
     assert len(figure.axes[0].patches) == len(table)
     assert f"{table['GB'].sum():,.0f} GB" in figure.axes[0].get_title()
+
+
+def test_catalog_weights_sum_each_callable_version_and_each_loras_base_once(tmp_path):
+    def version(version_id, size_kb=None, primary=True):
+        files = [] if size_kb is None else [{"type": "Training Data", "sizeKB": 1.0, "primary": False},
+                                            {"type": "Model", "sizeKB": size_kb, "primary": primary}]
+        return {"id": version_id, "files": files}
+
+    crawl = tmp_path / "01_crawl_civitai"
+    crawl.mkdir()
+    (crawl / "manifest.json").write_text(json.dumps({"params": {"source": "local"}}))
+    models = [{"modelVersions": [version(1, 2_000_000), version(2, 6_000_000, primary=False)]},
+              {"modelVersions": [version(3, 100_000), version(4)]}, {"modelVersions": [version(5, 9e9)]}]
+    (crawl / "models.jsonl").write_text("".join(json.dumps(m) + "\n" for m in models))
+
+    def pair(version_id, kind, architecture, base=None):
+        return {"model_version_id": version_id, "api": {"type": kind}, "architecture": architecture,
+                "lora_base": {"model_version_id": base} if base else None}
+
+    # version 1 twice; LoRA 3 first shown on base 2, later on 5, and like t2i.ModelCatalog the first record counts,
+    # so 5 is never downloaded; LoRA 4 lists no file
+    dabench = tmp_path / "dabench.jsonl"
+    records = [pair(1, "Checkpoint", "SD 1.5"), pair(1, "Checkpoint", "SD 1.5"), pair(3, "LORA", "SDXL 1.0", base=2),
+               pair(4, "LORA", "SDXL 1.0"), pair(3, "LORA", "SDXL 1.0", base=5)]
+    dabench.write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = cost.catalog_weights(crawl / "models.jsonl", dabench, download_mb_per_s=100.0)
+    rows = {(r["type"], r["base model"]): r for r in table.to_dict("records")}
+    assert set(rows) == {("Checkpoint", "SD 1.5"), ("Checkpoint", "SDXL 1.0"), ("LORA", "SDXL 1.0")}
+    # sizeKB is KiB: 2,000,000 KiB = 2.048 GB; the primary file counts, else the first model file (version 2)
+    assert rows[("Checkpoint", "SD 1.5")]["versions"] == 1 and rows[("Checkpoint", "SD 1.5")]["GB"] == pytest.approx(2.048)
+    assert rows[("Checkpoint", "SDXL 1.0")]["GB"] == pytest.approx(6.144)
+    lora = rows[("LORA", "SDXL 1.0")]
+    assert (lora["versions"], lora["size unknown"]) == (2, 1) and lora["GB"] == pytest.approx(0.1024)
+    # 2.048 GB at 100 MB/s = 20.48 s
+    assert rows[("Checkpoint", "SD 1.5")]["hours to download"] == pytest.approx(20.48 / 3600)
+    assert cost.crawl_source(crawl / "models.jsonl") == "local"
+    assert cost.CATALOG_FILES == ("01_crawl_civitai/models.jsonl", "04_build_dabench/dabench.jsonl")

@@ -89,6 +89,21 @@ def test_executed_notebooks_hold_no_errors_and_stages_have_manifests(built_book)
     assert (built_book["root"] / "data" / "runs" / "tiny" / "00_setup" / "manifest.json").is_file()
 
 
+def test_cost_chapter_sizes_every_model_the_executor_can_download(built_book):
+    import pandas as pd
+
+    from helpers.t2i import ModelCatalog
+
+    runs = built_book["root"] / "data" / "runs" / "tiny"
+    catalog = ModelCatalog.from_dabench(runs / "04_build_dabench" / "dabench.jsonl")
+    downloadable = {m.model_version_id for m in catalog.models if not m.is_base}
+    downloadable |= {m.lora_base_version_id for m in catalog.models if m.lora_base_version_id}
+    weights = pd.read_csv(runs / "14_cost_and_speed" / "catalog_weights.csv")
+    assert weights["versions"].sum() == len(downloadable) > 0 and weights["GB"].gt(0).all()
+    disk = pd.read_csv(runs / "14_cost_and_speed" / "disk_per_stage.csv")
+    assert disk["GB"].gt(0).all() and disk["images"].sum() > 1_000_000
+
+
 def test_no_secret_from_the_environment_reaches_a_file(built_book):
     written = [p for root in (built_book["root"], built_book["twin"]) for folder in ("data", "book", "_build")
                for p in (root / folder).rglob("*") if p.is_file()]

@@ -185,6 +185,60 @@ def plot_disk(table):
     return fig
 
 
+def _download_bytes(version: dict[str, Any]) -> float | None:
+    """The bytes `/api/download/models/{version}` serves: the primary file's `sizeKB` (KiB), else the first model
+    file's; None when the crawl lists no file."""
+    files = version.get("files") or []
+    file = next((f for f in files if f.get("primary")), None) or next((f for f in files if f.get("type") == "Model"),
+                                                                        None)
+    return None if file is None or file.get("sizeKB") is None else float(file["sizeKB"]) * 1024
+
+
+# a run's crawl (file sizes) and DABench (the model versions the agent can call), under data/runs/<profile>/
+CATALOG_FILES = ("01_crawl_civitai/models.jsonl", "04_build_dabench/dabench.jsonl")
+
+
+def crawl_source(crawl_models: Path) -> str:
+    """Where the crawl next to `crawl_models` read its models: "local" (the project's Civitai server) or a URL."""
+    import json
+
+    return str(json.loads((Path(crawl_models).parent / "manifest.json").read_text())["params"]["source"])
+
+
+def catalog_weights(crawl_models: Path, dabench: Path, download_mb_per_s: float = 50.0):
+    """The Civitai files a run of the agent's catalog may download, per model type and base model: every model
+    version DABench can call and the base checkpoint each LoRA was shown with, sized from the crawl (`sizeKB` of the
+    file the download endpoint serves). The base models come from the hub and are not counted. A run keeps every
+    file it downloads (`T2IBOOK_WEIGHTS_CACHE`); `hours to download` assumes `download_mb_per_s` MB/s. As in
+    `t2i.ModelCatalog`, a version's first DABench record gives its type and its LoRA's base."""
+    import json
+
+    import pandas as pd
+
+    sizes: dict[int, float | None] = {}
+    with open(crawl_models) as handle:
+        for line in filter(str.strip, handle):
+            for version in json.loads(line).get("modelVersions", []):
+                sizes[version["id"]] = _download_bytes(version)
+    needed: dict[int, tuple[str, str]] = {}
+    seen: set[int] = set()
+    with open(dabench) as handle:
+        for line in filter(str.strip, handle):
+            record = json.loads(line)
+            if record["model_version_id"] in seen:  # a version's first record defines it (t2i.ModelCatalog)
+                continue
+            seen.add(record["model_version_id"])
+            needed.setdefault(record["model_version_id"], (record["api"]["type"], record["architecture"]))
+            if (record.get("lora_base") or {}).get("model_version_id"):
+                needed.setdefault(record["lora_base"]["model_version_id"], ("Checkpoint", record["architecture"]))
+    table = pd.DataFrame([{"type": kind, "base model": base, "versions": 1, "GB": (sizes.get(v) or 0.0) / 1e9,
+                           "size unknown": int(sizes.get(v) is None)} for v, (kind, base) in needed.items()],
+                         columns=["type", "base model", "versions", "GB", "size unknown"])
+    table = table.groupby(["type", "base model"], as_index=False).sum().sort_values(["type", "base model"])
+    table["hours to download"] = table["GB"] * 1e3 / download_mb_per_s / 3600
+    return table.reset_index(drop=True)
+
+
 def _flop_seconds(unit: str) -> dict[str, float] | None:
     flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP, "tifa": TIFA_FLOP,
             "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
