@@ -23,7 +23,8 @@ python3 -c 'import torch, transformers, diffusers, trl; print("torch", torch.__v
 "| transformers", transformers.__version__, "| diffusers", diffusers.__version__, "| trl", trl.__version__)' || exit 1
 # the benchmarks the targets and the cost model need most come first; the tests get the last 100 s
 timeout --signal=INT --kill-after=20 $((budget - 100 - SECONDS)) python3 -m helpers.cli bench --size "${GPU_CHECK_SIZE:-full}" \
-  --only image_generation api_generation scoring dpo_step rrhf_step vqa_scoring host_io --out "$out"
+  --only image_generation api_generation scoring dpo_step rrhf_step vqa_scoring host_io \
+  lora_switching --out "$out"
 echo "gpu_check: bench exit $? after ${SECONDS} s"
 left=$((budget - SECONDS - 5))
 if [ "$left" -gt 30 ]; then

@@ -11,7 +11,8 @@ from helpers import cli
 from helpers.benchmarks import PLAN, cost, load_results
 from helpers.benchmarks.harness import headline, summary_lines
 
-NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring", "host_io"]
+NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring", "host_io",
+         "lora_switching"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,11 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     side = by_name["host_io"]["shapes"]["side"]
     sizes = [host[path]["settings"]["png_bytes_per_image"] for path in ("naive", "project")]
     assert 0 < sizes[0] < sizes[1] < 3 * side * side
+    lora, plan = by_name["lora_switching"]["paths"], PLAN["lora_switching"]["tiny"]
+    assert lora["naive"]["units"] == lora["project"]["units"] == plan["loras"] * plan["images"]
+    assert (lora["naive"]["settings"]["loras"], lora["project"]["settings"]["loras"]) == ("named adapters",
+                                                                                         "merged, then unmerged")
+    assert all(0 < lora[path]["settings"]["switch_s"] < lora[path]["total_s"] for path in ("naive", "project"))
 
 
 def test_summary_names_device_and_every_benchmark(tiny_results):

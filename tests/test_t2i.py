@@ -354,6 +354,24 @@ def _tensors(pipeline):
             for name, tensor in getattr(pipeline, part).state_dict().items()}
 
 
+def test_a_lora_switch_prints_no_progress_bar_and_leaves_the_setting_as_it_was(run_ctx, tmp_path, capfd):
+    """A LoRA's text-encoder part goes through transformers' loader, whose progress bar would print at every one of
+    a run's switches (the paper profile keeps library bars on, for downloads)."""
+    from transformers.utils import logging as transformers_logging
+
+    (lora,) = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(7,))
+    pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+    transformers_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        t2i.use_lora(pipeline, lora, merge=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.disable_progress_bar()
+    assert set(pipeline.get_list_adapters()) == {"unet", "text_encoder"}
+
+
 @pytest.mark.parametrize("architecture", ["SD 1.5", "SDXL 1.0"])
 def test_merged_loras_draw_the_adapter_images_and_leave_the_base_exactly_as_it_was(run_ctx, tmp_path, architecture):
     """merge_lora: same images as the adapters, the plain module tree kept, and no LoRA left over after a switch."""

@@ -194,7 +194,7 @@ def _add_bench(commands) -> None:
     bench.add_argument("--size", choices=["tiny", "full"], default=None,
                        help="full: the paper's shapes (needs a GPU); tiny: the book's (default on CPU)")
     bench.add_argument("--only", nargs="*", default=None,
-                       help="benchmark names, e.g. api_generation image_generation (default: all seven; an unknown "
+                       help="benchmark names, e.g. api_generation image_generation (default: all eight; an unknown "
                             "name lists them)")
     bench.add_argument("--out", default=None, help="a results file (*.json), or a folder, made if missing, for "
                                                     "<device>-<size>.json in it (default: benchmarks/results/)")

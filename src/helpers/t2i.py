@@ -693,26 +693,7 @@ class Executor:
         return self.config.compile_unet if self.config.merge_loras is None else self.config.merge_loras
 
     def _with_lora(self, pipeline, lora: Weights | None):
-        """Switch the pipeline to this LoRA alone, or to no LoRA: merged into the weights (`merge_lora`) or as a
-        named adapter, loaded once and kept while it is among the `max_loras` most recently used."""
-        if self.merges_loras:
-            merge_lora(pipeline, lora)
-            return
-        loaded: OrderedDict[str, None] = pipeline.__dict__.setdefault("_t2i_loras", OrderedDict())
-        if lora is None:
-            if loaded:
-                pipeline.disable_lora()
-            return
-        name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
-        if name in loaded:
-            loaded.move_to_end(name)
-        else:
-            load_lora(pipeline, lora, name)
-            loaded[name] = None
-            while len(loaded) > self.config.max_loras:  # a paper-scale run meets hundreds of LoRAs, ~0.1 GB each
-                pipeline.delete_adapters(loaded.popitem(last=False)[0])
-        pipeline.enable_lora()
-        pipeline.set_adapters([name], adapter_weights=[1.0])
+        use_lora(pipeline, lora, merge=self.merges_loras, max_loras=self.config.max_loras)
 
     # -- generation
     def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Generated]:
@@ -876,19 +857,51 @@ def text_conditioning(pipeline, requests: Sequence[Request], architecture: str, 
     return conditioning
 
 
+def use_lora(pipeline, lora: Weights | None, *, merge: bool, max_loras: int = 8) -> None:
+    """Switch `pipeline` to this LoRA alone, or to no LoRA: merged into the weights (`merge_lora`, what a compiled
+    UNet needs) or as a named adapter, loaded once and kept while it is among the `max_loras` most recently used."""
+    if merge:
+        merge_lora(pipeline, lora)
+        return
+    loaded: OrderedDict[str, None] = pipeline.__dict__.setdefault("_t2i_loras", OrderedDict())
+    if lora is None:
+        if loaded:
+            pipeline.disable_lora()
+        return
+    name = "lora_" + lora.weights_id.replace("@", "_").replace(":", "_").replace(".", "_")
+    if name in loaded:
+        loaded.move_to_end(name)
+    else:
+        load_lora(pipeline, lora, name)
+        loaded[name] = None
+        while len(loaded) > max_loras:  # a paper-scale run meets hundreds of LoRAs, ~0.1 GB each
+            pipeline.delete_adapters(loaded.popitem(last=False)[0])
+    pipeline.enable_lora()
+    pipeline.set_adapters([name], adapter_weights=[1.0])
+
+
 def load_lora(pipeline, lora: Weights, name: str) -> None:
     """Load a LoRA (a diffusers folder or a single file) into `pipeline` as the adapter `name`."""
     from .config import errors_only
 
+    from transformers.utils import logging as transformers_logging
+
     path = Path(lora.path)
-    # Civitai LoRAs often train the UNet only: not worth a warning
-    with errors_only("diffusers"), warnings.catch_warnings():
-        # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
-        warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
-        if lora.kind == "file":
-            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        else:
-            pipeline.load_lora_weights(str(path), adapter_name=name)
+    # a LoRA's text-encoder part loads in milliseconds: no transformers progress bar for each of a run's switches
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        # Civitai LoRAs often train the UNet only: not worth a warning
+        with errors_only("diffusers"), warnings.catch_warnings():
+            # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
+            warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+            if lora.kind == "file":
+                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            else:
+                pipeline.load_lora_weights(str(path), adapter_name=name)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def merge_lora(pipeline, lora: Weights | None) -> None:

@@ -6,6 +6,7 @@ published checkpoints, and nothing has to be downloaded.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,6 +115,28 @@ def sd15_pipeline(size: str, device: str, dtype: torch.dtype):
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def random_lora(pipeline, folder, rank: int, seed: int) -> str:
+    """Save a LoRA of random rank-`rank` factors for `pipeline` to `folder` (diffusers' single-file format) and return
+    the file's path. It adapts the attention of the UNet and of the text encoder, the layers most Civitai LoRAs train,
+    and is built from the layer shapes alone, so no second copy of a full-size model is made."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def factors(model, targets: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        layers = {}  # peft's key names (lora_A: rank × in, lora_B: out × rank), small enough to keep activations sane
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+                layers[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) / 32
+                layers[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) / 32
+        return convert_state_dict_to_diffusers(layers)
+
+    type(pipeline).save_lora_weights(
+        folder, unet_lora_layers=factors(pipeline.unet, (".to_q", ".to_k", ".to_v", ".to_out.0")),
+        text_encoder_lora_layers=factors(pipeline.text_encoder, (".q_proj", ".k_proj", ".v_proj", ".out_proj")))
+    return str(Path(folder) / "pytorch_lora_weights.safetensors")
 
 
 def blip2_vqa(size: str, device: str, dtype: torch.dtype):

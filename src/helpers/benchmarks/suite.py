@@ -1,9 +1,10 @@
-"""The seven benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
+"""The eight benchmarks of `t2ibook bench`: each times the plain ("naive") path and the project's path side by side.
 
 (a) API generation, (b) image generation, (c) unified-reward scoring, (d) one RRHF optimizer step, (e) one
-Diffusion-DPO step, (f) AGFSync's VQA scoring, (g) the CPU work around each drawn image (PNG, scorer pixels). `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px,
-CLIP B/16 + BLIP-L + ViT-H/14, BLIP-2 Flan-T5-XL);
-`tiny` the book's tiny shapes, so CI runs every line of every benchmark on a CPU in about a minute.
+Diffusion-DPO step, (f) AGFSync's VQA scoring, (g) the CPU work around each drawn image (PNG, scorer pixels),
+(h) images drawn with one LoRA after another. `full` uses the paper's shapes (a 7B Llama, SD 1.5 at 512 px,
+CLIP B/16 + BLIP-L + ViT-H/14, BLIP-2 Flan-T5-XL); `tiny` the book's tiny shapes, so CI runs every line of every
+benchmark on a CPU in about a minute.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from .. import speed
 from . import shapes
-from .harness import PathTiming, row, time_path
+from .harness import PathTiming, row, synchronize, time_path
 
 # work per benchmark and size: enough units that the timed part dominates, little enough for CI on two cores
 PLAN: dict[str, dict[str, dict[str, Any]]] = {
@@ -37,6 +38,10 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
                     "tiny": dict(naive=2, images=16, questions=8, batch=8)},
     # the CPU's share of every drawn and scored image: its PNG written to the cache, its three scorers' pixels
     "host_io": {"full": dict(images=64, scorer_side=224), "tiny": dict(images=32, scorer_side=224)},
+    # a Civitai LoRA per batch, as a run sorted by model meets them: the batch is image_generation's, so a compiled
+    # UNet reuses that benchmark's graph; rank 64 on the UNet's and the text encoder's attention
+    "lora_switching": {"full": dict(loras=4, images=32, steps=20, cfg=7.5, rank=64),
+                       "tiny": dict(loras=4, images=4, steps=10, cfg=7.5, rank=4)},
 }
 
 
@@ -389,10 +394,54 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
                "CPU work per drawn image: PNG to the image cache and the three unified-reward scorers' pixels")
 
 
+# ----------------------------------------------------------------------------------- (h) LoRA switching
+
+def bench_lora_switching(size: str, device: str) -> dict[str, Any]:
+    """A batch of images with each of several LoRAs in turn, the switch included. Naive: each LoRA a named adapter
+    on an eager UNet (the executor without compilation). Project: each LoRA merged into the weights and unmerged
+    again (`t2i.merge_lora`) on the executor's optimised pipeline, whose UNet is compiled on a GPU: adapters there
+    recompiled it for every new LoRA, and ran it eagerly past torch's limit of 8 graphs."""
+    from ..t2i import Weights, use_lora
+
+    plan = PLAN["lora_switching"][size]
+    side = shapes.IMAGE_SIZE[size]
+    prompts = [f"a portrait of a knight in ornate armour, variant {i}" for i in range(plan["images"])]
+    paths, loras = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, merge, settings in (("naive", False, speed.PipelineSettings.auto(device, compile_unet=False)),
+                                      ("project", True, speed.PipelineSettings.auto(device))):
+            pipeline = speed.optimize_pipeline(shapes.sd15_pipeline(size, device, _half(device)), settings)
+            if not loras:  # the files depend on the layer shapes alone: made once, one for the warm-up and the rest
+                loras = [Weights(shapes.random_lora(pipeline, Path(folder) / f"lora_{i}", plan["rank"], seed=i),
+                                 "file", f"lora_{i}") for i in range(plan["loras"] + 1)]
+            switches: list[float] = []
+
+            def with_lora(lora: Weights) -> int:
+                synchronize(device)
+                started = time.perf_counter()
+                use_lora(pipeline, lora, merge=merge)
+                synchronize(device)
+                switches.append(time.perf_counter() - started)
+                speed.render(pipeline, prompts, [""] * len(prompts), list(range(len(prompts))), steps=plan["steps"],
+                             cfg=plan["cfg"], width=side, height=side, device=device)
+                return len(prompts)
+
+            paths.append(time_path(name, lambda: sum(with_lora(lora) for lora in loras[1:]), device,
+                                   warmup=lambda: with_lora(loras[0]),
+                                   settings={"loras": "merged, then unmerged" if merge else "named adapters",
+                                             "dtype": str(_half(device)), **settings.__dict__}))
+            paths[-1].settings["switch_s"] = sum(switches[1:]) / len(switches[1:])  # the warm-up's first load aside
+            del pipeline
+            gc.collect()
+    return row("lora_switching", "s/image", {"resolution": side, **plan}, paths,
+               f"SD 1.5 shapes, CFG: {plan['loras']} LoRAs in turn, a batch of {plan['images']} images each, the "
+               "switch included (settings: switch_s)")
+
+
 BENCHMARKS: dict[str, Callable[[str, str], dict[str, Any]]] = {
     "api_generation": bench_api_generation, "image_generation": bench_image_generation, "scoring": bench_scoring,
     "rrhf_step": bench_rrhf_step, "dpo_step": bench_dpo_step, "vqa_scoring": bench_vqa_scoring,
-    "host_io": bench_host_io}
+    "host_io": bench_host_io, "lora_switching": bench_lora_switching}
 
 
 def check_names(names: list[str] | None) -> list[str]:
