@@ -354,21 +354,41 @@ def _tensors(pipeline):
             for name, tensor in getattr(pipeline, part).state_dict().items()}
 
 
-def test_a_lora_switch_prints_no_progress_bar_and_leaves_the_setting_as_it_was(run_ctx, tmp_path, capfd):
-    """A LoRA's text-encoder part goes through transformers' loader, whose progress bar would print at every one of
-    a run's switches (the paper profile keeps library bars on, for downloads)."""
+def test_lora_switches_print_no_bar_or_false_missing_report_and_a_broken_file_still_raises(run_ctx, tmp_path, capfd):
+    """A LoRA's text-encoder part goes through transformers' loader: its progress bar printed at every switch (the
+    paper profile keeps library bars on, for downloads), and beside another adapter its load report called that
+    adapter's weights MISSING. Both stay quiet; the settings come back as they were; a bad tensor still raises."""
+    from safetensors.torch import load_file, save_file
     from transformers.utils import logging as transformers_logging
 
-    (lora,) = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(7,))
+    first, second = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(7, 8))
     pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+    layers = load_file(Path(first.path) / "pytorch_lora_weights.safetensors")
+    name = next(k for k in sorted(layers) if k.startswith("text_encoder."))
+    layers[name] = torch.zeros(layers[name].shape[0] + 1, *layers[name].shape[1:])
+    save_file(layers, tmp_path / "broken.safetensors")
+    logged: list[str] = []  # what transformers' handlers print (theirs write to whichever stderr they first saw)
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    verbosity = transformers_logging.get_verbosity()
     transformers_logging.enable_progress_bar()
+    transformers_logging.set_verbosity_warning()  # as a fresh session has it (other tests may have quietened it)
+    logging.getLogger("transformers").addHandler(handler)
     try:
         capfd.readouterr()
-        t2i.use_lora(pipeline, lora, merge=False)
+        for lora in (first, second):
+            t2i.use_lora(pipeline, lora, merge=False)
         assert "Loading weights" not in capfd.readouterr().err
+        assert not any("LOAD REPORT" in message or "MISSING" in message for message in logged), logged
         assert transformers_logging.is_progress_bar_enabled()
+        assert transformers_logging.get_verbosity() == transformers_logging.WARNING
+        with pytest.raises(Exception, match="mismatch|shape"):
+            t2i.use_lora(pipeline, t2i.Weights(str(tmp_path / "broken.safetensors"), "file", "broken"), merge=False)
+        assert any("MISMATCH" in message for message in logged)  # the report the failure points to is shown
     finally:
+        logging.getLogger("transformers").removeHandler(handler)
         transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity(verbosity)
     assert set(pipeline.get_list_adapters()) == {"unet", "text_encoder"}
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections import Counter, OrderedDict
@@ -880,16 +882,32 @@ def use_lora(pipeline, lora: Weights | None, *, merge: bool, max_loras: int = 8)
     pipeline.set_adapters([name], adapter_weights=[1.0])
 
 
+class _OnlyMissingReport(logging.Filter):
+    """Drops a transformers load report that lists nothing but MISSING weights: loading a LoRA beside other adapters,
+    those are the other adapters' weights, which are not in this file. A report of anything else still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        statuses = {re.sub(r"\x1b\[[0-9;]*m", "", line.split("|")[1]).strip()
+                    for line in message.splitlines() if line.count("|") >= 2}
+        return not statuses <= {"Status", "MISSING"}
+
+
 def load_lora(pipeline, lora: Weights, name: str) -> None:
     """Load a LoRA (a diffusers folder or a single file) into `pipeline` as the adapter `name`."""
-    from .config import errors_only
-
     from transformers.utils import logging as transformers_logging
+
+    from .config import errors_only
 
     path = Path(lora.path)
     # a LoRA's text-encoder part loads in milliseconds: no transformers progress bar for each of a run's switches
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
+    handlers, only_missing = logging.getLogger("transformers").handlers, _OnlyMissingReport()
+    for handler in handlers:
+        handler.addFilter(only_missing)
     try:
         # Civitai LoRAs often train the UNet only: not worth a warning
         with errors_only("diffusers"), warnings.catch_warnings():
@@ -900,6 +918,8 @@ def load_lora(pipeline, lora: Weights, name: str) -> None:
             else:
                 pipeline.load_lora_weights(str(path), adapter_name=name)
     finally:
+        for handler in handlers:
+            handler.removeFilter(only_missing)
         if bars:
             transformers_logging.enable_progress_bar()
 
