@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import email.utils
+import os
 import random
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -24,3 +28,86 @@ def backoff_delay(attempt: int, retry_after: str | None, base: float, cap: float
             except (TypeError, ValueError):  # unreadable header: use our own schedule
                 pass
     return min(cap, base * 2 ** attempt) * rng.uniform(0.5, 1.5)
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (POSIX `flock`; elsewhere no lock): two runs sharing a weights
+    cache take turns, and the second finds the file the first finished."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one run at a time is up to the user
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """N from a `Content-Range: bytes */N` (or `bytes a-b/N`) header, if the server gave it."""
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None, refused: str = "", attempts: int = 6,
+                base_delay: float = 2.0, cap: float = 120.0, timeout: float = 60.0, progress: bool = True,
+                sleep: Callable[[float], None] = time.sleep) -> Path:
+    """Fetch `url` to `target`, through a dropped connection, a timeout or a retryable status (`RETRY_STATUS`).
+
+    The bytes go to `<target>.part`, which stays when the run stops: the next attempt, or the next run, asks only for
+    the rest (an HTTP Range request; a server that ignores it sends everything again, which replaces the part). Only
+    a complete file gets the real name. 401 and 403 raise PermissionError at once (`refused`, with `{status}`, says
+    what to do); other errors of the request raise.
+    """
+    import requests
+    from tqdm.auto import tqdm
+
+    target = Path(target)
+    partial = target.with_name(f"{target.name}.part")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    rng, error = random.Random(url), ""
+    with _exclusive(target.with_name(f"{target.name}.lock")):
+        if target.exists():  # another run finished it while this one waited for the lock
+            return target
+        for attempt in range(attempts):
+            have = partial.stat().st_size if partial.exists() else 0
+            asked = {**(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
+            try:
+                with requests.get(url, headers=asked, stream=True, timeout=timeout) as reply:
+                    if reply.status_code in (401, 403):
+                        raise PermissionError((refused or "{url} answered {status}").format(url=url,
+                                                                                            status=reply.status_code))
+                    if reply.status_code == 416 and _range_total(reply.headers.get("Content-Range")) == have:
+                        break  # the part holds the whole file already: the last run stopped before renaming it
+                    if reply.status_code == 416 or reply.status_code in RETRY_STATUS:
+                        error = f"HTTP {reply.status_code}"
+                        if reply.status_code == 416:  # the part does not fit this file: start over
+                            partial.unlink()
+                        sleep(backoff_delay(attempt, reply.headers.get("Retry-After"), base_delay, cap, rng))
+                        continue
+                    reply.raise_for_status()
+                    if reply.status_code != 206:  # the whole file, from the first byte
+                        have = 0
+                    length = int(reply.headers.get("Content-Length") or 0) or None
+                    with open(partial, "ab" if have else "wb") as handle, \
+                            tqdm(total=have + length if length else None, initial=have, unit="B", unit_scale=True,
+                                 desc=target.name, leave=False, disable=not progress) as bar:
+                        for chunk in reply.iter_content(1 << 20):
+                            handle.write(chunk)
+                            bar.update(len(chunk))
+                if length is not None and partial.stat().st_size != have + length:
+                    raise requests.ConnectionError(f"{partial.stat().st_size - have} of {length} bytes arrived")
+                break
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as caught:
+                error = f"{type(caught).__name__}: {caught}"
+                sleep(backoff_delay(attempt, None, base_delay, cap, rng))
+        else:
+            kept = partial.stat().st_size if partial.exists() else 0
+            raise ConnectionError(f"{url}: no complete download after {attempts} attempts (last: {error}); the "
+                                  f"{kept:,} bytes fetched so far stay in {partial}, and a rerun asks only for the rest")
+        os.replace(partial, target)
+    return target

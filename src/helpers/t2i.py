@@ -356,27 +356,18 @@ class CivitaiWeights(TinyWeights):
         return self._download(model.model_version_id)
 
     def _download(self, version: int) -> Weights:
-        import requests
-
         from .distributed import is_main_process, launched_world_size
+        from .http import download_to
 
         target = self.cache_dir / f"{version}.safetensors"
         if not target.exists() and launched_world_size() > 1 and not is_main_process():
             # every process plans the same calls in the same order; the main one fetches, the others wait for it
             self._wait_for(target)
-        if not target.exists():
+        if not target.exists():  # a checkpoint is gigabytes: a dropped connection resumes, and so does a rerun
             headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
-            partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # one writer per partial file
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            with requests.get(self.url.format(version=version), headers=headers, stream=True, timeout=60) as reply:
-                if reply.status_code in (401, 403):
-                    raise PermissionError(f"Civitai refused model version {version} ({reply.status_code}); set "
-                                          "CIVITAI_API_TOKEN to a token that may download it")
-                reply.raise_for_status()
-                with open(partial, "wb") as handle:
-                    for chunk in reply.iter_content(1 << 20):
-                        handle.write(chunk)
-            os.replace(partial, target)  # only a complete download gets the real name
+            download_to(self.url.format(version=version), target, headers=headers,
+                        refused=f"Civitai refused model version {version} ({{status}}); set CIVITAI_API_TOKEN to a "
+                                "token that may download it")
         return Weights(str(target), "file", f"civitai:{version}")
 
     wait_timeout_s = 3600.0  # a checkpoint of several GB on a slow link
