@@ -67,10 +67,12 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
     from tqdm.auto import tqdm
 
     target = Path(target)
+    if target.exists():
+        return target
     partial = target.with_name(f"{target.name}.part")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    rng, error = random.Random(url), ""
-    with _exclusive(target.with_name(f"{target.name}.lock")):
+    rng, error, lock = random.Random(url), "", target.with_name(f"{target.name}.lock")
+    with _exclusive(lock):
         if target.exists():  # another run finished it while this one waited for the lock
             return target
         for attempt in range(attempts):
@@ -110,4 +112,6 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
             raise ConnectionError(f"{url}: no complete download after {attempts} attempts (last: {error}); the "
                                   f"{kept:,} bytes fetched so far stay in {partial}, and a rerun asks only for the rest")
         os.replace(partial, target)
+        # a run still waiting holds the old lock and then finds the file; a later one finds it before locking
+        lock.unlink(missing_ok=True)
     return target
