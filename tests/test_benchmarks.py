@@ -282,6 +282,18 @@ def test_photo_crops_are_distinct_squares_of_the_asked_side():
     assert photo_crops(64, 3)[2].size == (64, 64)
 
 
+def test_without_matplotlib_the_stand_in_is_blurred_noise_and_says_so(monkeypatch):
+    import sys
+
+    from helpers.benchmarks.photos import SOURCE, picture_like
+
+    images, source = picture_like(32, 2)
+    assert source == SOURCE and len(images) == 2
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a GPU machine without it: the import fails
+    images, source = picture_like(32, 2)
+    assert source.startswith("blurred random noise") and [image.size for image in images] == [(32, 32)] * 2
+
+
 def test_png_bytes_are_measured_at_each_paths_level():
     import io
 

@@ -352,11 +352,11 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
     from ..config import errors_only
     from ..scorers import base, hps
     from ..t2i import ImageCache
-    from .photos import SOURCE, photo_crops
+    from .photos import picture_like
 
     plan = PLAN["host_io"][size]
     # a photograph, which compresses like a drawn picture (the noise a random-weight pipeline draws is ~2x larger)
-    images = photo_crops(shapes.IMAGE_SIZE[size], plan["images"])
+    images, source = picture_like(shapes.IMAGE_SIZE[size], plan["images"])
     side = plan["scorer_side"]
     with errors_only("transformers"):  # without torchvision it says it falls back to PIL, which is what it should do
         clip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
@@ -390,7 +390,7 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
             paths[-1].settings["png_bytes_per_image"] = sum(p.stat().st_size for p in written) / len(written)
     if not all(torch.equal(a, b) for a, b in zip(made["naive"], made["project"])):
         raise AssertionError("the threaded preprocessing made other pixels than one thread")
-    return row("host_io", "s/image", {"side": shapes.IMAGE_SIZE[size], "images_from": SOURCE, **plan}, paths,
+    return row("host_io", "s/image", {"side": shapes.IMAGE_SIZE[size], "images_from": source, **plan}, paths,
                "CPU work per drawn image: PNG to the image cache and the three unified-reward scorers' pixels")
 
 
