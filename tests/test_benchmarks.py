@@ -77,6 +77,17 @@ def test_bench_refuses_full_size_without_a_gpu_and_unknown_names(tmp_path, capsy
     assert not (tmp_path / "x.json").exists()
 
 
+def test_the_gpu_check_script_runs_every_benchmark():
+    import re
+    import shlex
+
+    from helpers.benchmarks import BENCHMARKS
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    words = shlex.split(re.search(r"--only (.*?) --out", script).group(1))
+    assert sorted(words) == sorted(BENCHMARKS) and len(words) == len(set(words))
+
+
 def test_committed_results_files_load():
     from pathlib import Path
 
