@@ -17,7 +17,7 @@ PAYLOAD = random.Random(0).randbytes(3 * 2**20 + 17)  # three chunks and a bit: 
 @pytest.fixture
 def server():
     """A file server run by a script: one behaviour per request, in order (then "serve"); records each Range."""
-    state = {"script": [], "ranges": []}
+    state = {"script": [], "ranges": [], "encodings": []}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -25,6 +25,7 @@ def server():
         def do_GET(self):
             asked = self.headers.get("Range")
             state["ranges"].append(asked)
+            state["encodings"].append(self.headers.get("Accept-Encoding"))
             how = state["script"].pop(0) if state["script"] else "serve"
             if how in ("503", "403"):
                 self.send_response(int(how))
@@ -82,6 +83,7 @@ def test_a_dropped_connection_and_a_busy_server_are_retried_and_the_rest_is_aske
     # Retry-After 0 for the 503, then the second attempt's own schedule for the drop: 2 s · 2¹ ± 50 %
     assert waits[0] == 0.0 and 2.0 <= waits[1] <= 6.0 and len(waits) == 2
     assert os.listdir(target.parent) == ["21.safetensors"]  # no part or lock left over
+    assert set(server["encodings"]) == {"identity"}  # byte counts and offsets are the file's, never a compressed body
 
 
 def test_a_rerun_asks_only_for_what_the_stopped_run_did_not_fetch(server, tmp_path):

@@ -77,7 +77,8 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
             return target
         for attempt in range(attempts):
             have = partial.stat().st_size if partial.exists() else 0
-            asked = {**(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
+            # identity: the bytes counted against Content-Length and a Range offset are the file's own
+            asked = {**(headers or {}), "Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
             try:
                 with requests.get(url, headers=asked, stream=True, timeout=timeout) as reply:
                     if reply.status_code in (401, 403):
@@ -88,7 +89,7 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
                     if reply.status_code == 416 or reply.status_code in RETRY_STATUS:
                         error = f"HTTP {reply.status_code}"
                         if reply.status_code == 416:  # the part does not fit this file: start over
-                            partial.unlink()
+                            partial.unlink(missing_ok=True)
                         sleep(backoff_delay(attempt, reply.headers.get("Retry-After"), base_delay, cap, rng))
                         continue
                     reply.raise_for_status()
