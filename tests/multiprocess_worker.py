@@ -91,7 +91,9 @@ def main(out: Path, llm: str) -> None:
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
     # one Diffusion-DPO step on a global batch of 4 pairs in two micro-batches of 2: 2 per micro-batch on one
-    # process, 1 + 1 under DDP on two (plain SGD)
+    # process, 1 + 1 under DDP on two (plain SGD). β = 2, not the paper's 5000: at the first step the policy is the
+    # reference, so each pair's loss weight is sigmoid(β/2 × a rounding-sized difference); at β/2 = 2500 a 1-ulp
+    # kernel difference moves it by ~1e-4 relative, and with it the whole step, which is not what this checks
     from PIL import Image
     from safetensors.torch import save_file
 
@@ -102,7 +104,7 @@ def main(out: Path, llm: str) -> None:
     picture = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # noqa: E731
     pairs = [{"prompt": f"a castle, {i}", "chosen": picture(), "rejected": picture()} for i in range(8)]
     pipeline = load_sd_pipeline(t2i.weights_store(ctx).base("SD 1.5").path)
-    dpo_settings = dict(resolution=32, logging_steps=1, seed=0, train_batch_size=2 // world_size,
+    dpo_settings = dict(resolution=32, beta=2.0, logging_steps=1, seed=0, train_batch_size=2 // world_size,
                         gradient_accumulation_steps=2, output_dir=str(out / f"dpo{rank}"), save_steps=1)
     trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(max_steps=1, **dpo_settings), pairs)
     trainer.optimizer = torch.optim.SGD(trainer.trainable, lr=0.1)  # an update far above float rounding

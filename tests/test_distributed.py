@@ -90,9 +90,9 @@ def test_two_processes_match_one(book_root, tmp_path):
     for name in alone:
         torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
     # Diffusion-DPO under DDP: each process takes half of each micro-batch, gradients are all-reduced only in the
-    # last of the two accumulated micro-batches, and the averaged gradient gives the same step
-    # (log 2 up to rounding on both: β/2 = 2500 magnifies 1-ulp kernel differences into ~1e-4 of loss)
-    assert two["dpo_log"][0]["loss"] == pytest.approx(one["dpo_log"][0]["loss"], abs=1e-3)
+    # last of the two accumulated micro-batches, and the averaged gradient gives the same step (the worker's β is
+    # small, so that rounding is not magnified: see there)
+    assert two["dpo_log"][0]["loss"] == pytest.approx(one["dpo_log"][0]["loss"], rel=1e-5)
     assert two["dpo_synced_in"] == [2] and one["dpo_synced_in"] == []
     dpo_alone, dpo_split = (load_file(out / f"world{n}" / "dpo_unet.safetensors") for n in (1, 2))
     unet_before = load_file(Path(one["dpo_base"]) / "unet" / "diffusion_pytorch_model.safetensors")
@@ -136,7 +136,7 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert split[0]["resumed_unet_sum"] == split[1]["resumed_unet_sum"]  # the processes hold one model
     assert split[0]["resumed_unet_sum"] == pytest.approx(alone["resumed_unet_sum"], rel=1e-6)
     assert [row["step"] for row in two["dpo_resumed_log"]] == [1, 2] and two["dpo_resumed_log"][0] == two["dpo_log"][0]
-    assert two["dpo_resumed_log"][1]["loss"] == pytest.approx(one["dpo_resumed_log"][1]["loss"], abs=1e-3)
+    assert two["dpo_resumed_log"][1]["loss"] == pytest.approx(one["dpo_resumed_log"][1]["loss"], rel=1e-5)
     fid_one, fid_two = (np.load(out / f"world{n}" / "fid_rows.npy") for n in (1, 2))
     assert fid_two.shape == fid_one.shape == (6, fid_one.shape[1]) and fid_one.shape[1] > 1
     np.testing.assert_allclose(fid_two[:5], fid_one[:5], rtol=1e-5, atol=1e-6)
