@@ -38,10 +38,14 @@ def picture_like(side: int, count: int) -> tuple[list[Image.Image], str]:
     try:
         return photo_crops(side, count), SOURCE
     except ImportError:
-        rng = np.random.default_rng(0)
-        noise = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
-        return ([image.filter(ImageFilter.GaussianBlur(3)) for image in noise],
+        return ([image.filter(ImageFilter.GaussianBlur(3)) for image in noise_images(side, count)],
                 "blurred random noise (matplotlib, which ships the sample photograph, is not installed)")
+
+
+def noise_images(side: int, count: int) -> list[Image.Image]:
+    """`count` RGB `side`-px images of uniform random noise, seed 0: what random-weight pipelines draw."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def png_bytes(image: Image.Image, level: int) -> int:

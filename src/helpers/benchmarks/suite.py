@@ -16,11 +16,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .. import speed
-from . import shapes
+from . import photos, shapes
 from .harness import PathTiming, row, synchronize, time_path
 
 # work per benchmark and size: enough units that the timed part dominates, little enough for CI on two cores
@@ -47,11 +46,7 @@ PLAN: dict[str, dict[str, dict[str, Any]]] = {
 
 def _noise_images(size: str, count: int) -> list:
     """`count` random RGB images at the benchmark size's side (512 px full, 64 px tiny), seed 0."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    side = shapes.IMAGE_SIZE[size]
-    return [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
+    return photos.noise_images(shapes.IMAGE_SIZE[size], count)
 
 
 def _on_cuda(device: str) -> bool:
@@ -265,15 +260,12 @@ def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- (e) Diffusion-DPO step
 
 def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
-    from PIL import Image
-
     from ..diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 
     plan = PLAN["dpo_step"][size]
     side = shapes.IMAGE_SIZE[size]
-    rng = np.random.default_rng(0)
-    picture = lambda: Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))  # noqa: E731
-    rows = [{"prompt": f"a castle on a hill, {i}", "chosen": picture(), "rejected": picture()}
+    pictures = _noise_images(size, 2 * plan["pairs"])
+    rows = [{"prompt": f"a castle on a hill, {i}", "chosen": pictures[2 * i], "rejected": pictures[2 * i + 1]}
             for i in range(plan["pairs"])]
     base = shapes.sd15_pipeline(size, device, torch.float32)
     paths = []
@@ -352,11 +344,10 @@ def bench_host_io(size: str, device: str) -> dict[str, Any]:
     from ..config import errors_only
     from ..scorers import base, hps
     from ..t2i import ImageCache
-    from .photos import picture_like
 
     plan = PLAN["host_io"][size]
     # a photograph, which compresses like a drawn picture (the noise a random-weight pipeline draws is ~2x larger)
-    images, source = picture_like(shapes.IMAGE_SIZE[size], plan["images"])
+    images, source = photos.picture_like(shapes.IMAGE_SIZE[size], plan["images"])
     side = plan["scorer_side"]
     with errors_only("transformers"):  # without torchvision it says it falls back to PIL, which is what it should do
         clip = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
