@@ -1,7 +1,9 @@
 import http.server
 import json
 import logging
+import os
 import random
+import shutil
 import threading
 from pathlib import Path
 
@@ -296,35 +298,23 @@ def test_paper_weights_download_a_single_file_lora(run_ctx, tmp_path, monkeypatc
     base = Path(t2i.TinyWeights(run_ctx).base("SD 1.5").path)
     models.build_tiny_lora(lora_folder, base, seed=3)
     payload = (lora_folder / "pytorch_lora_weights.safetensors").read_bytes()
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append((self.path, self.headers.get("Authorization")))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    files = _Files(lambda path: payload)
     monkeypatch.setenv("CIVITAI_API_TOKEN", "test-token-123")
     try:
         store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights",
-                                   url=f"http://127.0.0.1:{server.server_port}/api/download/models/{{version}}")
+                                   url=files.root + "/api/download/models/{version}")
         model = t2i.CatalogModel("InkStyle", "LORA", "SD 1.5", 21, lora_base_version_id=11)
         weights = store.lora(model)
-        store.lora(model)  # second call: already on disk
+        assert files.asked == [] and not Path(weights.path).exists()  # planning needs the id only
+        pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+        executor = t2i.Executor(t2i.ModelCatalog([]), store, t2i.ImageCache(tmp_path / "cache"))
+        executor._with_lora(pipeline, weights)  # loading it fetches it
+        with t2i.local_weights(store.lora(model)):  # a second use: already on disk
+            pass
     finally:
-        server.shutdown()
-    assert seen == [("/api/download/models/21", "Bearer test-token-123")]
+        files.server.shutdown()
+    assert (files.asked, files.authorization) == (["/api/download/models/21"], ["Bearer test-token-123"])
     assert weights.kind == "file" and Path(weights.path).read_bytes() == payload
-    pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
-    executor = t2i.Executor(t2i.ModelCatalog([]), store, t2i.ImageCache(tmp_path / "cache"))
-    executor._with_lora(pipeline, weights)
     assert pipeline.get_list_adapters()["unet"] == ["lora_civitai_21"]
 
 
@@ -470,19 +460,105 @@ def test_adapters_past_max_loras_are_dropped_least_recently_used_first(run_ctx, 
         t2i.ExecutorConfig(max_loras=0)
 
 
-def test_paper_weights_beside_the_main_process_wait_for_its_download(run_ctx, tmp_path, monkeypatch):
-    """Under a multi-process launch only the main process fetches; the others take the file once it is there."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights", url="http://127.0.0.1:9/never/{version}")
-    target = tmp_path / "weights" / "21.safetensors"
-    target.parent.mkdir()
-    threading.Timer(0.8, target.write_bytes, args=(b"weights",)).start()  # the main process finishing its download
-    weights = store.lora(t2i.CatalogModel("InkStyle", "LORA", "SD 1.5", 21, lora_base_version_id=11))
-    assert Path(weights.path) == target and target.read_bytes() == b"weights"  # nothing was requested from port 9
-    store.wait_timeout_s = 0.4
-    with pytest.raises(TimeoutError, match="main process to download 22.safetensors"):
-        store.lora(t2i.CatalogModel("Other", "LORA", "SD 1.5", 22, lora_base_version_id=11))
+class _Files:
+    """A local HTTP server that answers each path with `body(path)`, recording the paths and Authorization headers."""
+
+    def __init__(self, body):
+        self.asked, self.authorization = [], []
+        files = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                files.asked.append(self.path)
+                files.authorization.append(self.headers.get("Authorization"))
+                payload = body(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.root = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_paper_weights_are_fetched_on_first_load_only_and_not_for_cached_images(run_ctx, tmp_path):
+    """Planning a run and keying its images need no download; the LoRA is fetched when it is loaded, once, and a
+    rerun whose images are all cached fetches nothing, even with the weights cache emptied."""
+    from helpers import models
+
+    lora_folder = tmp_path / "lora"
+    models.build_tiny_lora(lora_folder, Path(t2i.TinyWeights(run_ctx).base("SD 1.5").path), seed=3)
+    files = _Files(lambda path: (lora_folder / "pytorch_lora_weights.safetensors").read_bytes())
+    catalog = t2i.ModelCatalog([t2i.CatalogModel("Base", "Checkpoint", "SD 1.5", 11, is_base=True),
+                                t2i.CatalogModel("InkStyle", "LORA", "SD 1.5", 21, lora_base_version_id=11)])
+    requests = [t2i.Request(api("InkStyle", "SD 1.5", "LORA"), f"a fox, {i}", "", seed=i) for i in range(3)]
+    weights = tmp_path / "weights"
+
+    def executor():
+        store = t2i.CivitaiWeights(run_ctx, cache_dir=weights, url=files.root + "/{version}")
+        return t2i.Executor(catalog, store, t2i.ImageCache(tmp_path / "cache"),
+                            t2i.ExecutorConfig(max_side=32, batch_size=4, max_sampling_steps=2))
+    try:
+        first = executor()
+        for request in requests:
+            first.plan(request.api)
+        assert files.asked == []
+        drawn = first.generate(requests, progress=False)
+        assert files.asked == ["/21"] and first.stats["generated"] == 3
+        shutil.rmtree(weights)
+        again = executor()
+        cached = again.generate(requests, progress=False)
+    finally:
+        files.server.shutdown()
+    assert files.asked == ["/21"] and again.stats["cache_hits"] == 3 and not weights.exists()
+    assert [g.key for g in cached] == [g.key for g in drawn]
+
+
+def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(run_ctx, tmp_path):
+    """Files of 1, 2, 3 and 4 kB under a 6 kB cap: each download removes the least recently used files until the
+    rest fit, never the file just fetched nor one a process is loading; a removed file is fetched again on use."""
+    files = _Files(lambda path: bytes(1000 * int(path.strip("/"))))
+    store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights", url=files.root + "/{version}", max_gb=6e-6)
+    model = lambda version: t2i.CatalogModel(f"M{version}", "LORA", "SD 1.5", version, lora_base_version_id=0)  # noqa: E731
+    folder = tmp_path / "weights"
+
+    def use(version, at):
+        with t2i.local_weights(store.lora(model(version))) as weights:
+            os.utime(weights.path, (at, at))  # last use at a known time (the clock can be coarser than the test)
+    try:
+        for at, version in enumerate([1, 2, 3], start=100):
+            use(version, at)
+        use(1, 200)  # 1 is now the most recently used: 2 is the oldest
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["1.safetensors", "2.safetensors",
+                                                                        "3.safetensors"] and not store.evicted
+        use(4, 300)  # 1 + 2 + 3 + 4 = 10 kB: 2 goes (8 kB), then 3 (5 kB)
+        assert store.evicted == ["2.safetensors", "3.safetensors"]
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["1.safetensors", "4.safetensors"]
+        # while another use holds 1 (a process loading it), fetching 3 again removes 4, and leaves 1 although it is
+        # now the least recently used
+        with t2i.local_weights(store.lora(model(1))) as held:
+            os.utime(held.path, (50, 50))
+            use(3, 400)
+        assert store.evicted[2:] == ["4.safetensors"]
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["1.safetensors", "3.safetensors"]
+    finally:
+        files.server.shutdown()
+    assert files.asked == ["/1", "/2", "/3", "/4", "/3"]  # 1 was never fetched twice; 3 was, after its removal
+
+
+def test_weights_cache_cap_must_be_a_positive_number(run_ctx, tmp_path, monkeypatch):
+    monkeypatch.setenv("T2IBOOK_WEIGHTS_CACHE_GB", "200GB")
+    with pytest.raises(ValueError, match=r"T2IBOOK_WEIGHTS_CACHE_GB='200GB' is not a number"):
+        t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path)
+    monkeypatch.setenv("T2IBOOK_WEIGHTS_CACHE_GB", "-1")
+    with pytest.raises(ValueError, match="must be a positive number"):
+        t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path)
+    monkeypatch.setenv("T2IBOOK_WEIGHTS_CACHE_GB", "250")
+    assert t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path).max_bytes == 250_000_000_000
 
 
 @pytest.mark.parametrize("model,base", [("AlphaMix", "SD 1.5"), ("BetaXL", "SDXL 1.0")])

@@ -17,9 +17,10 @@ import re
 import threading
 import warnings
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -285,11 +286,50 @@ def make_scheduler(sampler: str, base_config: dict[str, Any]):
 
 @dataclass(frozen=True)
 class Weights:
-    """Where a model's weights are (`folder` or single `file`) and an id that changes when they do."""
+    """Where a model's weights are (`folder` or single `file`) and an id that changes when they do.
+
+    Remote weights (the paper profile's Civitai files) carry `fetch`, which puts the file at `path`: planning a run,
+    and keying its images, needs only the id, so a file is downloaded when a pipeline or LoRA is first loaded from
+    it (`local_weights`), and never for a run whose images are all cached.
+    """
 
     path: str
     kind: str  # "folder" | "file" | "hub"
     weights_id: str
+    fetch: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+
+def _use_lock(path: Path) -> Path:
+    """The lock a process holds (shared) while it loads `path`, and an eviction takes (exclusive, without waiting)."""
+    return path.parent / ".in-use" / f"{path.name}.lock"
+
+
+@contextmanager
+def local_weights(weights: Weights) -> Iterator[Weights]:
+    """`weights`, on this machine's disk for the length of the block: fetched first if remote, and kept from the
+    weights cache's eviction (`CivitaiWeights`, `T2IBOOK_WEIGHTS_CACHE_GB`) by any process until the block ends."""
+    if weights.fetch is None:
+        yield weights
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): fetched, but not guarded against another process's eviction
+        weights.fetch()
+        yield weights
+        return
+    lock = _use_lock(Path(weights.path))
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        while True:
+            weights.fetch()
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            if Path(weights.path).exists():
+                break
+            fcntl.flock(handle, fcntl.LOCK_UN)  # evicted between the fetch and the lock: fetch it again
+        try:
+            yield weights
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class TinyWeights:
@@ -333,14 +373,33 @@ class TinyWeights:
 
 
 class CivitaiWeights(TinyWeights):
-    """Paper profile: checkpoints and LoRAs downloaded from Civitai by version id (token from the environment)."""
+    """Paper profile: checkpoints and LoRAs downloaded from Civitai by version id (token from the environment).
+
+    A file is fetched when it is first loaded (`local_weights`), by whichever process needs it; processes sharing
+    the cache take turns on a lock, and the later ones find the file. `max_gb` (default: `T2IBOOK_WEIGHTS_CACHE_GB`,
+    unset = no limit) caps the cache: after each download the least recently used files are removed until the
+    rest fit, except the one just fetched and any a process is loading. A removed file is fetched again if a later
+    stage needs it, so the cap trades disk for download time (notebook 14 sizes both).
+    """
 
     DOWNLOAD = "https://civitai.com/api/download/models/{version}"
 
-    def __init__(self, ctx: "RunContext", cache_dir: Path | None = None, url: str | None = None):
+    def __init__(self, ctx: "RunContext", cache_dir: Path | None = None, url: str | None = None,
+                 max_gb: float | None = None):
         super().__init__(ctx)
         self.cache_dir = Path(cache_dir or os.environ.get("T2IBOOK_WEIGHTS_CACHE", ctx.runs_dir / "weights"))
         self.url = url or self.DOWNLOAD
+        if max_gb is None and os.environ.get("T2IBOOK_WEIGHTS_CACHE_GB"):
+            try:
+                max_gb = float(os.environ["T2IBOOK_WEIGHTS_CACHE_GB"])
+            except ValueError:
+                raise ValueError(f"T2IBOOK_WEIGHTS_CACHE_GB={os.environ['T2IBOOK_WEIGHTS_CACHE_GB']!r} is not a "
+                                 "number; give the cap in GB (e.g. 200), or unset it for no limit") from None
+        if max_gb is not None and not (math.isfinite(max_gb) and max_gb > 0):
+            raise ValueError(f"weights cache cap {max_gb!r} GB must be a positive number; unset "
+                             "T2IBOOK_WEIGHTS_CACHE_GB for no limit")
+        self.max_bytes = None if max_gb is None else int(max_gb * 1e9)
+        self.evicted: list[str] = []  # files this store removed to keep under the cap, in order
 
     def base(self, architecture: str) -> Weights:
         from .models import resolve
@@ -350,38 +409,67 @@ class CivitaiWeights(TinyWeights):
         return Weights(source, "folder" if Path(source).exists() else "hub", source)
 
     def checkpoint(self, model: CatalogModel) -> Weights:
-        return self.base(model.base_model) if model.is_base else self._download(model.model_version_id)
+        return self.base(model.base_model) if model.is_base else self._remote(model.model_version_id)
 
     def lora(self, model: CatalogModel) -> Weights:
-        return self._download(model.model_version_id)
+        return self._remote(model.model_version_id)
 
-    def _download(self, version: int) -> Weights:
-        from .distributed import is_main_process, launched_world_size
+    def _remote(self, version: int) -> Weights:
+        target = self.cache_dir / f"{version}.safetensors"
+        return Weights(str(target), "file", f"civitai:{version}", fetch=lambda: self._fetch(version))
+
+    def _fetch(self, version: int) -> None:
         from .http import download_to
 
         target = self.cache_dir / f"{version}.safetensors"
-        if not target.exists() and launched_world_size() > 1 and not is_main_process():
-            # every process plans the same calls in the same order; the main one fetches, the others wait for it
-            self._wait_for(target)
         if not target.exists():  # a checkpoint is gigabytes: a dropped connection resumes, and so does a rerun
             headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
             download_to(self.url.format(version=version), target, headers=headers,
                         refused=f"Civitai refused model version {version} ({{status}}); set CIVITAI_API_TOKEN to a "
                                 "token that may download it")
-        return Weights(str(target), "file", f"civitai:{version}")
+            self._evict(keep=target)
+        try:
+            os.utime(target)  # its last use: the cap removes the least recently used first
+        except FileNotFoundError:  # another process's eviction got there first; `local_weights` fetches again
+            pass
 
-    wait_timeout_s = 3600.0  # a checkpoint of several GB on a slow link
-
-    def _wait_for(self, target: Path) -> None:
-        import time
-
-        waited = 0.0
-        while not target.exists():
-            if waited > self.wait_timeout_s:
-                raise TimeoutError(f"waited {waited:.0f} s for the main process to download {target.name}; check its "
-                                   "log (a refused token or a network error stops it first)")
-            time.sleep(0.5)
-            waited += 0.5
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used files until the cache fits `max_bytes` (`keep` and files in use stay)."""
+        if self.max_bytes is None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        sizes = {}
+        for path in self.cache_dir.glob("*.safetensors"):
+            try:
+                sizes[path] = path.stat()
+            except FileNotFoundError:
+                continue
+        total = sum(stat.st_size for stat in sizes.values())
+        for path in sorted((p for p in sizes if p != keep), key=lambda p: sizes[p].st_mtime_ns):
+            if total <= self.max_bytes:
+                return
+            lock = _use_lock(path)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a process is loading it
+                    continue
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                else:
+                    if not self.evicted:
+                        say(f"The weights cache {self.cache_dir} passed its cap of {self.max_bytes / 1e9:g} GB "
+                            "(T2IBOOK_WEIGHTS_CACHE_GB): the least recently used files are removed, and fetched "
+                            "again if a later stage needs them (the store's `evicted` lists them).")
+                    self.evicted.append(path.name)
+                total -= sizes[path].st_size
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _folder_id(folder: Path) -> str:
@@ -904,10 +992,11 @@ def load_lora(pipeline, lora: Weights, name: str) -> None:
         with errors_only("diffusers"), warnings.catch_warnings():
             # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
             warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
-            if lora.kind == "file":
-                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            else:
-                pipeline.load_lora_weights(str(path), adapter_name=name)
+            with local_weights(lora):
+                if lora.kind == "file":
+                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                else:
+                    pipeline.load_lora_weights(str(path), adapter_name=name)
     finally:
         for handler in handlers:
             handler.removeFilter(only_missing)
@@ -966,10 +1055,11 @@ def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", d
     pipeline_class = StableDiffusionXLPipeline if architecture == "SDXL 1.0" else StableDiffusionPipeline
     extra = {"add_watermarker": False} if architecture == "SDXL 1.0" else {"safety_checker": None,
                                                                           "requires_safety_checker": False}
-    if checkpoint.kind == "file":
-        pipeline = pipeline_class.from_single_file(checkpoint.path, dtype=dtype, **extra)
-    else:
-        pipeline = DiffusionPipeline.from_pretrained(checkpoint.path, dtype=dtype, **extra)
+    with local_weights(checkpoint):
+        if checkpoint.kind == "file":
+            pipeline = pipeline_class.from_single_file(checkpoint.path, dtype=dtype, **extra)
+        else:
+            pipeline = DiffusionPipeline.from_pretrained(checkpoint.path, dtype=dtype, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
