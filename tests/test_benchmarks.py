@@ -337,9 +337,12 @@ def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point()
     images = {(m, s): n for m, s, n in zip(table["method"], table["stage"], table["images"])}
     assert len(images) == len(table) and set(drawn) < set(images) and all(images[k] == n for k, n in drawn.items())
     table = table.set_index("stage")
-    # 4,000 prompts × 6 candidates × 10 images at 0.5 MB = 120 GB (0.4 MB: 96 GB)
-    assert table.loc["RRHF images", "GB"] == pytest.approx(120.0)
-    assert table.loc["RRHF images", "GB at PIL's default"] == pytest.approx(96.0)
+    # 4,000 prompts × 6 candidates × 10 images, each removed once scored: one block of 4,096 at 0.5 MB = 2.048 GB
+    # (0.4 MB: 1.6384 GB) on disk at a time, where keeping them all would take 120 GB
+    rrhf = table.loc["RRHF images"]
+    assert rrhf["images"] == 240_000 and rrhf["GB"] == pytest.approx(2.048)
+    assert rrhf["GB at PIL's default"] == pytest.approx(1.6384) and "120 GB if kept" in rrhf["what"]
+    assert table.loc["Table 2 images", "GB"] == pytest.approx(table.loc["Table 2 images", "images"] * 5e5 / 1e9)
     # a winner and a loser for each of the 45,834 AGFSync prompts
     pairs = table.loc["Preference dataset (winner + loser per prompt)"]
     assert pairs["images"] == 91_668 and pairs["GB"] == pytest.approx(91_668 * 5e5 / 1e9)

@@ -89,6 +89,20 @@ def test_executed_notebooks_hold_no_errors_and_stages_have_manifests(built_book)
     assert (built_book["root"] / "data" / "runs" / "tiny" / "00_setup" / "manifest.json").is_file()
 
 
+def test_rrhf_keeps_its_showcase_images_and_removes_the_other_reward_images(built_book):
+    from helpers.candidates import load_rows, showcase
+    from helpers.t2i import ImageCache
+
+    runs = built_book["root"] / "data" / "runs" / "tiny"
+    counts = json.loads((runs / "07_rrhf" / "manifest.json").read_text())["counts"]
+    rows = load_rows(runs / "07_rrhf" / "candidates.jsonl")
+    cache = ImageCache(runs / "image_cache")
+    shown = {candidate["image_keys"][0] for candidate in showcase(rows)["candidates"]}
+    others = {key for row in rows for candidate in row["candidates"] for key in candidate["image_keys"]} - shown
+    assert shown and all(cache.has(key) for key in shown)  # what the notebook draws its grid from
+    assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in others) > len(others) / 2
+
+
 def test_cost_chapter_sizes_every_model_the_executor_can_download(built_book):
     import pandas as pd
 

@@ -103,9 +103,9 @@ def test_block_wise_scoring_equals_one_pass_and_caches_each_block_before_the_nex
     rows_when_drawn = []
     generate = executor.generate
 
-    def counting_generate(block, progress=True):
+    def counting_generate(block, progress=True, **options):
         rows_when_drawn.append(len(cache_file.read_text().splitlines()) if cache_file.exists() else 0)
-        return generate(block, progress)
+        return generate(block, progress, **options)
 
     executor.generate = counting_generate
     blocks = run.generate_and_score(executor, requests, block_size=2)
@@ -121,6 +121,47 @@ def test_block_wise_scoring_equals_one_pass_and_caches_each_block_before_the_nex
     rerun = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",)).generate_and_score(executor, requests, block_size=2)
     np.testing.assert_allclose(rerun["clip"], blocks["clip"])
     assert decoded == []
+
+
+def test_scores_only_images_leave_the_cache_once_scored_and_are_not_drawn_again(tiny_ctx):
+    """`keep`: an image drawn here goes once its block is scored, but a kept one, and one found in the cache (another
+    stage's), stay; a rerun draws nothing while every score is cached, and only the image whose score is missing."""
+    from helpers.t2i import Executor, ImageCache, ModelCatalog, Request, default_api
+
+    catalog = ModelCatalog.from_records([])
+    api = default_api(catalog.base("SD 1.5"))
+    requests = [Request({**api, "sampling_steps": 4}, f"a lantern on a pier {i}", "", i) for i in range(5)]
+    requests.append(requests[1])  # the kept request, again, in another block
+    executor = lambda: Executor.for_run(tiny_ctx, catalog, max_side=32, batch_size=4)  # noqa: E731
+    first, cache = executor(), ImageCache(tiny_ctx.runs_dir / "image_cache")
+    keys = [first.key(request) for request in requests]
+    executor().generate([requests[4]], progress=False)  # another stage's image, already in the cache
+    run = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    table = run.generate_and_score(first, requests, block_size=2, keep={1}.__contains__)
+    assert table["key"].tolist() == keys and first.stats["generated"] == 5 - 1  # 4 was found, the repeat reused
+    assert [cache.has(key) for key in keys] == [False, True, False, False, True, True] and run.removed == 3
+    # the same scores as a run that keeps every image, in a cache of its own
+    other = tiny_ctx.runs_dir / "elsewhere"
+    keeping = Executor(catalog, first.weights, ImageCache(other), first.config)
+    whole = scoring.ScoringRun(run.scorers, scoring.ScoreCache(other / "scores.jsonl")).generate_and_score(
+        keeping, requests, block_size=2)
+    np.testing.assert_allclose(table["clip"], whole["clip"])
+    assert all(ImageCache(other).has(key) for key in keys)
+    # a rerun: every score is cached, so the removed images are not drawn again, and no PNG is read
+    again, rerun = executor(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    np.testing.assert_allclose(rerun.generate_and_score(again, requests, block_size=2, keep={1}.__contains__)["clip"],
+                               table["clip"])
+    assert again.stats["generated"] == 0 and again.stats["not_needed"] == 3 and rerun.computed == 0
+    # a score gone from the cache (a torn last line): that image alone is drawn, scored and removed again
+    scores = tiny_ctx.runs_dir / "image_cache" / "scores.jsonl"
+    scores.write_text("".join(line for line in scores.read_text().splitlines(keepends=True) if keys[2] not in line))
+    third, once_more = executor(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    np.testing.assert_allclose(once_more.generate_and_score(third, requests, block_size=2, keep={1}.__contains__)[
+        "clip"], table["clip"], rtol=1e-5)
+    assert third.stats["generated"] == 1 and once_more.computed == 1 and once_more.removed == 1
+    assert not cache.has(keys[2])
+    with pytest.raises(FileNotFoundError, match="only its cached scores were asked for"):
+        again.generate([requests[0]], progress=False, needed=lambda key: False)[0].image
 
 
 def test_scorers_preprocess_images_in_threads_with_the_scores_of_one_call(tiny_ctx, monkeypatch):

@@ -102,23 +102,35 @@ def propose(agent, prompts: Sequence[str], *, num_samples: int, num_beams: int, 
     return texts
 
 
+def showcase(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row notebook 07 shows: the first with the most candidates (its first image of each is kept)."""
+    return max(rows, key=lambda row: len(row["candidates"]))
+
+
 def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *, num_images: int,
                       max_side: int | None, batch_size: int, scorer_names: Sequence[str],
-                      max_sampling_steps: int | None = None) -> dict[str, int]:
-    """Fill `reward` (mean fixed-range unified score over `num_images` seeds) and per-image keys in every candidate."""
+                      max_sampling_steps: int | None = None, keep_images: bool = True) -> dict[str, int]:
+    """Fill `reward` (mean fixed-range unified score over `num_images` seeds) and per-image keys in every candidate.
+
+    `keep_images=False`: the images drawn here leave the image cache once scored, but for the first image of each
+    candidate of the `showcase` row; a rerun draws only images whose scores are not cached."""
     from .scoring import ScoringRun
     from .t2i import Executor, Request
 
-    requests, owners = [], []
+    requests, owners, shown = [], [], set()
+    shown_row = showcase(rows) if rows else None
     for row in rows:
         for candidate in row["candidates"]:
             for seed in range(num_images):
+                if row is shown_row and seed == 0:
+                    shown.add(len(requests))
                 requests.append(Request(candidate["api"], row["prompt"], row["negative_prompt"], seed))
                 owners.append(candidate)
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
                                 max_sampling_steps=max_sampling_steps)
     scorer = ScoringRun.for_run(ctx, scorer_names)
-    scores = scorer.generate_and_score(executor, requests)  # in blocks: ~240,000 images at paper scale
+    # in blocks: ~240,000 images at paper scale, ~100 GB of PNGs unless they go once scored
+    scores = scorer.generate_and_score(executor, requests, keep=None if keep_images else shown.__contains__)
     for candidate in {id(c): c for c in owners}.values():
         candidate["image_keys"], candidate["unified"] = [], []
     for owner, key, unified in zip(owners, scores["key"], scores["unified"]):
@@ -127,7 +139,8 @@ def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *,
     for owner in {id(c): c for c in owners}.values():
         owner["reward"] = sum(owner["unified"]) / len(owner["unified"])
     return {"images": len(requests), "images_drawn": executor.stats["generated"],
-            "scores_computed": scorer.computed, "scores_reused": scorer.reused}
+            "scores_computed": scorer.computed, "scores_reused": scorer.reused,
+            **({} if keep_images else {"images_removed_once_scored": scorer.removed})}
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -196,6 +196,7 @@ class ScoringRun:
     cache: ScoreCache
     computed: int = 0
     reused: int = 0
+    removed: int = 0  # images `generate_and_score` removed once scored (`keep`)
 
     @classmethod
     def for_run(cls, ctx: "RunContext", names: Sequence[str] = ("clip", "hps", "image_reward")) -> "ScoringRun":
@@ -230,18 +231,42 @@ class ScoringRun:
         return table
 
 
-    def generate_and_score(self, executor, requests: Sequence["Request"], block_size: int | None = None):
-        """`score(executor.generate(requests))`, one block of requests at a time (`score_in_blocks`)."""
-        return score_in_blocks(executor, requests, lambda indices, generated: self.score(generated), block_size)
+    def scored(self, key: str) -> bool:
+        """Whether every scorer's value for the image `key` is in the score cache."""
+        return all(self.cache.get(key, name, scorer.weights_id) is not None for name, scorer in self.scorers.items())
+
+    def generate_and_score(self, executor, requests: Sequence["Request"], block_size: int | None = None,
+                           keep: Callable[[int], bool] | None = None):
+        """`score(executor.generate(requests))`, one block of requests at a time (`score_in_blocks`).
+
+        `keep` (request index → whether its image stays) is for a stage that uses the scores, not the pictures:
+        an image this call draws is removed from the image cache once its scores are cached, unless kept (an image
+        found in the cache stays: another stage may show it), and an image whose scores are all cached is not drawn
+        again. RRHF's ~240,000 reward images are ~100 GB of PNGs at paper scale. None keeps every image.
+        """
+        if keep is None:
+            return score_in_blocks(executor, requests, lambda indices, generated: self.score(generated), block_size)
+        kept = {executor.key(requests[i]) for i in range(len(requests)) if keep(i)}
+
+        def score_then_remove(indices: list[int], generated: Sequence["Generated"]):
+            table = self.score(generated)
+            if is_main_process():  # every process has scored its share of the block by now
+                self.removed += executor.cache.discard(g.key for g in generated if not g.cached and g.key not in kept)
+            return table
+        return score_in_blocks(executor, requests, score_then_remove, block_size,
+                               needed=lambda key: key in kept or not self.scored(key))
 
 
-def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None):
+def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None,
+                    needed: Callable[[str], bool] | None = None):
     """One table for `requests`, in their order: `score_block(indices, images)` for each block the executor draws
-    (`Executor.generate_in_blocks`). At paper scale a stage's images do not fit in memory at once, and each
-    block's scores reach the score cache before the next block is drawn, so a crash loses one block at most."""
+    (`Executor.generate_in_blocks`; `needed` as there). At paper scale a stage's images do not fit in memory at
+    once, and each block's scores reach the score cache before the next block is drawn, so a crash loses one block
+    at most."""
     import pandas as pd
 
-    blocks = executor.generate_in_blocks(requests, **({"block_size": block_size} if block_size else {}))
+    blocks = executor.generate_in_blocks(requests, **({"block_size": block_size} if block_size else {}),
+                                         needed=needed)
     parts = [score_block(indices, generated).set_index(pd.Index(indices)) for indices, generated in blocks]
     return pd.concat(parts).sort_index().reset_index(drop=True)
 

@@ -588,6 +588,21 @@ class ImageCache:
         with open(self.root / "index.jsonl", "a") as index:
             index.write("".join(json.dumps({"key": key, **meta}, sort_keys=True) + "\n" for key, meta in entries))
 
+    def discard(self, keys: Iterable[str]) -> int:
+        """Remove these images' PNGs, once pending writes are done (scores, cached apart, stay); the index notes
+        each removal. Returns how many were removed."""
+        self.flush()
+        removed = []
+        for key in dict.fromkeys(keys):
+            try:
+                self.path(key).unlink()
+            except FileNotFoundError:
+                continue
+            removed.append((key, {"removed": True}))
+        if removed:
+            self._index(removed)
+        return len(removed)
+
     def __len__(self) -> int:
         return sum(1 for _ in (self.root / "images").rglob("*.png"))
 
@@ -654,8 +669,10 @@ class Generated:
         if self._image is None:
             self._image = self._cache.get(self.key)
             if self._image is None:
-                raise FileNotFoundError(f"image {self.key} is no longer in the image cache ({self._cache.path(self.key)}"
-                                        "); it was removed after this run found it there: run the stage again")
+                raise FileNotFoundError(f"image {self.key} is not in the image cache ({self._cache.path(self.key)}): "
+                                        "it was removed after this run found it there (run the stage again), or it "
+                                        "was not drawn because only its cached scores were asked for (draw it with "
+                                        "Executor.generate)")
         return self._image
 
     @property
@@ -777,12 +794,25 @@ class Executor:
         use_lora(pipeline, lora, merge=self.merges_loras, max_loras=self.config.max_loras)
 
     # -- generation
-    def generate(self, requests: Sequence[Request], progress: bool = True) -> list[Generated]:
+    def key(self, request: Request) -> str:
+        """The image cache key `request` is drawn (or found) under."""
+        return self._planned(request)[1]
+
+    def _planned(self, request: Request) -> tuple[tuple[Weights, Weights | None], str, str, tuple[int, int], int]:
+        checkpoint, lora = self.plan(request.api)
+        weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
+        size = render_size(request.api["width"], request.api["height"], self.config.max_side)
+        steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
+        return (checkpoint, lora), self.cache.key(request, weights_id, size, steps), weights_id, size, steps
+
+    def generate(self, requests: Sequence[Request], progress: bool = True,
+                 needed: Callable[[str], bool] | None = None) -> list[Generated]:
         """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings.
 
-        Under a multi-process launch each process draws its share (`helpers.distributed.map_sharded`) into the
-        shared image cache, and every process gets all the images back: its own drawn ones in memory, the others'
-        as cache keys read on use.
+        `needed(key)` False for an image not in the cache: it is not drawn, and comes back without pixels (a caller
+        that needs only its cached scores). Under a multi-process launch each process draws its share
+        (`helpers.distributed.map_sharded`) into the shared image cache, and every process gets all the images
+        back: its own drawn ones in memory, the others' as cache keys read on use.
         """
         from .distributed import broadcast_from_main, launched_world_size, map_sharded
 
@@ -793,28 +823,28 @@ class Executor:
             own: dict[str, Generated] = {}
 
             def here(share: list[Request]) -> list[Generated]:
-                made = self._generate_here(share, progress)
+                made = self._generate_here(share, progress, needed)
                 own.update((g.key, g) for g in made)
                 return [g.by_reference() for g in made]  # keys travel between processes; pixels are in the cache
 
             return [own.get(g.key, g) for g in map_sharded(here, requests)]
-        return self._generate_here(requests, progress)
+        return self._generate_here(requests, progress, needed)
 
-    def generate_in_blocks(self, requests: Sequence[Request], block_size: int = IMAGE_BLOCK,
-                           progress: bool = True) -> Iterator[tuple[list[int], list[Generated]]]:
+    def generate_in_blocks(self, requests: Sequence[Request], block_size: int = IMAGE_BLOCK, progress: bool = True,
+                           needed: Callable[[str], bool] | None = None) -> Iterator[tuple[list[int], list[Generated]]]:
         """(indices into `requests`, their images) one block of at most `block_size` requests at a time.
 
         For runs too large to hold every image in memory: a caller scores (and caches the scores of) one block
         before the next is drawn, so memory stays bounded and a crash loses one block's work at most. Requests are
         ordered by their drawing settings (stably) before blocking, so a block holds few pipeline switches and full
-        batches. One block (the whole run when it fits) keeps the input order.
+        batches. One block (the whole run when it fits) keeps the input order. `needed`: as in `generate`.
         """
         from tqdm.auto import tqdm
 
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be at least 1")
         if len(requests) <= block_size:
-            yield list(range(len(requests))), self.generate(requests, progress)
+            yield list(range(len(requests))), self.generate(requests, progress, needed=needed)
             return
 
         def settings(index: int) -> tuple[str, ...]:
@@ -827,25 +857,25 @@ class Executor:
         try:
             for start in range(0, len(order), block_size):
                 indices = order[start:start + block_size]
-                yield indices, self.generate([requests[i] for i in indices], progress=False)
+                yield indices, self.generate([requests[i] for i in indices], progress=False, needed=needed)
                 bar.update(len(indices))
         finally:
             bar.close()
 
-    def _generate_here(self, requests: Sequence[Request], progress: bool) -> list[Generated]:
+    def _generate_here(self, requests: Sequence[Request], progress: bool,
+                       needed: Callable[[str], bool] | None = None) -> list[Generated]:
         from tqdm.auto import tqdm
 
         planned, todo, cached = [], {}, set()
         for index, request in enumerate(requests):
-            checkpoint, lora = self.plan(request.api)
-            weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
-            size = render_size(request.api["width"], request.api["height"], self.config.max_side)
-            steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
-            key = self.cache.key(request, weights_id, size, steps)
+            (checkpoint, lora), key, weights_id, size, steps = self._planned(request)
             planned.append((request, key, weights_id, size))
             if key in cached or self.cache.has(key):  # decoded only when its pixels are used (`Generated.image`)
                 cached.add(key)
                 self.stats["cache_hits"] += 1
+                continue
+            if needed is not None and not needed(key):
+                self.stats["not_needed"] += 1
                 continue
             group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"], steps,
                      float(request.api["cfg_scale"]), size)

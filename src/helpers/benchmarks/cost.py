@@ -149,13 +149,29 @@ def png_bytes_per_image(side: int = 512, count: int = 8) -> dict[str, float]:
     return {path: sum(png_bytes(crop, level) for crop in crops) / count for path, level in PNG_LEVELS.items()}
 
 
+# image-drawing stages whose images leave the image cache once scored (their stage's `keep_images: false`): at most
+# one block of them (`t2i.IMAGE_BLOCK`) is on disk at a time
+SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf"}
+
+
 def disk_table(png_bytes: dict[str, float]):
     """Disk per stage at paper scale, in GB: each image-drawing stage's PNGs in the image cache at `png_bytes` per
-    image, AGFSync's preference dataset (it embeds a copy of each pair's PNGs) and the Diffusion-DPO resume point."""
+    image (one block at most for `SCORED_THEN_REMOVED` stages), AGFSync's preference dataset (it embeds a copy of
+    each pair's PNGs) and the Diffusion-DPO resume point."""
     import pandas as pd
 
-    rows = [(w.method, w.stage, w.count, w.count * png_bytes["project"], w.count * png_bytes["naive"],
-             "PNGs in the image cache") for w in paper_work() if w.unit == "image"]
+    from ..t2i import IMAGE_BLOCK
+
+    rows = []
+    for w in paper_work():
+        if w.unit != "image":
+            continue
+        notebook = SCORED_THEN_REMOVED.get((w.method, w.stage))
+        kept = min(w.count, IMAGE_BLOCK) if notebook else w.count
+        rows.append((w.method, w.stage, w.count, kept * png_bytes["project"], kept * png_bytes["naive"],
+                     f"one block of {IMAGE_BLOCK:,} PNGs at most: each leaves once scored ({notebook} keep_images: "
+                     f"false; {w.count * png_bytes['project'] / 1e9:,.0f} GB if kept)" if notebook
+                     else "PNGs in the image cache"))
     pairs = 2 * AGFSYNC_PROMPTS
     rows.append(("AGFSync", "Preference dataset (winner + loser per prompt)", pairs, pairs * png_bytes["project"],
                  pairs * png_bytes["naive"], "PNG copies embedded in the dataset (datasets.save_to_disk)"))
