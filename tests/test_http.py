@@ -144,3 +144,25 @@ def test_backoff_follows_retry_after_then_doubles_with_jitter_under_the_cap():
     assert backoff_delay(0, "600", base=2.0, cap=60.0, rng=rng) == 60.0
     delays = [backoff_delay(attempt, None, base=2.0, cap=60.0, rng=rng) for attempt in range(8)]
     assert all(0.5 * min(60.0, 2.0 * 2**a) <= d <= 1.5 * min(60.0, 2.0 * 2**a) for a, d in enumerate(delays))
+
+
+def test_room_is_made_for_the_whole_file_and_a_full_disk_is_refused_before_a_byte(server, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    target = tmp_path / "weights" / "21.safetensors"
+    target.parent.mkdir()
+    (target.parent / "21.safetensors.part").write_bytes(PAYLOAD[:1000])  # a rerun: 1,000 bytes are here already
+    asked_room = []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 5000, 5000))
+    with pytest.raises(OSError, match=r"21.safetensors needs 0.00 GB more and .* has 0.00 GB free: move it") as caught:
+        _fetch(server, target, make_room=asked_room.append, no_room="move it")
+    assert caught.value.errno == errno.ENOSPC and not target.exists()
+    assert asked_room == [len(PAYLOAD)] and server["ranges"] == ["bytes=1000-"]  # room for the whole file
+    assert (target.parent / "21.safetensors.part").read_bytes() == PAYLOAD[:1000]  # nothing written, nothing lost
+    # with the room made (the callback freed it), the same rerun completes from the part
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, len(PAYLOAD) - 1000))
+    path, _ = _fetch(server, target, make_room=asked_room.append)
+    assert path.read_bytes() == PAYLOAD and server["ranges"][-1] == "bytes=1000-"

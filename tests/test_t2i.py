@@ -523,6 +523,9 @@ def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(r
     rest fit, never the file just fetched nor one a process is loading; a removed file is fetched again on use."""
     files = _Files(lambda path: bytes(1000 * int(path.strip("/"))))
     store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights", url=files.root + "/{version}", max_gb=6e-6)
+    evict, room_made = store._evict, []  # room is made for the incoming bytes before they are written
+    store._evict = lambda keep, incoming=0: (room_made.append((keep.name, incoming, list(store.evicted))),
+                                             evict(keep, incoming))
     model = lambda version: t2i.CatalogModel(f"M{version}", "LORA", "SD 1.5", version, lora_base_version_id=0)  # noqa: E731
     folder = tmp_path / "weights"
 
@@ -535,8 +538,9 @@ def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(r
         use(1, 200)  # 1 is now the most recently used: 2 is the oldest
         assert sorted(p.name for p in folder.glob("*.safetensors")) == ["1.safetensors", "2.safetensors",
                                                                         "3.safetensors"] and not store.evicted
-        use(4, 300)  # 1 + 2 + 3 + 4 = 10 kB: 2 goes (8 kB), then 3 (5 kB)
+        use(4, 300)  # 1 + 2 + 3 + 4 = 10 kB: 2 goes (8 kB), then 3 (5 kB), before 4 arrives
         assert store.evicted == ["2.safetensors", "3.safetensors"]
+        assert room_made[-2:] == [("4.safetensors", 4000, []), ("4.safetensors", 0, store.evicted)]
         assert sorted(p.name for p in folder.glob("*.safetensors")) == ["1.safetensors", "4.safetensors"]
         # while another use holds 1 (a process loading it), fetching 3 again removes 4, and leaves 1 although it is
         # now the least recently used

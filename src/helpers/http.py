@@ -30,6 +30,20 @@ def backoff_delay(attempt: int, retry_after: str | None, base: float, cap: float
     return min(cap, base * 2 ** attempt) * rng.uniform(0.5, 1.5)
 
 
+def _room_for(have: int, length: int, partial: Path, make_room: Callable[[int], None] | None, no_room: str) -> None:
+    """`length` more bytes for a file of which `have` are on disk: room made for the whole file, free space checked
+    for the rest."""
+    import errno
+    import shutil
+
+    if make_room is not None:
+        make_room(have + length)
+    free = shutil.disk_usage(partial.parent).free
+    if length > free:
+        raise OSError(errno.ENOSPC, f"{partial.name.removesuffix('.part')} needs {length / 1e9:.2f} GB more and "
+                                    f"{partial.parent} has {free / 1e9:.2f} GB free: {no_room}")
+
+
 @contextmanager
 def _exclusive(lock: Path) -> Iterator[None]:
     """Hold an exclusive lock on the file `lock` (POSIX `flock`; elsewhere no lock): two runs sharing a weights
@@ -55,13 +69,18 @@ def _range_total(content_range: str | None) -> int | None:
 
 def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None, refused: str = "", attempts: int = 6,
                 base_delay: float = 2.0, cap: float = 120.0, timeout: float = 60.0, progress: bool = True,
-                sleep: Callable[[float], None] = time.sleep) -> Path:
+                sleep: Callable[[float], None] = time.sleep, make_room: Callable[[int], None] | None = None,
+                no_room: str = "free space on it") -> Path:
     """Fetch `url` to `target`, through a dropped connection, a timeout or a retryable status (`RETRY_STATUS`).
 
     The bytes go to `<target>.part`, which stays when the run stops: the next attempt, or the next run, asks only for
     the rest (an HTTP Range request; a server that ignores it sends everything again, which replaces the part). Only
     a complete file gets the real name. 401 and 403 raise PermissionError at once (`refused`, with `{status}`, says
     what to do); other errors of the request raise.
+
+    Once the server has said how many bytes are coming, `make_room(bytes)` may free disk (a capped cache removing
+    old files), and if the disk still has less free than that, OSError(ENOSPC) says so before a byte is written
+    (`no_room` says what to do), instead of a full disk part-way through a file of gigabytes.
     """
     import requests
     from tqdm.auto import tqdm
@@ -96,6 +115,8 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
                     if reply.status_code != 206:  # the whole file, from the first byte
                         have = 0
                     length = int(reply.headers.get("Content-Length") or 0) or None
+                    if length is not None:
+                        _room_for(have, length, partial, make_room, no_room)
                     with open(partial, "ab" if have else "wb") as handle, \
                             tqdm(total=have + length if length else None, initial=have, unit="B", unit_scale=True,
                                  desc=target.name, leave=False, disable=not progress) as bar:

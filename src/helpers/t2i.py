@@ -426,15 +426,19 @@ class CivitaiWeights(TinyWeights):
             headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
             download_to(self.url.format(version=version), target, headers=headers,
                         refused=f"Civitai refused model version {version} ({{status}}); set CIVITAI_API_TOKEN to a "
-                                "token that may download it")
+                                "token that may download it",
+                        make_room=lambda incoming: self._evict(keep=target, incoming=incoming),
+                        no_room="free space there, point T2IBOOK_WEIGHTS_CACHE at a larger disk, or cap the cache with "
+                                "T2IBOOK_WEIGHTS_CACHE_GB (the least recently used files make room)")
             self._evict(keep=target)
         try:
             os.utime(target)  # its last use: the cap removes the least recently used first
         except FileNotFoundError:  # another process's eviction got there first; `local_weights` fetches again
             pass
 
-    def _evict(self, keep: Path) -> None:
-        """Remove the least recently used files until the cache fits `max_bytes` (`keep` and files in use stay)."""
+    def _evict(self, keep: Path, incoming: int = 0) -> None:
+        """Remove the least recently used files until the cache, and `incoming` bytes about to be written to `keep`,
+        fit `max_bytes` (`keep` and files in use stay)."""
         if self.max_bytes is None:
             return
         try:
@@ -447,7 +451,7 @@ class CivitaiWeights(TinyWeights):
                 sizes[path] = path.stat()
             except FileNotFoundError:
                 continue
-        total = sum(stat.st_size for stat in sizes.values())
+        total = sum(stat.st_size for stat in sizes.values()) + incoming
         for path in sorted((p for p in sizes if p != keep), key=lambda p: sizes[p].st_mtime_ns):
             if total <= self.max_bytes:
                 return
