@@ -518,6 +518,33 @@ def test_paper_weights_are_fetched_on_first_load_only_and_not_for_cached_images(
     assert [g.key for g in cached] == [g.key for g in drawn]
 
 
+def test_a_civitai_checkpoint_file_loads_offline_and_draws_what_the_same_weights_draw_as_a_folder(run_ctx, tmp_path,
+                                                                                                     capfd):
+    """A Civitai checkpoint is one file in the original (LDM) layout: it is filled in from the base model's folder,
+    with no hub, and its pipeline draws pixel for pixel what the same weights draw as a diffusers folder."""
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    base = t2i.TinyWeights(run_ctx).base("SD 1.5")
+    served = write_ldm_checkpoint(Path(base.path), tmp_path / "served" / "31.safetensors")
+    files = _Files(lambda path: served.read_bytes())
+    catalog = t2i.ModelCatalog([t2i.CatalogModel("Base", "Checkpoint", "SD 1.5", 11, is_base=True),
+                                t2i.CatalogModel("RealMix", "Checkpoint", "SD 1.5", 31)])
+    store = t2i.CivitaiWeights(run_ctx, cache_dir=tmp_path / "weights", url=files.root + "/{version}")
+    executor = t2i.Executor(catalog, store, t2i.ImageCache(tmp_path / "cache"),
+                            t2i.ExecutorConfig(max_side=32, batch_size=2, max_sampling_steps=2))
+    requests = [t2i.Request(api(model), "a harbour at dawn", "", seed=2) for model in ("RealMix", "Base")]
+    capfd.readouterr()
+    try:
+        from_file, from_folder = executor.generate(requests, progress=False)
+    finally:
+        files.server.shutdown()
+    printed = capfd.readouterr().err
+    assert files.asked == ["/31"] and executor.stats["pipelines_loaded"] == 2 and from_file.key != from_folder.key
+    np.testing.assert_array_equal(np.asarray(from_file.image), np.asarray(from_folder.image))
+    # a run loads hundreds of checkpoints: no bar for each, nor diffusers' note about an empty list of modules
+    assert "Loading pipeline components" not in printed and "kept in float32" not in printed
+
+
 def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(run_ctx, tmp_path):
     """Files of 1, 2, 3 and 4 kB under a 6 kB cap: each download removes the least recently used files until the
     rest fit, never the file just fetched nor one a process is loading; a removed file is fetched again on use."""

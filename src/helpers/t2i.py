@@ -782,7 +782,10 @@ class Executor:
         if checkpoint.weights_id in self.pipelines:
             self.pipelines.move_to_end(checkpoint.weights_id)
             return self.pipelines[checkpoint.weights_id]
-        pipeline = load_pipeline(checkpoint, architecture, self.config.device, getattr(torch, self.config.dtype))
+        base = self.weights.base(architecture) if checkpoint.kind == "file" else None
+        # a Civitai checkpoint is filled in from the base model's folder when there is one (no hub needed)
+        pipeline = load_pipeline(checkpoint, architecture, self.config.device, getattr(torch, self.config.dtype),
+                                 config=base.path if base is not None and base.kind == "folder" else None)
         optimize_pipeline(pipeline, PipelineSettings(self.config.channels_last, self.config.compile_unet))
         self.stats["pipelines_loaded"] += 1
         self.pipelines[checkpoint.weights_id] = pipeline
@@ -1008,34 +1011,52 @@ class _OnlyMissingReport(logging.Filter):
         return not statuses <= {"Status", "MISSING"}
 
 
-def load_lora(pipeline, lora: Weights, name: str) -> None:
-    """Load a LoRA (a diffusers folder or a single file) into `pipeline` as the adapter `name`."""
+class _EmptyFloat32Note(logging.Filter):
+    """Drops diffusers' note that a model has modules to keep in float32 when it lists none (a single-file load
+    casts each component with `.to(dtype)`): there is nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_load(filters: dict[str, logging.Filter]) -> Iterator[None]:
+    """No diffusers or transformers progress bars, and `filters` on the named libraries' log handlers, for the
+    length of the block; the caller's settings come back afterwards. A paper run loads hundreds of checkpoints and
+    switches LoRAs thousands of times: a bar each would bury the run's own."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    bars = [(library, library.is_progress_bar_enabled()) for library in (diffusers_logging, transformers_logging)]
+    for library, _ in bars:
+        library.disable_progress_bar()
+    attached = [(handler, found) for name, found in filters.items() for handler in logging.getLogger(name).handlers]
+    for handler, found in attached:
+        handler.addFilter(found)
+    try:
+        yield
+    finally:
+        for handler, found in attached:
+            handler.removeFilter(found)
+        for library, enabled in bars:
+            if enabled:
+                library.enable_progress_bar()
+
+
+def load_lora(pipeline, lora: Weights, name: str) -> None:
+    """Load a LoRA (a diffusers folder or a single file) into `pipeline` as the adapter `name`."""
     from .config import errors_only
 
     path = Path(lora.path)
-    # a LoRA's text-encoder part loads in milliseconds: no transformers progress bar for each of a run's switches
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    handlers, only_missing = logging.getLogger("transformers").handlers, _OnlyMissingReport()
-    for handler in handlers:
-        handler.addFilter(only_missing)
-    try:
-        # Civitai LoRAs often train the UNet only: not worth a warning
-        with errors_only("diffusers"), warnings.catch_warnings():
-            # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
-            warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
-            with local_weights(lora):
-                if lora.kind == "file":
-                    pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                else:
-                    pipeline.load_lora_weights(str(path), adapter_name=name)
-    finally:
-        for handler in handlers:
-            handler.removeFilter(only_missing)
-        if bars:
-            transformers_logging.enable_progress_bar()
+    # Civitai LoRAs often train the UNet only: not worth a warning
+    with _quiet_load({"transformers": _OnlyMissingReport()}), errors_only("diffusers"), warnings.catch_warnings():
+        # every LoRA is its own named adapter, on purpose; peft warns each time a second one is added
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute")
+        with local_weights(lora):
+            if lora.kind == "file":
+                pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            else:
+                pipeline.load_lora_weights(str(path), adapter_name=name)
 
 
 def merge_lora(pipeline, lora: Weights | None) -> None:
@@ -1082,16 +1103,23 @@ def merge_lora(pipeline, lora: Weights | None) -> None:
     state["lora"] = wanted
 
 
-def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A text-to-image pipeline from a diffusers folder / hub id, or a single .safetensors/.ckpt file."""
+def load_pipeline(checkpoint: Weights, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  config: str | None = None):
+    """A text-to-image pipeline from a diffusers folder / hub id, or a single .safetensors/.ckpt file.
+
+    A single file (a Civitai checkpoint, in the original layout) holds weights only: `config`, a diffusers folder of
+    the same architecture, gives the components' configs, tokenizer and scheduler, offline; without it diffusers
+    infers the model type from the file's keys and fetches that configuration from the Hugging Face Hub.
+    """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_class = StableDiffusionXLPipeline if architecture == "SDXL 1.0" else StableDiffusionPipeline
     extra = {"add_watermarker": False} if architecture == "SDXL 1.0" else {"safety_checker": None,
                                                                           "requires_safety_checker": False}
-    with local_weights(checkpoint):
+    with local_weights(checkpoint), _quiet_load({"diffusers": _EmptyFloat32Note()}):
         if checkpoint.kind == "file":
-            pipeline = pipeline_class.from_single_file(checkpoint.path, dtype=dtype, **extra)
+            pipeline = pipeline_class.from_single_file(checkpoint.path, dtype=dtype, **extra,
+                                                       **({"config": config} if config else {}))
         else:
             pipeline = DiffusionPipeline.from_pretrained(checkpoint.path, dtype=dtype, **extra)
     pipeline.set_progress_bar_config(disable=True)
