@@ -338,6 +338,31 @@ def _draw(pipeline, executor, lora, seed=4):
     return np.asarray(image, dtype=np.int16)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_a_kohya_format_lora_draws_what_the_same_lora_draws_in_diffusers_format(run_ctx, tmp_path, merge):
+    """Most Civitai LoRAs are in kohya's layout (lora_unet_…, lora_te_text_model_…, an alpha per module): loaded as
+    an adapter or merged, it draws what the same LoRA draws from a diffusers file, its text-encoder part included."""
+    from civitai_formats import write_kohya_lora
+    from safetensors.torch import load_file, save_file
+
+    (lora,) = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(5,))
+    kohya = write_kohya_lora(Path(lora.path) / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", 4)
+    layers = load_file(kohya)
+    save_file({k: v for k, v in layers.items() if not k.startswith("lora_te_")}, tmp_path / "unet_only.safetensors")
+    loras = {"diffusers": lora, "kohya": t2i.Weights(str(kohya), "file", "kohya"),
+             "kohya UNet part": t2i.Weights(str(tmp_path / "unet_only.safetensors"), "file", "unet-only"), "none": None}
+    drawn = {}
+    for name, weights in loras.items():
+        pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+        t2i.use_lora(pipeline, weights, merge=merge)
+        drawn[name] = np.asarray(t2i.render(pipeline, ["a heron in the reeds"], [""], [4], steps=3, cfg=7.0, width=32,
+                                            height=32, device="cpu")[0], dtype=np.int16)
+    assert any(k.startswith("lora_te_text_model_") for k in layers)
+    assert np.array_equal(drawn["kohya"], drawn["diffusers"])
+    assert not np.array_equal(drawn["kohya UNet part"], drawn["kohya"])  # the text-encoder part was applied
+    assert not np.array_equal(drawn["kohya"], drawn["none"])
+
+
 def _tensors(pipeline):
     parts = [part for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipeline, part, None) is not None]
     return {f"{part}.{name}": tensor.clone() for part in parts
@@ -522,7 +547,7 @@ def test_a_civitai_checkpoint_file_loads_offline_and_draws_what_the_same_weights
                                                                                                      capfd):
     """A Civitai checkpoint is one file in the original (LDM) layout: it is filled in from the base model's folder,
     with no hub, and its pipeline draws pixel for pixel what the same weights draw as a diffusers folder."""
-    from ldm_checkpoint import write_ldm_checkpoint
+    from civitai_formats import write_ldm_checkpoint
 
     base = t2i.TinyWeights(run_ctx).base("SD 1.5")
     served = write_ldm_checkpoint(Path(base.path), tmp_path / "served" / "31.safetensors")

@@ -95,3 +95,22 @@ def write_ldm_checkpoint(pipeline_folder: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in merged.items()}, target)
     return target
+
+
+def write_kohya_lora(diffusers_lora: Path, target: Path, rank: int) -> Path:
+    """A diffusers-format LoRA file (`build_tiny_lora`) in the kohya layout most Civitai LoRAs have:
+    `lora_unet_<module path with _>` and `lora_te_text_model_<…>` names, lora_down/lora_up weights and an alpha per
+    module (alpha = rank: scale 1, as the diffusers file has)."""
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+    written: dict[str, torch.Tensor] = {}
+    for key, value in load_file(diffusers_lora).items():
+        part, rest = key.split(".", 1)
+        module, _, kind = rest.rpartition(".lora.") if ".lora." in rest else rest.rpartition(".lora_linear_layer.")
+        if part != "unet" and not module.startswith("text_model."):
+            module = "text_model." + module  # the CLIP text model's module path as kohya's scripts name it
+        name = prefixes[part] + module.replace(".", "_")
+        written[f"{name}.lora_{kind.removesuffix('.weight')}.weight"] = value
+        written[f"{name}.alpha"] = torch.tensor(float(rank))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in written.items()}, target)
+    return target
