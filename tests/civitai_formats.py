@@ -1,8 +1,10 @@
-"""Writes a diffusers SD 1.5 pipeline folder as one original-layout (LDM) `.safetensors` file: the form a Civitai
-checkpoint takes, so that the paper profile's single-file path can be tested on the tiny pipeline, offline.
+"""The forms Civitai files take, written from the tiny models, so that the paper profile's loading paths can be
+tested offline: a checkpoint as one original-layout (LDM / SGM) `.safetensors` file, SD 1.5 or SDXL, and a LoRA in
+kohya's layout.
 
-The key layout is the one diffusers' `single_file_utils` reads back (`convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), written out here from the model configs.
+The checkpoint layout is the one diffusers' `single_file_utils` reads back (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`), written out here from
+the model configs.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def unet_key(key: str, config: dict) -> str:
     per = config["layers_per_block"] + 1  # LDM numbers a block's resnets (and its down/upsampler) in one run
     up_attention = [kind.startswith("CrossAttn") for kind in config["up_block_types"]]
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for name, ldm in fixed.items():
         if key.startswith(name + "."):
@@ -76,8 +79,32 @@ def vae_key(key: str, config: dict) -> str:
     return key  # quant_conv, post_quant_conv
 
 
+def open_clip_weights(text_encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout (SDXL's second text encoder): one in_proj per
+    attention, resblocks, ln_final, and the text projection transposed."""
+    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+    weights = {k.removeprefix("text_model."): v for k, v in text_encoder.items()}
+    out = {"positional_embedding": weights.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": weights.pop("final_layer_norm.weight"), "ln_final.bias": weights.pop("final_layer_norm.bias"),
+           "text_projection": weights.pop("text_projection.weight").T}
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
+    for i in layers:
+        at = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [weights.pop(f"{at}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for name, open_clip in layer_names.items():
+            for kind in ("weight", "bias"):
+                out[f"transformer.resblocks.{i}.{open_clip}.{kind}"] = weights.pop(f"{at}{name}.{kind}")
+    if weights:
+        raise KeyError(f"no OpenCLIP name for {sorted(weights)}")
+    return out
+
+
 def write_ldm_checkpoint(pipeline_folder: Path, target: Path) -> Path:
-    """`pipeline_folder` (a diffusers SD 1.5 folder) as one LDM-layout `.safetensors` file at `target`."""
+    """`pipeline_folder` (a diffusers SD 1.5 or SDXL folder) as one original-layout `.safetensors` file at `target`."""
     folder = Path(pipeline_folder)
     merged: dict[str, torch.Tensor] = {}
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
@@ -89,9 +116,14 @@ def write_ldm_checkpoint(pipeline_folder: Path, target: Path) -> Path:
         if ".attn_1." in name and name.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's VAE attention is made of 1×1 convolutions
         merged["first_stage_model." + name] = value
+    xl = (folder / "text_encoder_2").is_dir()
+    first = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
     for key, value in load_file(folder / "text_encoder" / "model.safetensors").items():
         # an original checkpoint names the CLIP text model's weights text_model.*, as transformers 4 saved them
-        merged["cond_stage_model.transformer." + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+        merged[first + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    if xl:
+        for key, value in open_clip_weights(load_file(folder / "text_encoder_2" / "model.safetensors")).items():
+            merged["conditioner.embedders.1.model." + key] = value
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in merged.items()}, target)
     return target

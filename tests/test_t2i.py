@@ -570,6 +570,24 @@ def test_a_civitai_checkpoint_file_loads_offline_and_draws_what_the_same_weights
     assert "Loading pipeline components" not in printed and "kept in float32" not in printed
 
 
+def test_an_sdxl_checkpoint_file_loads_offline_as_the_same_weights(tmp_path):
+    """SDXL's single file (two text encoders, the second in OpenCLIP's layout) loads, filled in from the base
+    folder, into exactly the folder's weights. The encoders differ in width, as in SDXL, which is how diffusers tells
+    them apart in a single file."""
+    from civitai_formats import write_ldm_checkpoint
+    from helpers import models
+
+    folder = tmp_path / "sdxl"
+    models.build_tiny_stable_diffusion_xl(folder, seed=1, second_encoder_width=48)
+    served = write_ldm_checkpoint(folder, tmp_path / "41.safetensors")
+    from_file = t2i.load_pipeline(t2i.Weights(str(served), "file", "civitai:41"), "SDXL 1.0", config=str(folder))
+    from_folder = t2i.load_pipeline(t2i.Weights(str(folder), "folder", "base"), "SDXL 1.0")
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        loaded, expected = getattr(from_file, part).state_dict(), getattr(from_folder, part).state_dict()
+        assert loaded.keys() == expected.keys() and not any(t.is_meta for t in loaded.values()), part
+        assert all(torch.equal(loaded[name], expected[name]) for name in expected), part
+
+
 def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(run_ctx, tmp_path):
     """Files of 1, 2, 3 and 4 kB under a 6 kB cap: each download removes the least recently used files until the
     rest fit, never the file just fetched nor one a process is loading; a removed file is fetched again on use."""

@@ -279,15 +279,23 @@ def build_tiny_stable_diffusion(folder: Path, seed: int = 0, resolution: int = 6
             "resolution": resolution}
 
 
-def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int = 64) -> dict[str, Any]:
-    """SDXL-shaped pipeline (two text encoders, text-time conditioning) that runs at 32–64 px."""
+def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int = 64,
+                                   second_encoder_width: int | None = None) -> dict[str, Any]:
+    """SDXL-shaped pipeline (two text encoders, text-time conditioning) that runs at 32–64 px.
+
+    `second_encoder_width`: the second text encoder's width, by default the first's (32). Reading a single-file
+    SDXL checkpoint, diffusers tells the two encoders apart by width (768 and 1280 in SDXL), so a file written from
+    a pipeline whose encoders are alike loads the first encoder's weights into both.
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = train_clip_tokenizer(seed=seed)
     text_config = CLIPTextConfig(**_tiny_clip_text_config(tokenizer), hidden_act="gelu")
+    second_config = text_config if second_encoder_width is None else CLIPTextConfig(
+        **_tiny_clip_text_config(tokenizer, second_encoder_width), hidden_act="gelu")
     torch.manual_seed(seed)
-    text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(text_config)
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config), CLIPTextModelWithProjection(second_config)
     vae = _tiny_vae(resolution, seed + 1)
     torch.manual_seed(seed + 2)
     # SDXL's micro-conditioning: 6 size/crop numbers embedded at 8 dims each, plus the pooled text embedding
@@ -297,8 +305,8 @@ def build_tiny_stable_diffusion_xl(folder: Path, seed: int = 0, resolution: int 
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                                projection_class_embeddings_input_dim=6 * 8 + text_config.projection_dim,
-                                cross_attention_dim=2 * text_config.hidden_size)
+                                projection_class_embeddings_input_dim=6 * 8 + second_config.projection_dim,
+                                cross_attention_dim=text_config.hidden_size + second_config.hidden_size)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
