@@ -133,9 +133,12 @@ def write_kohya_lora(diffusers_lora: Path, target: Path, rank: int) -> Path:
     """A diffusers-format LoRA file (`build_tiny_lora`) in the kohya layout most Civitai LoRAs have:
     `lora_unet_<module path with _>` and `lora_te_text_model_<…>` names, lora_down/lora_up weights and an alpha per
     module (alpha = rank: scale 1, as the diffusers file has)."""
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+    layers = load_file(diffusers_lora)
+    two_encoders = any(key.startswith("text_encoder_2.") for key in layers)  # SDXL: lora_te1_ and lora_te2_
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if two_encoders else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
     written: dict[str, torch.Tensor] = {}
-    for key, value in load_file(diffusers_lora).items():
+    for key, value in layers.items():
         part, rest = key.split(".", 1)
         module, _, kind = rest.rpartition(".lora.") if ".lora." in rest else rest.rpartition(".lora_linear_layer.")
         if part != "unet" and not module.startswith("text_model."):

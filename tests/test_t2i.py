@@ -339,28 +339,34 @@ def _draw(pipeline, executor, lora, seed=4):
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
-def test_a_kohya_format_lora_draws_what_the_same_lora_draws_in_diffusers_format(run_ctx, tmp_path, merge):
-    """Most Civitai LoRAs are in kohya's layout (lora_unet_…, lora_te_text_model_…, an alpha per module): loaded as
-    an adapter or merged, it draws what the same LoRA draws from a diffusers file, its text-encoder part included."""
+@pytest.mark.parametrize("architecture", ["SD 1.5", "SDXL 1.0"])
+def test_a_kohya_format_lora_draws_what_the_same_lora_draws_in_diffusers_format(run_ctx, tmp_path, architecture,
+                                                                                 merge):
+    """Most Civitai LoRAs are in kohya's layout (lora_unet_…, lora_te_text_model_… or, for SDXL, lora_te1_ and
+    lora_te2_, an alpha per module): loaded as an adapter or merged, it draws what the same LoRA draws from a
+    diffusers file, each text encoder's part included."""
     from civitai_formats import write_kohya_lora
     from safetensors.torch import load_file, save_file
 
-    (lora,) = _lora_weights(run_ctx, tmp_path, "SD 1.5", seeds=(5,))
+    (lora,) = _lora_weights(run_ctx, tmp_path, architecture, seeds=(5,))
     kohya = write_kohya_lora(Path(lora.path) / "pytorch_lora_weights.safetensors", tmp_path / "kohya.safetensors", 4)
     layers = load_file(kohya)
-    save_file({k: v for k, v in layers.items() if not k.startswith("lora_te_")}, tmp_path / "unet_only.safetensors")
-    loras = {"diffusers": lora, "kohya": t2i.Weights(str(kohya), "file", "kohya"),
-             "kohya UNet part": t2i.Weights(str(tmp_path / "unet_only.safetensors"), "file", "unet-only"), "none": None}
+    encoders = sorted({key.split("_text_model_")[0] for key in layers if key.startswith("lora_te")})
+    assert encoders == (["lora_te"] if architecture == "SD 1.5" else ["lora_te1", "lora_te2"])
+    loras = {"diffusers": lora, "kohya": t2i.Weights(str(kohya), "file", "kohya"), "none": None}
+    for encoder in encoders:  # the same file without one text encoder's part
+        without = tmp_path / f"without_{encoder}.safetensors"
+        save_file({k: v for k, v in layers.items() if not k.startswith(encoder + "_")}, without)
+        loras[f"without {encoder}"] = t2i.Weights(str(without), "file", f"without-{encoder}")
     drawn = {}
     for name, weights in loras.items():
-        pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base("SD 1.5"), "SD 1.5")
+        pipeline = t2i.load_pipeline(t2i.TinyWeights(run_ctx).base(architecture), architecture)
         t2i.use_lora(pipeline, weights, merge=merge)
         drawn[name] = np.asarray(t2i.render(pipeline, ["a heron in the reeds"], [""], [4], steps=3, cfg=7.0, width=32,
                                             height=32, device="cpu")[0], dtype=np.int16)
-    assert any(k.startswith("lora_te_text_model_") for k in layers)
-    assert np.array_equal(drawn["kohya"], drawn["diffusers"])
-    assert not np.array_equal(drawn["kohya UNet part"], drawn["kohya"])  # the text-encoder part was applied
-    assert not np.array_equal(drawn["kohya"], drawn["none"])
+    assert np.array_equal(drawn["kohya"], drawn["diffusers"]) and not np.array_equal(drawn["kohya"], drawn["none"])
+    for encoder in encoders:  # each text encoder's part was applied
+        assert not np.array_equal(drawn[f"without {encoder}"], drawn["kohya"]), encoder
 
 
 def _tensors(pipeline):
