@@ -87,7 +87,8 @@ def open_clip_weights(text_encoder: dict[str, torch.Tensor]) -> dict[str, torch.
     weights = {k.removeprefix("text_model."): v for k, v in text_encoder.items()}
     out = {"positional_embedding": weights.pop("embeddings.position_embedding.weight"),
            "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
-           "ln_final.weight": weights.pop("final_layer_norm.weight"), "ln_final.bias": weights.pop("final_layer_norm.bias"),
+           "ln_final.weight": weights.pop("final_layer_norm.weight"),
+           "ln_final.bias": weights.pop("final_layer_norm.bias"),
            "text_projection": weights.pop("text_projection.weight").T}
     layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
     for i in layers:
