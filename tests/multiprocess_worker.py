@@ -79,6 +79,15 @@ def main(out: Path, llm: str) -> None:
     # the same requests again in blocks of 4, each block sharded (images from the cache, scores computed afresh)
     in_blocks = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"block_scores{world_size}.jsonl"))
     block_table = in_blocks.generate_and_score(executor, requests, block_size=4)
+    # scores only (RRHF's rewards), in blocks of 4 split across the processes: whichever process drew an image, it
+    # leaves the cache once its block is scored, but the kept one; asked again, none is drawn
+    rewards = [t2i.Request(call, f"a windmill in fog, {i}", seed=i) for i in range(5)]
+    rewarding = t2i.Executor(catalog, t2i.weights_store(ctx), executor.cache, executor.config)
+    only_scores = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"reward_scores{world_size}.jsonl"))
+    reward_table = only_scores.generate_and_score(rewarding, rewards, block_size=4, keep={0}.__contains__)
+    reward_left = [executor.cache.has(key) for key in reward_table["key"]]  # the main process removes them
+    again = t2i.Executor(catalog, t2i.weights_store(ctx), executor.cache, executor.config)
+    reward_again = only_scores.generate_and_score(again, rewards, block_size=4, keep={0}.__contains__)
     # FID features of the same images, split across the processes; asked again, nothing is embedded twice
     from helpers.scorers.fid import FidFeatures
 
@@ -160,12 +169,15 @@ def main(out: Path, llm: str) -> None:
             "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
+            "reward_clip": reward_table["clip"].tolist(), "reward_again_clip": reward_again["clip"].tolist(),
+            "reward_left": reward_left, "reward_removed": only_scores.removed,
             "dpo_log": dpo_log, "dpo_resumed_log": resumed_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
         np.save(folder / "fid_rows.npy", fid_rows)
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
         {"in_memory": in_memory, "fid_extracted": fid.extracted, "resumed_micro_batches": len(resumed_micro_batches),
+         "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))
     distributed.barrier()
 

@@ -130,6 +130,14 @@ def test_two_processes_match_one(book_root, tmp_path):
     alone = json.loads((out / "shares_world1_rank0.json").read_text())
     assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(3, 4), (3, 2)]
     assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
+    # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn
+    # image but the kept one once its block was scored, and asked again neither process drew anything
+    assert [s["reward_drawn"] for s in split] == [3, 2] and alone["reward_drawn"] == 5
+    assert [s["reward_drawn_again"] for s in split] == [0, 0] and alone["reward_drawn_again"] == 0
+    for run in (one, two):
+        assert run["reward_left"] == [True, False, False, False, False] and run["reward_removed"] == 4
+        assert run["reward_again_clip"] == run["reward_clip"]
+    assert two["reward_clip"] == pytest.approx(one["reward_clip"], abs=1e-5)
     # Diffusion-DPO resumed at step 1 by new trainers: one step more (2 micro-batches) on every process, the other
     # process from the main one's resume point, and the same second step as on one process
     assert [s["resumed_micro_batches"] for s in split] == [2, 2] and alone["resumed_micro_batches"] == 2
