@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_build_dabench)
     _add_suggest(commands)
     _add_bench(commands)
+    _add_disk(commands)
     return parser
 
 
@@ -245,6 +246,21 @@ def _add_suggest(commands) -> None:
     suggest.add_argument("--max-side", type=int, default=None,
                          help="long side of the image in pixels; 0 draws at the call's size (default: 64, paper 0)")
     suggest.set_defaults(handler=_suggest)
+
+
+def _disk(args: argparse.Namespace) -> int:
+    from .config import repo_root
+    from .disk import report
+
+    print(report(repo_root() / "data" / "runs" / args.profile))
+    return 0
+
+
+def _add_disk(commands) -> None:
+    disk = commands.add_parser("disk", help="what a profile's runs keep on disk: each stage, the image and weights "
+                                            "caches, the free space")
+    disk.add_argument("--profile", default="tiny", choices=["tiny", "small", "paper"], help="whose run folder")
+    disk.set_defaults(handler=_disk)
 
 
 def main(argv: list[str] | None = None) -> int:
