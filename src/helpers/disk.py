@@ -15,19 +15,19 @@ SHARED = {"image_cache": "images drawn (PNGs) and their scores", "models": "mode
           "_runner": "t2ibook run's record of what each notebook ran with"}
 
 
-def _measure(path: Path) -> tuple[int, int]:
-    """(files, bytes) under `path` (a file or a folder), links not followed."""
+def _measure(path: Path) -> tuple[int, int, int]:
+    """(files, bytes, PNGs) under `path` (a file or a folder), links not followed, in one walk."""
     if path.is_file():
-        return 1, path.stat().st_size
-    files = size = 0
+        return 1, path.stat().st_size, int(path.suffix == ".png")
+    files = size = pngs = 0
     for root, _, names in os.walk(path):
         for name in names:
             try:
                 stat = (Path(root) / name).lstat()
             except FileNotFoundError:  # removed while walking (a running stage)
                 continue
-            files, size = files + 1, size + stat.st_size
-    return files, size
+            files, size, pngs = files + 1, size + stat.st_size, pngs + name.endswith(".png")
+    return files, size, pngs
 
 
 def usage(runs_dir: Path, weights_dir: Path | None = None):
@@ -42,11 +42,10 @@ def usage(runs_dir: Path, weights_dir: Path | None = None):
         entries.append(weights_dir)
     rows = []
     for path in entries:
-        files, size = _measure(path)
+        files, size, pngs = _measure(path)
         what = "weights" if path == weights_dir else path.name
         note = SHARED.get(what, "stage folder" if (path / "manifest.json").is_file() else "")
         if what == "image_cache":
-            pngs = sum(1 for _ in (path / "images").rglob("*.png")) if (path / "images").is_dir() else 0
             scores = path / "scores.jsonl"
             rows_scored = sum(1 for _ in open(scores, "rb")) if scores.is_file() else 0
             note = f"{pngs:,} PNGs, {rows_scored:,} score rows"
