@@ -45,20 +45,28 @@ def _room_for(have: int, length: int, partial: Path, make_room: Callable[[int], 
 
 
 @contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file `lock` (POSIX `flock`; elsewhere no lock): two runs sharing a weights
-    cache take turns, and the second finds the file the first finished."""
+def file_lock(lock: Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """Hold a POSIX `flock` on the file `lock` (made if missing) for the block, exclusive or `shared`; yields whether
+    it was taken (False only when `wait=False` and another holder has it). Two runs sharing a weights cache take
+    turns on a download this way, and a file being loaded is kept from eviction. Without `fcntl` (Windows) nothing
+    is locked and it yields True: one run at a time is up to the user."""
     try:
         import fcntl
-    except ImportError:  # Windows: one run at a time is up to the user
-        yield
+    except ImportError:
+        yield True
         return
+    Path(lock).parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+            taken = True
+        except BlockingIOError:
+            taken = False
+        try:
+            yield taken
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if taken:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _range_total(content_range: str | None) -> int | None:
@@ -91,7 +99,7 @@ def download_to(url: str, target: Path, *, headers: dict[str, str] | None = None
     partial = target.with_name(f"{target.name}.part")
     partial.parent.mkdir(parents=True, exist_ok=True)
     rng, error, lock = random.Random(url), "", target.with_name(f"{target.name}.lock")
-    with _exclusive(lock):
+    with file_lock(lock):
         if target.exists():  # another run finished it while this one waited for the lock
             return target
         for attempt in range(attempts):

@@ -308,28 +308,18 @@ def _use_lock(path: Path) -> Path:
 def local_weights(weights: Weights) -> Iterator[Weights]:
     """`weights`, on this machine's disk for the length of the block: fetched first if remote, and kept from the
     weights cache's eviction (`CivitaiWeights`, `T2IBOOK_WEIGHTS_CACHE_GB`) by any process until the block ends."""
+    from .http import file_lock
+
     if weights.fetch is None:
         yield weights
         return
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): fetched, but not guarded against another process's eviction
+    while True:
         weights.fetch()
-        yield weights
-        return
-    lock = _use_lock(Path(weights.path))
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        while True:
-            weights.fetch()
-            fcntl.flock(handle, fcntl.LOCK_SH)
+        with file_lock(_use_lock(Path(weights.path)), shared=True):
             if Path(weights.path).exists():
-                break
-            fcntl.flock(handle, fcntl.LOCK_UN)  # evicted between the fetch and the lock: fetch it again
-        try:
-            yield weights
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+                yield weights
+                return
+        # removed by another process's eviction between the fetch and the lock: fetch it again
 
 
 class TinyWeights:
@@ -424,13 +414,18 @@ class CivitaiWeights(TinyWeights):
         target = self.cache_dir / f"{version}.safetensors"
         if not target.exists():  # a checkpoint is gigabytes: a dropped connection resumes, and so does a rerun
             headers = {"Authorization": f"Bearer {token}"} if (token := os.environ.get("CIVITAI_API_TOKEN")) else {}
+            room_made = []  # room is made before the bytes come when the server says how many; else after
+
+            def make_room(incoming: int) -> None:
+                room_made.append(incoming)
+                self._evict(keep=target, incoming=incoming)
             download_to(self.url.format(version=version), target, headers=headers,
                         refused=f"Civitai refused model version {version} ({{status}}); set CIVITAI_API_TOKEN to a "
-                                "token that may download it",
-                        make_room=lambda incoming: self._evict(keep=target, incoming=incoming),
+                                "token that may download it", make_room=make_room,
                         no_room="free space there, point T2IBOOK_WEIGHTS_CACHE at a larger disk, or cap the cache with "
                                 "T2IBOOK_WEIGHTS_CACHE_GB (the least recently used files make room)")
-            self._evict(keep=target)
+            if not room_made:
+                self._evict(keep=target)
         try:
             os.utime(target)  # its last use: the cap removes the least recently used first
         except FileNotFoundError:  # another process's eviction got there first; `local_weights` fetches again
@@ -439,11 +434,9 @@ class CivitaiWeights(TinyWeights):
     def _evict(self, keep: Path, incoming: int = 0) -> None:
         """Remove the least recently used files until the cache, and `incoming` bytes about to be written to `keep`,
         fit `max_bytes` (`keep` and files in use stay)."""
+        from .http import file_lock
+
         if self.max_bytes is None:
-            return
-        try:
-            import fcntl
-        except ImportError:
             return
         sizes = {}
         for path in self.cache_dir.glob("*.safetensors"):
@@ -455,16 +448,12 @@ class CivitaiWeights(TinyWeights):
         for path in sorted((p for p in sizes if p != keep), key=lambda p: sizes[p].st_mtime_ns):
             if total <= self.max_bytes:
                 return
-            lock = _use_lock(path)
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            with open(lock, "a") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # a process is loading it
+            with file_lock(_use_lock(path), wait=False) as taken:
+                if not taken:  # a process is loading it
                     continue
                 try:
                     path.unlink()
-                except FileNotFoundError:
+                except FileNotFoundError:  # another process removed it first
                     pass
                 else:
                     if not self.evicted:
@@ -473,7 +462,6 @@ class CivitaiWeights(TinyWeights):
                             "again if a later stage needs them (the store's `evicted` lists them).")
                     self.evicted.append(path.name)
                 total -= sizes[path].st_size
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _folder_id(folder: Path) -> str:
