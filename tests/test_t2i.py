@@ -592,6 +592,14 @@ def test_an_sdxl_checkpoint_file_loads_offline_as_the_same_weights(tmp_path):
         loaded, expected = getattr(from_file, part).state_dict(), getattr(from_folder, part).state_dict()
         assert loaded.keys() == expected.keys() and not any(t.is_meta for t in loaded.values()), part
         assert all(torch.equal(loaded[name], expected[name]) for name in expected), part
+    # and it draws what the folder draws, through both encoders (SDXL conditions on the second one's pooled output
+    # too). Equal to float rounding, not bit for bit: a tensor read from the folder's files can sit at an address
+    # that is not 64-byte aligned, and the CPU matmul then takes another kernel (~5e-7 apart on the projection)
+    drawn = [pipeline("a lighthouse in a storm", negative_prompt="blurry", height=32, width=32, num_inference_steps=2,
+                      generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+             for pipeline in (from_file, from_folder)]
+    np.testing.assert_allclose(*drawn, atol=1e-5, rtol=0)
+    assert drawn[0].std() > 0.01
 
 
 def test_weights_cache_cap_removes_the_least_recently_used_file_not_one_in_use(run_ctx, tmp_path):
