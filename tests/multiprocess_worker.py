@@ -91,9 +91,13 @@ def main(out: Path, llm: str) -> None:
     # FID features of the same images, split across the processes; asked again, nothing is embedded twice
     from helpers.scorers.fid import FidFeatures
 
-    fid = FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2)
+    fid_store = out / f"fid_store{world_size}"
+    fid = FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2, store=fid_store)
     fid_rows = fid(generated, [g.key for g in generated])
     fid(generated[:3], [g.key for g in generated[:3]])
+    distributed.barrier()  # the main process has written the rows; every process reads them back from disk
+    reread = FidFeatures(ctx.model_path("clip"), image_size=32, store=fid_store)
+    fid_reread = bool(np.array_equal(reread.rows([g.key for g in generated]), fid_rows)) and reread.extracted == 0
     agent = Agent.load(llm)
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
@@ -176,7 +180,8 @@ def main(out: Path, llm: str) -> None:
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        {"in_memory": in_memory, "fid_extracted": fid.extracted, "resumed_micro_batches": len(resumed_micro_batches),
+        {"in_memory": in_memory, "fid_extracted": fid.extracted, "fid_reread": fid_reread,
+         "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))
     distributed.barrier()

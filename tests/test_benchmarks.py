@@ -177,6 +177,9 @@ def test_cost_model_multipliers_are_the_paper_recipes():
         "agfsync_candidates": recipe["12_agfsync_preferences"]["num_candidates"],
         "dpo_steps": dpo["max_steps"], "dpo_batch": dpo["train_batch_size"] * dpo["gradient_accumulation_steps"],
         "agfsync_eval_seeds": dpo["eval_seeds"]}
+    # the disk table counts one block for these stages: the paper recipe must remove their images once scored
+    assert cost.SCORED_THEN_REMOVED and all(recipe[notebook]["keep_images"] is False
+                                            for notebook in cost.SCORED_THEN_REMOVED.values())
 
 
 def test_what_ifs_change_only_what_they_name():
@@ -342,6 +345,10 @@ def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point()
     rrhf = table.loc["RRHF images"]
     assert rrhf["images"] == 240_000 and rrhf["GB"] == pytest.approx(2.048)
     assert rrhf["GB at PIL's default"] == pytest.approx(1.6384) and "120 GB if kept" in rrhf["what"]
+    # 14,564 chats × (6 image sets + the reference) × 4 seeds, scored and embedded, then removed: one block again
+    chatgen = table.loc["Evaluation images"]
+    chatgen = chatgen[chatgen["method"] == "ChatGen"].iloc[0]
+    assert chatgen["images"] == 407_792 and chatgen["GB"] == pytest.approx(2.048) and "11_chatgen_evo" in chatgen["what"]
     assert table.loc["Table 2 images", "GB"] == pytest.approx(table.loc["Table 2 images", "images"] * 5e5 / 1e9)
     # a winner and a loser for each of the 45,834 AGFSync prompts
     pairs = table.loc["Preference dataset (winner + loser per prompt)"]

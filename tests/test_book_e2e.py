@@ -103,6 +103,22 @@ def test_rrhf_keeps_its_showcase_images_and_removes_the_other_reward_images(buil
     assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in others) > len(others) / 2
 
 
+def test_chatgen_evaluation_images_leave_the_cache_once_scored_and_embedded(built_book):
+    import numpy as np
+
+    from helpers.t2i import ImageCache
+
+    runs = built_book["root"] / "data" / "runs" / "tiny"
+    counts = json.loads((runs / "11_chatgen_evo" / "manifest.json").read_text())["counts"]
+    cache = ImageCache(runs / "image_cache")
+    embedded = set()
+    for path in (runs / "image_cache" / "fid_features").rglob("*.npz"):
+        embedded.update(np.load(path)["keys"].tolist())
+    # every evaluation and reference image was embedded for FID; those drawn there are gone, features kept on disk
+    assert len(embedded) >= counts["images"] / 2
+    assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in embedded) > len(embedded) / 2
+
+
 def test_cost_chapter_sizes_every_model_the_executor_can_download(built_book):
     import pandas as pd
 

@@ -130,6 +130,8 @@ def test_two_processes_match_one(book_root, tmp_path):
     alone = json.loads((out / "shares_world1_rank0.json").read_text())
     assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(3, 4), (3, 2)]
     assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
+    # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
+    assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn
     # image but the kept one once its block was scored, and asked again neither process drew anything
     assert [s["reward_drawn"] for s in split] == [3, 2] and alone["reward_drawn"] == 5

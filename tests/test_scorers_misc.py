@@ -252,6 +252,11 @@ def test_fid_from_features_equals_torchmetrics_and_each_keyed_image_is_embedded_
         fid.frechet_distance(real_rows, fake_rows[:1])
     with pytest.raises(ValueError, match="one key per image"):
         features(real, keys=["r0"])
+    twice = features([fake[0], fake[0]], keys=["d", "d"])  # one key twice in a call: embedded once
+    assert sum(embedded) == 12 and np.array_equal(twice[0], twice[1])
+    # no size given: the network's own input side (this CLIP's 64 px; Inception's 299), named in the store's folder
+    own = fid.FidFeatures(clip, image_size=None)
+    assert own.image_size == 64 and own.features_id.endswith("-64px") and own.features_id.startswith("clip-clip@")
 
 
 def test_fid_errors_name_the_fix(aesthetic_folder):

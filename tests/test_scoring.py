@@ -77,6 +77,15 @@ def test_scoring_run_scores_each_image_once(tiny_ctx):
     np.testing.assert_allclose(again["clip"], first["clip"])
     rows = [json.loads(line) for line in (tiny_ctx.runs_dir / "image_cache" / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 2
+    # one image three times in a call (methods that answered alike): scored once, one cached value for all three
+    same = [Generated(Request({}, "a green square", "", 0), Image.new("RGB", (32, 32), "green"), "key2", False, "w",
+                      (32, 32))] * 3
+    thrice = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    table = thrice.score(generated[:1] + same)
+    assert thrice.computed == 1 and thrice.reused == 3 and table["clip"].iloc[1:].nunique() == 1
+    rows = [json.loads(line) for line in (tiny_ctx.runs_dir / "image_cache" / "scores.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in rows] == ["key0", "key1", "key2"]
+    assert rows[2]["value"] == table["clip"].iloc[1]
 
 
 def test_normalisation_sensitivity_reports_rank_agreement():
@@ -162,6 +171,52 @@ def test_scores_only_images_leave_the_cache_once_scored_and_are_not_drawn_again(
     assert not cache.has(keys[2])
     with pytest.raises(FileNotFoundError, match="only its cached scores were asked for"):
         again.generate([requests[0]], progress=False, needed=lambda key: False)[0].image
+
+
+def test_fid_features_kept_on_disk_let_images_go_and_a_rerun_reads_them_back(tiny_ctx):
+    """`also`: FID features kept by image key beside the scores; with `keep`, each image leaves the cache once both
+    are in; a rerun (new objects, as a new process) draws and embeds nothing, and reads the same rows from disk; a
+    block whose features file is gone is drawn again, though its scores are cached."""
+    from helpers.scorers.fid import FidFeatures
+    from helpers.t2i import Executor, ImageCache, ModelCatalog, Request, default_api
+
+    catalog = ModelCatalog.from_records([])
+    api = default_api(catalog.base("SD 1.5"))
+    requests = [Request({**api, "sampling_steps": 4}, f"a kite over dunes {i}", "", i) for i in range(4)]
+    executor = lambda: Executor.for_run(tiny_ctx, catalog, max_side=32, batch_size=4)  # noqa: E731
+    store = tiny_ctx.runs_dir / "image_cache" / "fid_features"
+    features = lambda: FidFeatures(tiny_ctx.model_path("clip"), image_size=32, store=store)  # noqa: E731
+    first, embedded, run = executor(), features(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    table = run.generate_and_score(first, requests, block_size=2, keep=lambda i: False, also=[embedded])
+    keys, cache = table["key"].tolist(), ImageCache(tiny_ctx.runs_dir / "image_cache")
+    assert first.stats["generated"] == 4 and embedded.extracted == 4 and run.removed == 4
+    assert not any(cache.has(key) for key in keys)
+    files = sorted(embedded.store.glob("*.npz"))
+    assert len(files) == 2 and embedded.store.parent == store  # one file per block, under the features' identity
+    # the same rows as embedding the pixels of a run that keeps them (float32 rows, read back as float64)
+    kept = Executor(catalog, first.weights, ImageCache(tiny_ctx.runs_dir / "elsewhere"), first.config)
+    pictures = [g.image for g in kept.generate(requests, progress=False)]
+    expected = FidFeatures(tiny_ctx.model_path("clip"), image_size=32)(pictures)
+    rows = embedded.rows(keys)
+    assert rows.dtype == np.float64 and rows.shape == expected.shape
+    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)
+    # a rerun: scores and rows are on disk, so nothing is drawn or embedded, and the rows are the very same
+    again, reread, rerun = executor(), features(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    rerun.generate_and_score(again, requests, block_size=2, keep=lambda i: False, also=[reread])
+    assert again.stats["generated"] == 0 and again.stats["not_needed"] == 4 and reread.extracted == 0
+    np.testing.assert_array_equal(reread.rows(keys), rows)
+    # one block's features lost: only its two images are drawn (their scores are cached), embedded and removed
+    lost = next(path for path in files if keys[0] in np.load(path)["keys"].tolist())
+    lost.unlink()
+    third, partial, once_more = executor(), features(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
+    once_more.generate_and_score(third, requests, block_size=2, keep=lambda i: False, also=[partial])
+    assert third.stats["generated"] == 2 and partial.extracted == 2 and once_more.computed == 0
+    assert once_more.removed == 2 and not any(cache.has(key) for key in keys)
+    np.testing.assert_array_equal(partial.rows(keys), rows)
+    # features of another size are another set, and a key never embedded is named with the fix
+    assert features().features_id != FidFeatures(tiny_ctx.model_path("clip"), image_size=64, store=store).features_id
+    with pytest.raises(KeyError, match="no FID features for 1 image.*embed them first"):
+        partial.rows(["not-a-key"])
 
 
 def test_scorers_preprocess_images_in_threads_with_the_scores_of_one_call(tiny_ctx, monkeypatch):

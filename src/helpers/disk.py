@@ -15,19 +15,24 @@ SHARED = {"image_cache": "images drawn (PNGs) and their scores", "models": "mode
           "_runner": "t2ibook run's record of what each notebook ran with"}
 
 
-def _measure(path: Path) -> tuple[int, int, int]:
-    """(files, bytes, PNGs) under `path` (a file or a folder), links not followed, in one walk."""
+def _measure(path: Path) -> tuple[int, int, dict[str, int]]:
+    """(files, bytes, {suffix: files} for PNGs and FID feature files) under `path` (a file or a folder), links not
+    followed, in one walk."""
+    counted = {".png": 0, ".npz": 0}
     if path.is_file():
-        return 1, path.stat().st_size, int(path.suffix == ".png")
-    files = size = pngs = 0
+        return 1, path.stat().st_size, {**counted, **({path.suffix: 1} if path.suffix in counted else {})}
+    files = size = 0
     for root, _, names in os.walk(path):
         for name in names:
             try:
                 stat = (Path(root) / name).lstat()
             except FileNotFoundError:  # removed while walking (a running stage)
                 continue
-            files, size, pngs = files + 1, size + stat.st_size, pngs + name.endswith(".png")
-    return files, size, pngs
+            files, size = files + 1, size + stat.st_size
+            suffix = os.path.splitext(name)[1]
+            if suffix in counted:
+                counted[suffix] += 1
+    return files, size, counted
 
 
 def usage(runs_dir: Path, weights_dir: Path | None = None):
@@ -42,13 +47,15 @@ def usage(runs_dir: Path, weights_dir: Path | None = None):
         entries.append(weights_dir)
     rows = []
     for path in entries:
-        files, size, pngs = _measure(path)
+        files, size, kinds = _measure(path)
         what = "weights" if path == weights_dir else path.name
         note = SHARED.get(what, "stage folder" if (path / "manifest.json").is_file() else "")
         if what == "image_cache":
             scores = path / "scores.jsonl"
             rows_scored = sum(1 for _ in open(scores, "rb")) if scores.is_file() else 0
-            note = f"{pngs:,} PNGs, {rows_scored:,} score rows"
+            note = f"{kinds['.png']:,} PNGs, {rows_scored:,} score rows"
+            if kinds[".npz"]:  # FID features kept by image key (notebook 11)
+                note += f", {kinds['.npz']:,} FID feature files"
         elif what == "weights" and os.environ.get("T2IBOOK_WEIGHTS_CACHE_GB"):
             note = f"{SHARED['weights']}, capped at {os.environ['T2IBOOK_WEIGHTS_CACHE_GB']} GB"
         rows.append({"what": what, "path": str(path), "files": files, "GB": size / 1e9, "note": note})

@@ -164,7 +164,9 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
 
     keys = [g.key for g in generated]
     values = broadcast_from_main([[cache.get(key, name, weights) for name in row] for key, row in zip(keys, names)])
-    todo = [i for i, row in enumerate(values) if any(v is None for v in row)]
+    missing = [i for i, row in enumerate(values) if any(v is None for v in row)]
+    # an image twice in a call, with the same questions, is asked once
+    todo = first_of_each_key(missing, [(key, tuple(row)) for key, row in zip(keys, names)])
     if not todo:
         return values
 
@@ -183,9 +185,18 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
 
     fresh = map_sharded(ask, todo, chunk=images_per_batch)
     cache.put_many([(keys[i], name, weights, v) for i, row in zip(todo, fresh) for name, v in zip(names[i], row)])
-    for i, row in zip(todo, fresh):
-        values[i] = row
+    answered = {(keys[i], tuple(names[i])): row for i, row in zip(todo, fresh)}
+    for i in missing:
+        values[i] = list(answered[keys[i], tuple(names[i])])
     return values
+
+
+def first_of_each_key(indices: Sequence[int], keys: Sequence[Any]) -> list[int]:
+    """`indices` with only the first of those that share a key, in order (so no image is scored twice)."""
+    first: dict[Any, int] = {}
+    for i in indices:
+        first.setdefault(keys[i], i)
+    return list(first.values())
 
 
 @dataclass
@@ -213,15 +224,17 @@ class ScoringRun:
             # the main process's view of the cache holds for every process: all enter the sharded call or none does,
             # and a value this process's own read missed (a read racing the main process's write) comes from it
             values = broadcast_from_main([self.cache.get(g.key, name, scorer.weights_id) for g in generated])
-            todo = [i for i, v in enumerate(values) if v is None]
+            missing = [i for i, v in enumerate(values) if v is None]
+            todo = first_of_each_key(missing, [g.key for g in generated])  # an image twice in a call: scored once
             if todo:
                 # split across processes under a multi-process launch (one process: a plain call)
                 fresh = map_sharded(lambda share, scorer=scorer: scorer.score(decoded([generated[i] for i in share]),
                                                                               [prompts[i] for i in share]),
                                     todo, chunk=getattr(scorer, "batch_size", 32))
                 self.cache.put_many([(generated[i].key, name, scorer.weights_id, v) for i, v in zip(todo, fresh)])
-                for i, v in zip(todo, fresh):
-                    values[i] = float(v)
+                by_key = {generated[i].key: float(v) for i, v in zip(todo, fresh)}
+                for i in missing:
+                    values[i] = by_key[generated[i].key]
             self.computed += len(todo)
             self.reused += len(values) - len(todo)
             table[name] = values
@@ -236,25 +249,32 @@ class ScoringRun:
         return all(self.cache.get(key, name, scorer.weights_id) is not None for name, scorer in self.scorers.items())
 
     def generate_and_score(self, executor, requests: Sequence["Request"], block_size: int | None = None,
-                           keep: Callable[[int], bool] | None = None):
+                           keep: Callable[[int], bool] | None = None, also: Sequence[Any] = ()):
         """`score(executor.generate(requests))`, one block of requests at a time (`score_in_blocks`).
 
         `keep` (request index → whether its image stays) is for a stage that uses the scores, not the pictures:
         an image this call draws is removed from the image cache once its scores are cached, unless kept (an image
         found in the cache stays: another stage may show it), and an image whose scores are all cached is not drawn
         again. RRHF's ~240,000 reward images are ~100 GB of PNGs at paper scale. None keeps every image.
-        """
-        if keep is None:
-            return score_in_blocks(executor, requests, lambda indices, generated: self.score(generated), block_size)
-        kept = {executor.key(requests[i]) for i in range(len(requests)) if keep(i)}
 
-        def score_then_remove(indices: list[int], generated: Sequence["Generated"]):
+        `also`: per-image features kept by image key beside the scores, such as `scorers.fid.FidFeatures` with a
+        store; each is called with every block's images and keys before they can leave the cache, and with `keep`
+        an image is drawn again only when a score or one of these rows is missing (`.has(key)`).
+        """
+        also = tuple(also)
+        kept = None if keep is None else {executor.key(requests[i]) for i in range(len(requests)) if keep(i)}
+
+        def score_block(indices: list[int], generated: Sequence["Generated"]):
+            for features in also:
+                features(generated, [g.key for g in generated])
             table = self.score(generated)
-            if is_main_process():  # every process has scored its share of the block by now
+            if kept is not None and is_main_process():  # every process has scored its share of the block by now
                 self.removed += executor.cache.discard(g.key for g in generated if not g.cached and g.key not in kept)
             return table
-        return score_in_blocks(executor, requests, score_then_remove, block_size,
-                               needed=lambda key: key in kept or not self.scored(key))
+
+        def needed(key: str) -> bool:
+            return key in kept or not (self.scored(key) and all(features.has(key) for features in also))
+        return score_in_blocks(executor, requests, score_block, block_size, needed=None if kept is None else needed)
 
 
 def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None,

@@ -89,6 +89,7 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     seeds = counts["table2_seeds"] if table2_seeds is None else table2_seeds
     eval_prompts = dabench_test + 2 * counts["table2_prompts_per_set"]  # DABench test + COCO + PartiPrompts
     chatgen_train, chatgen_test, chatgen_multimodal = 256_606, 14_564, 69_548 + 1_668
+    chatgen_sets = 3 + 3  # Table 4's three systems + Table 6's three one-stage variants of ChatGen-Evo
     agf_prompts, agf_candidates = AGFSYNC_PROMPTS, counts["agfsync_candidates"]
     hps_prompts = 3_200  # HPS v2 benchmark: 4 styles × 800 prompts
     agf_eval = TIFA_TEXTS + hps_prompts
@@ -115,10 +116,12 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
              "256,606 training chats (Table 3) × ~600 tokens, one epoch"),
         Work("ChatGen", "Evaluation API calls", "api", chatgen_test * 3, "14,564 benchmark chats × 3 systems"),
-        Work("ChatGen", "Evaluation images", "image", chatgen_test * 3 * counts["chatgen_seeds"],
-             f"14,564 chats × 3 systems × {counts['chatgen_seeds']} seeds"),
-        Work("ChatGen", "Evaluation scoring", "score", chatgen_test * 3 * counts["chatgen_seeds"],
-             "every evaluation image"),
+        Work("ChatGen", "Evaluation images", "image", chatgen_test * (chatgen_sets + 1) * counts["chatgen_seeds"],
+             f"14,564 chats × ({chatgen_sets} image sets + the ground-truth calls, FID's reference) × "
+             f"{counts['chatgen_seeds']} seeds; an upper bound (a call equal to the truth shares its image)"),
+        Work("ChatGen", "Evaluation scoring", "score", chatgen_test * chatgen_sets * counts["chatgen_seeds"],
+             f"every image of the {chatgen_sets} sets; FID's Inception features of every image (~6 GFLOP each, "
+             "0.02% of drawing it) are left out"),
         Work("AGFSync", f"Candidate images (N = {agf_candidates})", "image", agf_prompts * agf_candidates,
              f"45,834 prompts (AGFSync dataset card) × {agf_candidates} candidates"),
         Work("AGFSync", "VQA scores", "vqa", agf_prompts * agf_candidates, "every candidate, its prompt's questions"),
@@ -151,7 +154,7 @@ def png_bytes_per_image(side: int = 512, count: int = 8) -> dict[str, float]:
 
 # image-drawing stages whose images leave the image cache once scored (their stage's `keep_images: false`): at most
 # one block of them (`t2i.IMAGE_BLOCK`) is on disk at a time
-SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf"}
+SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf", ("ChatGen", "Evaluation images"): "11_chatgen_evo"}
 
 
 def disk_table(png_bytes: dict[str, float]):

@@ -103,12 +103,12 @@ def predict(folder: Path, ctx, samples: list[ChatSample], records, catalog, chat
 def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: str, sft_config,
               token_steps: int, token_lr: float, token_batch_size: int, k: int, baseline_examples: int,
               max_new_tokens: int, num_seeds: int, max_side: int | None, batch_size: int,
-              fid_feature: str, max_sampling_steps: int | None = None) -> dict[str, Any]:
+              fid_feature: str, max_sampling_steps: int | None = None, keep_images: bool = True) -> dict[str, Any]:
     """Notebook 11 end to end; writes predictions.jsonl, rows.csv (per sample) and set_metrics.csv (FID, per set)."""
     from ..manifest import append_jsonl
     from ..scorers.bertscore import BertScorer
     from ..scorers.fid import FidFeatures
-    from ..scoring import ScoringRun, score_in_blocks
+    from ..scoring import ScoringRun
     from ..t2i import Executor, ImageCache, ModelCatalog
 
     folder = Path(folder)
@@ -125,30 +125,29 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     executor = Executor.for_run(ctx, catalog, max_side=max_side, batch_size=batch_size,
                                 max_sampling_steps=max_sampling_steps)
     scoring = ScoringRun.for_run(ctx, ("clip", "hps", "image_reward"))
-    # each image's FID features are extracted once, in the block that draws it; FIDs of subsets come from the rows
+    # each image's FID features are extracted once, in the block that draws it, and kept on disk by image key: FIDs
+    # of subsets come from the rows, and once an image's scores and features are in, its PNG can go (`keep_images`)
     features = FidFeatures(ctx.model_path("clip") if fid_feature == "clip" else fid_feature, ctx.device,
-                           image_size=64)
+                           image_size=None, store=cache.root / "fid_features")  # Inception: 299 px, as FID is defined
     plan = image_requests(predictions, test, catalog, num_seeds=num_seeds)
-    generated_features: dict[int, np.ndarray] = {}
-
-    def score_block(indices, generated):
-        generated_features.update(zip(indices, features(generated, [g.key for g in generated])))
-        return scoring.score(generated)
-
-    scored = plan.scored(score_in_blocks(executor, plan.requests, score_block))
+    keep = None if keep_images else (lambda index: False)
+    scored = plan.scored(scoring.generate_and_score(executor, plan.requests, keep=keep, also=[features]))
     reference = reference_requests(test, catalog, num_seeds=num_seeds)
+    embedding = ScoringRun({}, scoring.cache)  # the reference set is embedded, not scored
+    reference_keys = list(embedding.generate_and_score(executor, reference.requests, keep=keep, also=[features])["key"])
     reference_features: dict[str, list] = {row.sample_id: [] for row in reference.table.itertuples()}
-    for indices, generated in executor.generate_in_blocks(reference.requests):
-        for i, row in zip(indices, features(generated, [g.key for g in generated])):
-            reference_features[reference.table["sample_id"].iloc[i]].append(row)
+    for sample, row in zip(reference.table["sample_id"], features.rows(reference_keys)):
+        reference_features[sample].append(row)
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)
     rows.to_csv(folder / "rows.csv", index=False)
-    set_level = set_metrics(rows, scored, np.stack([generated_features[i] for i in range(len(plan.requests))]),
+    set_level = set_metrics(rows, scored, features.rows(list(scored["key"])),
                             {sample: np.array(found) for sample, found in reference_features.items()})
     set_level.to_csv(folder / "set_metrics.csv", index=False)
     counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),
-                   "images_drawn": executor.stats["generated"], "valid_calls": sum(p.valid for p in predictions)})
+                   "images_drawn": executor.stats["generated"],
+                   "images_removed_once_scored": scoring.removed + embedding.removed,
+                   "valid_calls": sum(p.valid for p in predictions)})
     return counts
 
 

@@ -6,7 +6,9 @@ on different scales; a table says which features it used.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..distributed import is_main_process
 from .base import pixels_in_threads, pooled
 
 INCEPTION = "inception"
@@ -73,14 +76,59 @@ class FidFeatures:
     image embeddings), one float64 row per image. With keys, an image already embedded is not embedded again, so a
     stage computes each image's features once and any number of FIDs over subsets from them. Under a
     multi-process launch the images still to embed are split across processes and every process gets every row;
-    `extracted` counts the images this process embedded."""
+    `extracted` counts the images this process embedded.
 
-    def __init__(self, feature: str | Path = INCEPTION, device: str = "cpu", image_size: int = 299,
-                 batch_size: int = 32):
+    `image_size`: each image is resized to this square first (None: the network's own input size).
+    With a `store` folder the rows also go to disk, under the features' identity (the network's weights and
+    `image_size`), one file per call that embedded something: a rerun, or a stage that removed its images once
+    scored (`ScoringRun.generate_and_score(keep=…, also=…)`), reads them back instead of the pixels.
+    """
+
+    def __init__(self, feature: str | Path = INCEPTION, device: str = "cpu", image_size: int | None = 299,
+                 batch_size: int = 32, store: str | Path | None = None):
         self.extractor = fid_metric(feature, device).inception
+        # None: the network's own input side (Inception's 299, a CLIP's crop), so no detail is lost on the way in
+        image_size = image_size or max(getattr(self.extractor, "size", (299,)))
         self.device, self.image_size, self.batch_size = device, image_size, batch_size
         self.by_key: dict[str, np.ndarray] = {}
         self.extracted = 0
+        self.features_id = f"{features_identity(feature)}-{image_size}px"
+        self.store = None if store is None else Path(store) / self.features_id.replace("/", "--")
+        self._read_files: set[str] = set()
+        self._read_store()
+
+    def _read_store(self) -> None:
+        """Rows from store files not read yet (a file is written whole, then renamed into place)."""
+        if self.store is None or not self.store.is_dir():
+            return
+        for path in sorted(self.store.glob("*.npz")):
+            if path.name not in self._read_files:
+                with np.load(path, allow_pickle=False) as saved:
+                    self.by_key.update(zip(saved["keys"].tolist(), saved["rows"]))
+                self._read_files.add(path.name)
+
+    def _write_store(self, keys: Sequence[str], rows: Sequence[np.ndarray]) -> None:
+        if self.store is None or not keys or not is_main_process():  # every process holds the same rows; one writes
+            return
+        self.store.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20] + ".npz"
+        part = self.store / f".{name}.part"
+        with open(part, "wb") as handle:
+            np.savez(handle, keys=np.array(list(keys)), rows=np.stack(rows))
+        os.replace(part, self.store / name)
+        self._read_files.add(name)
+
+    def has(self, key: str) -> bool:
+        """Whether the image `key`'s row is known (embedded by this object or read from the store)."""
+        return key in self.by_key
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """The float64 rows of images embedded before, by key (no pixels needed)."""
+        missing = [key for key in keys if key not in self.by_key]
+        if missing:
+            raise KeyError(f"no FID features for {len(missing)} image(s), e.g. {missing[0]!r}: embed them first "
+                           "(call this object with the images and their keys)")
+        return np.stack([self.by_key[key] for key in keys]).astype(np.float64) if keys else np.zeros((0, 0))
 
     def _embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         rows = []
@@ -89,26 +137,44 @@ class FidFeatures:
             with torch.no_grad():
                 found = self.extractor(pixels_in_threads(lambda chunk: as_uint8(chunk, self.image_size),
                                                          batch).to(self.device))
-            rows.extend(found.double().cpu().numpy().reshape(len(batch), -1))
+            # kept as the network gives them (float32), so the store holds them exactly; FID reads float64
+            rows.extend(found.float().cpu().numpy().reshape(len(batch), -1))
         self.extracted += len(images)
         return rows
 
     def __call__(self, images: Sequence, keys: Sequence[str] | None = None) -> np.ndarray:
         """One row per image (PIL images, or anything with a `.image`, such as `t2i.Generated`)."""
-        from ..distributed import map_sharded
+        from ..distributed import broadcast_from_main, map_sharded
         from ..t2i import decoded
 
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image (or none)")
-        todo = [i for i in range(len(images)) if keys is None or keys[i] not in self.by_key]
-        # every process holds the same images and keys, so they agree on what is left to embed; `t2i.Generated`
-        # records still in the cache are decoded in threads
+        # the main process's view decides what is left to embed, so every process enters the sharded call with the
+        # same list; a row it knows that this one does not was written to the store since this one read it
+        known = broadcast_from_main([keys is not None and key in self.by_key for key in keys or ()])
+        todo = [i for i in range(len(images)) if not (known and known[i])]
+        if keys is not None:  # a key twice in one call is embedded once
+            todo = sorted({keys[i]: i for i in reversed(todo)}.values())
+        if keys is not None and any(known[i] and keys[i] not in self.by_key for i in range(len(keys))):
+            self._read_store()
         rows = map_sharded(lambda share: self._embed(decoded([images[i] for i in share])), todo, chunk=self.batch_size)
         fresh = dict(zip(todo, rows))
         if keys is not None:
-            self.by_key.update((keys[i], row) for i, row in fresh.items())
-        found = [fresh[i] if i in fresh else self.by_key[keys[i]] for i in range(len(images))]
-        return np.stack(found) if found else np.zeros((0, 0))
+            new = {keys[i]: row for i, row in fresh.items()}
+            self.by_key.update(new)
+            self._write_store(list(new), list(new.values()))
+            return self.rows(keys)
+        return np.stack([fresh[i] for i in range(len(images))]).astype(np.float64) if images else np.zeros((0, 0))
+
+
+def features_identity(feature: str | Path) -> str:
+    """What FID features are computed with: Inception-v3 (torch-fidelity's weights), or a CLIP's weights
+    (a hash of a local folder's files; a hub id as is)."""
+    from .base import local_weight_files, weights_id
+
+    if str(feature) == INCEPTION:
+        return "inception-v3-fid"
+    return "clip-" + weights_id(feature, *local_weight_files(feature))
 
 
 def frechet_distance(real: np.ndarray, generated: np.ndarray) -> float:
