@@ -136,12 +136,12 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     embedding = ScoringRun({}, scoring.cache)  # the reference set is embedded, not scored
     reference_keys = list(embedding.generate_and_score(executor, reference.requests, keep=keep, also=[features])["key"])
     reference_features: dict[str, list] = {row.sample_id: [] for row in reference.table.itertuples()}
-    for sample, row in zip(reference.table["sample_id"], features.rows(reference_keys)):
+    for sample, row in zip(reference.table["sample_id"], features.rows(reference_keys, np.float32)):
         reference_features[sample].append(row)
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)
     rows.to_csv(folder / "rows.csv", index=False)
-    set_level = set_metrics(rows, scored, features.rows(list(scored["key"])),
+    set_level = set_metrics(rows, scored, features.rows(list(scored["key"]), np.float32),
                             {sample: np.array(found) for sample, found in reference_features.items()})
     set_level.to_csv(folder / "set_metrics.csv", index=False)
     counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),

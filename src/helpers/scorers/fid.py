@@ -122,13 +122,14 @@ class FidFeatures:
         """Whether the image `key`'s row is known (embedded by this object or read from the store)."""
         return key in self.by_key
 
-    def rows(self, keys: Sequence[str]) -> np.ndarray:
-        """The float64 rows of images embedded before, by key (no pixels needed)."""
+    def rows(self, keys: Sequence[str], dtype=np.float64) -> np.ndarray:
+        """The rows of images embedded before, by key (no pixels needed). float32 holds them exactly, in half the
+        memory (~3 GB for ChatGen's ~400,000 Inception rows); `frechet_distance` computes in float64 either way."""
         missing = [key for key in keys if key not in self.by_key]
         if missing:
             raise KeyError(f"no FID features for {len(missing)} image(s), e.g. {missing[0]!r}: embed them first "
                            "(call this object with the images and their keys)")
-        return np.stack([self.by_key[key] for key in keys]).astype(np.float64) if keys else np.zeros((0, 0))
+        return np.stack([self.by_key[key] for key in keys]).astype(dtype, copy=False) if keys else np.zeros((0, 0))
 
     def _embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         rows = []
