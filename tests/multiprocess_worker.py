@@ -79,18 +79,24 @@ def main(out: Path, llm: str) -> None:
     # the same requests again in blocks of 4, each block sharded (images from the cache, scores computed afresh)
     in_blocks = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"block_scores{world_size}.jsonl"))
     block_table = in_blocks.generate_and_score(executor, requests, block_size=4)
-    # scores only (RRHF's rewards), in blocks of 4 split across the processes: whichever process drew an image, it
-    # leaves the cache once its block is scored, but the kept one; asked again, none is drawn
+    # scores and FID features only (RRHF's rewards, ChatGen's evaluation), in blocks of 4 split across the processes:
+    # whichever process drew an image, it leaves the cache once its block is scored and embedded, but the kept one;
+    # asked again, by new objects reading the scores and the features from disk, no process draws any
+    from helpers.scorers.fid import FidFeatures
+
+    reward_store = out / f"reward_features{world_size}"
+    reward_features = lambda: FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2,  # noqa: E731
+                                          store=reward_store)
     rewards = [t2i.Request(call, f"a windmill in fog, {i}", seed=i) for i in range(5)]
     rewarding = t2i.Executor(catalog, t2i.weights_store(ctx), executor.cache, executor.config)
     only_scores = ScoringRun({"clip": scores.scorers["clip"]}, ScoreCache(out / f"reward_scores{world_size}.jsonl"))
-    reward_table = only_scores.generate_and_score(rewarding, rewards, block_size=4, keep={0}.__contains__)
+    reward_table = only_scores.generate_and_score(rewarding, rewards, block_size=4, keep={0}.__contains__,
+                                                  also=[reward_features()])
     reward_left = [executor.cache.has(key) for key in reward_table["key"]]  # the main process removes them
     again = t2i.Executor(catalog, t2i.weights_store(ctx), executor.cache, executor.config)
-    reward_again = only_scores.generate_and_score(again, rewards, block_size=4, keep={0}.__contains__)
+    reward_again = only_scores.generate_and_score(again, rewards, block_size=4, keep={0}.__contains__,
+                                                  also=[reward_features()])
     # FID features of the same images, split across the processes; asked again, nothing is embedded twice
-    from helpers.scorers.fid import FidFeatures
-
     fid_store = out / f"fid_store{world_size}"
     fid = FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2, store=fid_store)
     fid_rows = fid(generated, [g.key for g in generated])
