@@ -1,6 +1,7 @@
 """`t2ibook bench` at tiny size (every benchmark runs; no timing is asserted) and the cost model's arithmetic."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from helpers import cli
 from helpers.benchmarks import PLAN, cost, load_results
 from helpers.benchmarks.harness import headline, summary_lines
+from helpers.runner import declared_parameters
 
 NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring", "host_io",
          "lora_switching"]
@@ -168,6 +170,9 @@ def test_cost_model_multipliers_are_the_paper_recipes():
 
     recipe = yaml.safe_load((Path(__file__).parents[1] / "configs" / "paper.yaml").read_text())["notebooks"]
     dpo = recipe["13_diffusion_dpo"]
+    # the ablation's models: the recipe's list, else notebook 13's default
+    notebook = Path(__file__).parents[1] / "notebooks" / "13_diffusion_dpo.ipynb"
+    ablation = dpo.get("ablation") or ast.literal_eval(declared_parameters(notebook)["ablation"]["default"])
     assert cost.RECIPE_COUNTS == {
         "rrhf_images_per_candidate": recipe["07_rrhf"]["num_images"],
         "rrhf_texts_per_prompt": recipe["07_rrhf"]["num_samples"] + recipe["07_rrhf"]["num_beams"],
@@ -176,7 +181,9 @@ def test_cost_model_multipliers_are_the_paper_recipes():
         "chatgen_seeds": recipe["11_chatgen_evo"]["num_seeds"],
         "agfsync_candidates": recipe["12_agfsync_preferences"]["num_candidates"],
         "dpo_steps": dpo["max_steps"], "dpo_batch": dpo["train_batch_size"] * dpo["gradient_accumulation_steps"],
-        "agfsync_eval_seeds": dpo["eval_seeds"]}
+        "agfsync_eval_seeds": dpo["eval_seeds"],
+        "agfsync_eval_share": recipe["12_agfsync_preferences"]["eval_share"],
+        "agfsync_ablation_models": len([item for item in ablation.split(";") if item.strip()])}
     # the disk table counts one block for these stages: the paper recipe must remove their images once scored
     assert cost.SCORED_THEN_REMOVED and all(recipe[notebook]["keep_images"] is False
                                             for notebook in cost.SCORED_THEN_REMOVED.values())
@@ -188,6 +195,11 @@ def test_what_ifs_change_only_what_they_name():
     assert faster.loc["RRHF images", "project GPU-h"] == pytest.approx(240_000 * 0.055 / 3600)
     assert faster.loc["RRHF images", "naive GPU-h"] == plain.loc["RRHF images", "naive GPU-h"]
     assert faster.loc["SFT (3 epochs, LoRA)", "project GPU-h"] == plain.loc["SFT (3 epochs, LoRA)", "project GPU-h"]
+    # notebook 13 trains AGFSync's model and 4 ablation models with one recipe: 4 × 1,000 steps × 128 pairs more
+    ablation = plain.loc["Diffusion-DPO score-weight ablation (4 models × 1,000 steps × 128 pairs)"]
+    assert ablation["count"] == 512_000
+    assert ablation["project GPU-h"] == pytest.approx(4 * plain.loc["Diffusion-DPO (1,000 steps × 128 pairs)",
+                                                                     "project GPU-h"])
     one_seed = cost.cost_table(None, table2_seeds=1).set_index("stage")
     # 5,000 DABench test + 1,000 COCO + 1,000 PartiPrompts prompts × 6 systems, one image each (4 in the recipe)
     assert one_seed.loc["Table 2 images", "count"] == 42_000 and plain.loc["Table 2 images", "count"] == 168_000
@@ -347,9 +359,10 @@ def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point()
     assert rrhf["GB at PIL's default"] == pytest.approx(1.6384) and "120 GB if kept" in rrhf["what"]
     # 14,564 chats × (6 image sets + the reference) × 4 seeds, scored and embedded, then removed: one block again
     chatgen = table.loc["Evaluation images"]
-    chatgen = chatgen[chatgen["method"] == "ChatGen"].iloc[0]
-    assert chatgen["images"] == 407_792 and chatgen["GB"] == pytest.approx(2.048) and "11_chatgen_evo" in chatgen["what"]
+    assert chatgen["method"] == "ChatGen" and chatgen["images"] == 407_792 and chatgen["GB"] == pytest.approx(2.048) and "11_chatgen_evo" in chatgen["what"]
     assert table.loc["Table 2 images", "GB"] == pytest.approx(table.loc["Table 2 images", "images"] * 5e5 / 1e9)
+    # AGFSync's 45,834 prompts plus 5% held out: 2,412 held-out prompts × 6 models × 4 seeds, kept
+    assert table.loc["Held-out evaluation images", "images"] == 57_888
     # a winner and a loser for each of the 45,834 AGFSync prompts
     pairs = table.loc["Preference dataset (winner + loser per prompt)"]
     assert pairs["images"] == 91_668 and pairs["GB"] == pytest.approx(91_668 * 5e5 / 1e9)

@@ -72,6 +72,8 @@ RECIPE_COUNTS = {
     "dpo_steps": 1_000,  # 13_diffusion_dpo max_steps
     "dpo_batch": 128,  # 13_diffusion_dpo train_batch_size × gradient_accumulation_steps
     "agfsync_eval_seeds": 4,  # 13_diffusion_dpo eval_seeds
+    "agfsync_eval_share": 0.05,  # 12_agfsync_preferences eval_share: prompts held out for notebook 13's before/after
+    "agfsync_ablation_models": 4,  # 13_diffusion_dpo ablation: models trained on pairs chosen by other score weights
 }
 # Distinct RRHF candidates per prompt: the recipe proposes 4 samples + 4 diverse beams + the default API (up to 9);
 # duplicates merge once only the model part is kept. ~240,000 RRHF images at k = 10 assume 6 per prompt.
@@ -94,6 +96,12 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     hps_prompts = 3_200  # HPS v2 benchmark: 4 styles × 800 prompts
     agf_eval = TIFA_TEXTS + hps_prompts
     agf_eval_seeds = counts["agfsync_eval_seeds"]
+    # AGFSync trained on its 45,834 prompts; the book holds out a share more for its own before/after, which the
+    # base, AGFSync and each ablation model draw and which are scored like the candidates
+    share, ablation = counts["agfsync_eval_share"], counts["agfsync_ablation_models"]
+    held_out = round(agf_prompts * share / (1 - share))
+    held_out_images = held_out * (2 + ablation) * agf_eval_seeds
+    dpo = f"{counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs"
     return [
         Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
              "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
@@ -127,10 +135,19 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("AGFSync", "VQA scores", "vqa", agf_prompts * agf_candidates, "every candidate, its prompt's questions"),
         Work("AGFSync", "CLIP + aesthetic scores", "score", agf_prompts * agf_candidates,
              "every candidate (costed like the three unified-reward scorers: an upper bound)"),
-        Work("AGFSync", f"Diffusion-DPO ({counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs)", "dpo_pair",
-             counts["dpo_steps"] * counts["dpo_batch"],
+        Work("AGFSync", f"Diffusion-DPO ({dpo})", "dpo_pair", counts["dpo_steps"] * counts["dpo_batch"],
              f"SD 1.5 recipe: {counts['dpo_steps']:,} steps, batch {counts['dpo_batch']} (Diffusion-DPO / configs/paper.yaml)"),
-        Work("AGFSync", "Evaluation images", "image", agf_eval * agf_eval_seeds * 2,
+        Work("AGFSync", f"Diffusion-DPO score-weight ablation ({ablation} models × {dpo})", "dpo_pair",
+             ablation * counts["dpo_steps"] * counts["dpo_batch"],
+             f"13_diffusion_dpo ablation: {ablation} more models (VQA, CLIP or aesthetic only; the released code's "
+             "weights), each on its own pairs with the same recipe"),
+        Work("AGFSync", "Held-out evaluation images", "image", held_out_images,
+             f"{held_out:,} held-out prompts (eval_share {share:g}) × {2 + ablation} models (base, AGFSync, "
+             f"{ablation} ablation) × {agf_eval_seeds} seeds"),
+        Work("AGFSync", "Held-out evaluation: VQA scores", "vqa", held_out_images, "every held-out image"),
+        Work("AGFSync", "Held-out evaluation: CLIP + aesthetic", "score", held_out_images,
+             "every held-out image (costed like the three unified-reward scorers: an upper bound)"),
+        Work("AGFSync", "Benchmark images (TIFA, HPS v2)", "image", agf_eval * agf_eval_seeds * 2,
              f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {agf_eval_seeds} seeds × base and aligned"),
         Work("AGFSync", "Evaluation: TIFA answers (free-form, 5 beams)", "tifa", TIFA_TEXTS * agf_eval_seeds * 2,
              f"every TIFA image (4,081 × {agf_eval_seeds} seeds × 2 systems), ~6 questions each"),
