@@ -46,19 +46,26 @@ UNIT_WORK = {
     "train_token_lora": "one training token, 7B with LoRA",
     "train_token_full": "one training token, 7B, all weights",
     "train_token_full_2b": "one training token, 2B (InternVL2), all weights",
+    "forward_token_2b": "one token through the frozen 2B model (ModelTokens: only the new head rows learn)",
     "dpo_pair": "one Diffusion-DPO preference pair at 512 px (SD 1.5 UNet)",
 }
 
 
 @dataclass(frozen=True)
 class Work:
-    """One stage's work at paper scale: how many units of which kind, and where the count comes from."""
+    """One stage's work at paper scale: how many units of which kind, and where the count comes from; `part` says
+    whether it reproduces the paper (`REPRODUCTION`) or is one of the book's own checks and ablations
+    (`BOOK_EXTRA`), which a run of the paper recipe pays for too."""
 
     method: str
     stage: str
-    unit: str  # api | image | score | vqa | tifa | train_token_lora | train_token_full | dpo_pair
+    unit: str  # one of UNIT_WORK
     count: float
     basis: str
+    part: str = "reproduction"
+
+
+REPRODUCTION, BOOK_EXTRA = "reproduction", "book extra"
 
 
 # Per-run multipliers the paper recipe (configs/paper.yaml) sets; a test keeps the two in step.
@@ -74,6 +81,9 @@ RECIPE_COUNTS = {
     "agfsync_eval_seeds": 4,  # 13_diffusion_dpo eval_seeds
     "agfsync_eval_share": 0.05,  # 12_agfsync_preferences eval_share: prompts held out for notebook 13's before/after
     "agfsync_ablation_models": 4,  # 13_diffusion_dpo ablation: models trained on pairs chosen by other score weights
+    "rrhf_loss_variants": 2,  # 07_rrhf weight_variants: RRHF runs with other rank and CE weights (notebook 08 too)
+    "chatgen_token_steps": 2_000,  # 11_chatgen_evo selection_steps (ModelTokens)
+    "chatgen_token_batch": 32,  # 11_chatgen_evo selection_batch_size
 }
 # Distinct RRHF candidates per prompt: the recipe proposes 4 samples + 4 diverse beams + the default API (up to 9);
 # duplicates merge once only the model part is kept. ~240,000 RRHF images at k = 10 assume 6 per prompt.
@@ -102,6 +112,8 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     held_out = round(agf_prompts * share / (1 - share))
     held_out_images = held_out * (2 + ablation) * agf_eval_seeds
     dpo = f"{counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs"
+    variants = counts["rrhf_loss_variants"]  # each trained like RRHF, then decoded and drawn on DABench test
+    token_examples = counts["chatgen_token_steps"] * counts["chatgen_token_batch"]
     return [
         Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
              "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
@@ -119,8 +131,23 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("DiffAgent", "Table 2 images", "image", eval_prompts * 6 * seeds,
              f"{eval_prompts:,} prompts × 6 systems × {seeds} seed{'s' if seeds > 1 else ''} (configs/paper.yaml)"),
         Work("DiffAgent", "Table 2 scoring", "score", eval_prompts * 6 * seeds, "every Table 2 image"),
+        Work("DiffAgent", f"RRHF loss-weight variants: training ({variants} runs)", "train_token_lora",
+             variants * align_prompts * candidates * 224, f"07_rrhf weight_variants: {variants} more RRHF runs (ranking "
+             "loss alone, cross-entropy alone) on the same candidates", BOOK_EXTRA),
+        Work("DiffAgent", "RRHF loss-weight variants: API calls", "api", variants * dabench_test,
+             f"{variants} variant agents on the 5,000 DABench test prompts (notebook 08)", BOOK_EXTRA),
+        Work("DiffAgent", "RRHF loss-weight variants: images", "image", variants * dabench_test * seeds,
+             f"{variants} variants × 5,000 DABench test prompts × {seeds} seed{'s' if seeds > 1 else ''}",
+             BOOK_EXTRA),
+        Work("DiffAgent", "RRHF loss-weight variants: scoring", "score", variants * dabench_test * seeds,
+             "every variant image", BOOK_EXTRA),
         Work("ChatGen", "Bench demonstration images", "image", chatgen_multimodal,
              "one reference image per multimodal chat (Table 3: 69,548 train + 1,668 benchmark)"),
+        Work("ChatGen", "ChatGen-Base SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
+             "256,606 training chats (Table 3) × ~600 tokens, one epoch: the one-stage baseline ChatGen compares to"),
+        Work("ChatGen", "Evo stage 2 ModelTokens (2B forward)", "forward_token_2b", token_examples * 600,
+             f"{counts['chatgen_token_steps']:,} steps × {counts['chatgen_token_batch']} chats × ~600 tokens "
+             "(configs/paper.yaml); the 2B model is frozen"),
         Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
              "256,606 training chats (Table 3) × ~600 tokens, one epoch"),
         Work("ChatGen", "Evaluation API calls", "api", chatgen_test * 3, "14,564 benchmark chats × 3 systems"),
@@ -140,13 +167,14 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
         Work("AGFSync", f"Diffusion-DPO score-weight ablation ({ablation} models × {dpo})", "dpo_pair",
              ablation * counts["dpo_steps"] * counts["dpo_batch"],
              f"13_diffusion_dpo ablation: {ablation} more models (VQA, CLIP or aesthetic only; the released code's "
-             "weights), each on its own pairs with the same recipe"),
+             "weights), each on its own pairs with the same recipe", BOOK_EXTRA),
         Work("AGFSync", "Held-out evaluation images", "image", held_out_images,
              f"{held_out:,} held-out prompts (eval_share {share:g}) × {2 + ablation} models (base, AGFSync, "
-             f"{ablation} ablation) × {agf_eval_seeds} seeds"),
-        Work("AGFSync", "Held-out evaluation: VQA scores", "vqa", held_out_images, "every held-out image"),
+             f"{ablation} ablation) × {agf_eval_seeds} seeds", BOOK_EXTRA),
+        Work("AGFSync", "Held-out evaluation: VQA scores", "vqa", held_out_images, "every held-out image",
+             BOOK_EXTRA),
         Work("AGFSync", "Held-out evaluation: CLIP + aesthetic", "score", held_out_images,
-             "every held-out image (costed like the three unified-reward scorers: an upper bound)"),
+             "every held-out image (costed like the three unified-reward scorers: an upper bound)", BOOK_EXTRA),
         Work("AGFSync", "Benchmark images (TIFA, HPS v2)", "image", agf_eval * agf_eval_seeds * 2,
              f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {agf_eval_seeds} seeds × base and aligned"),
         Work("AGFSync", "Evaluation: TIFA answers (free-form, 5 beams)", "tifa", TIFA_TEXTS * agf_eval_seeds * 2,
@@ -279,6 +307,7 @@ def _flop_seconds(unit: str) -> dict[str, float] | None:
     flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP, "tifa": TIFA_FLOP,
             "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
             "train_token_full": 6 * LLAMA7B_PARAMS, "train_token_full_2b": 6 * INTERNVL2_2B_PARAMS,
+            "forward_token_2b": 2 * INTERNVL2_2B_PARAMS,  # no weight gradients; the head rows' are negligible
             "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12}.get(unit)  # winner + loser, + the reference's forwards
     if flop is None:
         return None
@@ -355,7 +384,8 @@ def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[s
     rows = []
     for work in paper_work(table2_seeds):
         cost = costs[work.unit]
-        rows.append({"method": work.method, "stage": work.stage, "unit": work.unit, "count": int(work.count),
+        rows.append({"method": work.method, "stage": work.stage, "part": work.part, "unit": work.unit,
+                     "count": int(work.count),
                      "naive GPU-h": work.count * cost["naive"] / 3600,
                      "project GPU-h": work.count * cost["project"] / 3600,
                      "count basis": work.basis, "cost source": cost["source"],
@@ -382,7 +412,7 @@ def targets_table(results: dict[str, Any] | None, target_hours: float = 6.0):
     hours = None
     if "api" in measured and "image" in measured:  # the two units the DiffAgent total hangs on
         table = cost_table(results)
-        hours = float(table.loc[table["method"] == "DiffAgent", "project GPU-h"].sum())
+        hours = reproduction_hours(table, "DiffAgent")
     rows = [("API generation, s/API", "≤", PROJECT_H100_TARGETS["api"], project_api),
             ("API generation, naive ÷ project", "≥", PROJECT_H100_RATIOS["api_naive"],
              api_paths["naive"] / project_api if project_api else None),
@@ -413,17 +443,27 @@ def budget_scenarios(results: dict[str, Any] | None = None, target_hours: float 
                                     ("both", PROJECT_H100_TARGETS, 1)):
         table = cost_table(results, project_seconds=overrides, table2_seeds=seeds)
         unit = unit_costs(results) if overrides is None else {k: {"project": v} for k, v in overrides.items()}
-        hours = float(table.loc[table["method"] == "DiffAgent", "project GPU-h"].sum())
+        hours = reproduction_hours(table, "DiffAgent")
         rows.append({"scenario": label, "image s/unit": unit["image"]["project"],
                      "API s/unit": unit["api"]["project"], "Table 2 seeds": seeds,
                      "DiffAgent project GPU-h": hours, "within budget": hours <= target_hours})
     return pd.DataFrame(rows)
 
 
+def reproduction_hours(table, method: str, path: str = "project") -> float:
+    """A method's GPU-hours on `path` for the paper's reproduction alone, without the book's extras (the budget's
+    scope)."""
+    chosen = (table["method"] == method) & (table["part"] == REPRODUCTION)
+    return float(table.loc[chosen, f"{path} GPU-h"].sum())
+
+
 def totals(table) -> "Any":
-    """GPU-hours per method, both paths, and the ratio."""
+    """GPU-hours per method, both paths, and the ratio; `of which book extras`: the project path's hours of the
+    book's own checks and ablations within the method's total."""
     summed = table.groupby("method", sort=False)[["naive GPU-h", "project GPU-h"]].sum()
     summed["speed-up"] = summed["naive GPU-h"] / summed["project GPU-h"]
+    extras = table[table["part"] == BOOK_EXTRA].groupby("method", sort=False)["project GPU-h"].sum()
+    summed["of which book extras (project GPU-h)"] = extras.reindex(summed.index).fillna(0.0)
     return summed
 
 
