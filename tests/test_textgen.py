@@ -245,6 +245,99 @@ def test_backoff_honours_a_numeric_retry_after_and_grows_otherwise():
     assert generator._backoff(2, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date already past: retry now
 
 
+@pytest.fixture
+def echo_server():
+    """A chat-completions server that answers each request with its user message upper-cased, after a short wait;
+    it counts the requests in flight, and refuses (HTTP 400) a message that contains a word in `refuse`."""
+    state = {"in_flight": 0, "most_in_flight": 0, "asked": [], "refuse": set()}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = body["messages"][-1]["content"]
+            with lock:
+                state["in_flight"] += 1
+                state["most_in_flight"] = max(state["most_in_flight"], state["in_flight"])
+                state["asked"].append(text)
+            time.sleep(0.05)
+            refused = any(word in text for word in state["refuse"])
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()}}]}
+            payload = json.dumps({"error": "refused"} if refused else reply).encode()
+            with lock:
+                state["in_flight"] -= 1
+            self.send_response(400 if refused else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    server.shutdown()
+    server.server_close()
+
+
+def _chats(words):
+    return [[{"role": "system", "content": "shout it"}, {"role": "user", "content": word}] for word in words]
+
+
+def test_openai_backend_keeps_requests_in_flight_and_returns_replies_in_order(echo_server):
+    base_url, state = echo_server
+    words = [f"word{i}" for i in range(12)] + ["word3"]  # one conversation twice: asked once
+    generator = textgen.OpenAICompatibleGenerator(base_url, "gpt-test", concurrency=4)
+    assert generator.generate(_chats(words), seed=1) == [word.upper() for word in words]
+    assert len(state["asked"]) == 12 and 1 < state["most_in_flight"] <= 4
+    assert generator.stats["requests"] == 12 and generator.stats["cached"] == 0
+    one_at_a_time = textgen.OpenAICompatibleGenerator(base_url, "gpt-test", concurrency=1)
+    state["most_in_flight"] = 0
+    assert one_at_a_time.generate(_chats(words[:3])) == ["WORD0", "WORD1", "WORD2"] and state["most_in_flight"] == 1
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        textgen.OpenAICompatibleGenerator(base_url, "gpt-test", concurrency=0)
+
+
+def test_openai_replies_are_cached_as_they_arrive_so_a_failed_run_resumes_without_asking_twice(echo_server,
+                                                                                                tmp_path, monkeypatch):
+    base_url, state = echo_server
+    monkeypatch.setenv("T2IBOOK_TEST_KEY", KEY)
+    cache = tmp_path / "textgen_cache" / "openai.jsonl"
+    words = [f"word{i}" for i in range(8)]
+    state["refuse"].add("word5")  # the endpoint fails on one conversation: the run stops there
+    first = textgen.OpenAICompatibleGenerator(base_url, "gpt-test", api_key_env="T2IBOOK_TEST_KEY", concurrency=2,
+                                              cache=cache)
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        first.generate(_chats(words), temperature=0.7, seed=3)
+    saved = [json.loads(line) for line in cache.read_text().splitlines()]
+    answered = {row["reply"] for row in saved}
+    assert answered and "WORD5" not in answered and KEY not in cache.read_text()
+    # the rerun (a new process, the endpoint healthy again) asks only for what is not in the cache
+    state["refuse"].clear()
+    before = len(state["asked"])
+    again = textgen.OpenAICompatibleGenerator(base_url, "gpt-test", api_key_env="T2IBOOK_TEST_KEY", cache=cache)
+    assert again.generate(_chats(words), temperature=0.7, seed=3) == [word.upper() for word in words]
+    asked_again = state["asked"][before:]
+    assert sorted(asked_again) == sorted(set(words) - {row["reply"].lower() for row in saved})
+    assert again.stats["cached"] == len(saved) and again.stats["requests"] == len(asked_again)
+    # other settings are other requests; the same ones are all read back
+    third = textgen.OpenAICompatibleGenerator(base_url, "gpt-test", cache=cache)
+    assert third.generate(_chats(words), temperature=0.7, seed=3) == [word.upper() for word in words]
+    assert third.stats["requests"] == 0 and third.stats["cached"] == 8
+    assert third.generate(_chats(words[:1]), temperature=0.7, seed=4) == ["WORD0"] and third.stats["requests"] == 1
+
+
+def test_a_notebooks_endpoint_generator_caches_in_the_run_folder_and_needs_its_endpoint(tiny_ctx):
+    generator = textgen.generator_for(tiny_ctx, "openai", "http://127.0.0.1:9/v1", "gpt-test")
+    assert generator.cache.path == tiny_ctx.runs_dir / "textgen_cache" / "openai.jsonl"
+    assert textgen.generator_for(tiny_ctx, "template").is_stand_in
+    with pytest.raises(ValueError, match="backend 'openai' needs endpoint and endpoint_model"):
+        textgen.generator_for(tiny_ctx, "openai", "", "gpt-test")
+
+
 # ------------------------------------------------------------------------------------------- transformers
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,8 @@ def _build_dabench(args: argparse.Namespace) -> int:
     cfg = dabench.FilterConfig(min_downloads=args.min_downloads, min_positive_share=args.min_positive_share)
     print(f"filter: {dabench.run_filter(out, Path(args.raw), cfg)}")
     options = {"model_path": args.model} if args.backend == "transformers" else (
-        {"base_url": args.endpoint, "model": args.endpoint_model} if args.backend == "openai" else {})
+        {"base_url": args.endpoint, "model": args.endpoint_model, "cache": out / "openai_replies.jsonl"}
+        if args.backend == "openai" else {})  # a rerun after a failure does not ask the endpoint twice
     generator = make_generator(args.backend, **options)
     print(f"rewrite ({generator.name}): {dabench.run_rewrite(out, Path(args.raw), out / 'pairs.jsonl', generator)}")
     provenance = {"source": str(Path(args.raw)), "backend": generator.name, "stand_in": generator.is_stand_in,

@@ -10,9 +10,12 @@ import abc
 import os
 import random
 import re
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any, Callable
 
 import requests
@@ -193,14 +196,42 @@ class TransformersGenerator(TextGenerator):
 _JITTER = random.Random()  # jitter only spreads retries in time; it never touches generated text
 
 
+class ReplyCache:
+    """Append-only JSON lines of request key → reply text, each reply fsynced as it arrives: a stage that asks a
+    hosted LLM tens of thousands of times (AGFSync's questions, ChatGen's role-play) resumes after a crash or a
+    rerun without paying for a reply twice, and gets the same text back. A torn last line is skipped on read."""
+
+    def __init__(self, path: str | Path):
+        from .manifest import read_jsonl_rows
+
+        self.path = Path(path)
+        self.replies: dict[str, str] = {row["key"]: row["reply"] for row in read_jsonl_rows(self.path)
+                                        if "key" in row and "reply" in row}
+
+    def get(self, key: str) -> str | None:
+        return self.replies.get(key)
+
+    def put(self, key: str, reply: str) -> None:
+        from .manifest import append_jsonl
+
+        append_jsonl(self.path, [{"key": key, "reply": reply}])
+        self.replies[key] = reply
+
+
 class OpenAICompatibleGenerator(TextGenerator):
     """POST {base_url}/chat/completions; retries 429/5xx and dropped connections with backoff and jitter.
 
-    The API key is read from the environment at each request and never stored, logged or put into `name`.
+    `generate` keeps up to `concurrency` requests in flight (one at a time, a hosted model's ~1–3 s per reply makes
+    AGFSync's ~50,000 question lists a day or two of waiting) and, with a `cache` file (`ReplyCache`), reads back
+    the replies it already has and stores each new one as it arrives. The API key is read from the environment at
+    each request and never stored, logged, cached or put into `name`.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
-                 max_retries: int = 4, backoff_base: float = 1.0, backoff_max: float = 60.0):
+                 max_retries: int = 4, backoff_base: float = 1.0, backoff_max: float = 60.0, concurrency: int = 8,
+                 cache: str | Path | None = None):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (requests in flight), got {concurrency}")
         self.name = f"openai:{model}"
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -209,24 +240,71 @@ class OpenAICompatibleGenerator(TextGenerator):
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self._session = requests.Session()
+        self.concurrency = concurrency
+        self.cache = None if cache is None else ReplyCache(cache)
+        self.stats = Counter()  # requests (sent and answered) and cached (replies read back) across calls
+        self._local = threading.local()  # one HTTP session per thread: requests' Session is not thread-safe
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r})"
 
+    @property
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def request_key(self, messages: list[dict], max_new_tokens: int, temperature: float, seed: int) -> str:
+        """What a reply is cached under: the endpoint, the model and the request body (never the key)."""
+        from .manifest import sha256_json
+
+        return sha256_json({"url": self.base_url, "model": self.model, "messages": chat_messages(messages),
+                            "max_tokens": max_new_tokens, "temperature": temperature, "seed": seed})
+
     def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
-        """One request per conversation, in order."""
-        return [self.complete(messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-                for messages in tqdm(messages_batch, desc=self.name, unit="chat")]
+        """One reply per conversation, in order: cached ones read back, the rest requested `concurrency` at a time
+        (a conversation that comes twice is asked once), each cached as it arrives."""
+        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+        for messages in messages_batch:
+            self._check_no_opening(messages)  # before any request goes out
+        keys = [self.request_key(messages, **settings) for messages in messages_batch]
+        replies: dict[str, str] = {}
+        for key in keys:
+            found = self.cache.get(key) if self.cache is not None else None
+            if found is not None:
+                replies[key] = found
+        todo: dict[str, int] = {}  # each missing reply's first conversation, in order
+        for i, key in enumerate(keys):
+            if key not in replies:
+                todo.setdefault(key, i)
+        found = sum(key in replies for key in keys)
+        self.stats["cached"] += found
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openai")
+        try:
+            with tqdm(total=len(keys), initial=found, desc=self.name, unit="chat") as bar:
+                futures = {pool.submit(self.complete, messages_batch[i], **settings): key for key, i in todo.items()}
+                for future in as_completed(futures):
+                    reply, key = future.result(), futures[future]
+                    if self.cache is not None:
+                        self.cache.put(key, reply)
+                    replies[key] = reply
+                    self.stats["requests"] += 1
+                    bar.update(keys.count(key))
+        finally:  # on a failure, what is queued is dropped; replies already in are in the cache
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [replies[key] for key in keys]
 
-    def complete(self, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 seed: int = 0) -> str:
-        """`choices[0].message.content` of one chat completion."""
+    def _check_no_opening(self, messages: list[dict]) -> None:
         if opening(messages):
             raise ValueError(f"{self.name}: the conversation ends with an assistant message to continue (a reply "
                              "opening), which the OpenAI chat API does not do; use the transformers backend, or "
                              "leave the opening out (notebook 10: multimodal_opening empty)")
+
+    def complete(self, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 seed: int = 0) -> str:
+        """`choices[0].message.content` of one chat completion (not cached)."""
+        self._check_no_opening(messages)
         body = {"model": self.model, "messages": chat_messages(messages), "max_tokens": max_new_tokens,
                 "temperature": temperature, "seed": seed}
         return self._reply_text(self._post(f"{self.base_url}/chat/completions", body))
@@ -273,6 +351,19 @@ def _redact(text: str, secret: str | None) -> str:
 
 BACKENDS: dict[str, type[TextGenerator]] = {"template": TemplateGenerator, "transformers": TransformersGenerator,
                                             "openai": OpenAICompatibleGenerator}
+
+
+def generator_for(ctx, backend: str, endpoint: str = "", endpoint_model: str = "") -> TextGenerator:
+    """A notebook's text generator: the template stand-in, the profile's agent LLM (transformers), or an
+    OpenAI-compatible endpoint whose replies are cached in the run folder (`textgen_cache/openai.jsonl`), so a
+    stage stopped midway, or run again, does not ask twice."""
+    if backend == "openai" and not (endpoint and endpoint_model):
+        raise ValueError(f"backend 'openai' needs endpoint and endpoint_model, got {endpoint!r} and "
+                         f"{endpoint_model!r}; e.g. endpoint https://api.openai.com/v1, endpoint_model gpt-4o-mini")
+    options = {"transformers": lambda: {"model_path": ctx.model_path("agent_llm"), "device": ctx.device},
+               "openai": lambda: {"base_url": endpoint, "model": endpoint_model,
+                                  "cache": ctx.runs_dir / "textgen_cache" / "openai.jsonl"}}.get(backend, dict)()
+    return make_generator(backend, **options)
 
 
 def make_generator(backend: str, **options) -> TextGenerator:
