@@ -106,8 +106,8 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     hps_prompts = 3_200  # HPS v2 benchmark: 4 styles × 800 prompts
     agf_eval = TIFA_TEXTS + hps_prompts
     agf_eval_seeds = counts["agfsync_eval_seeds"]
-    # AGFSync trained on its 45,834 prompts; the book holds out a share more for its own before/after, which the
-    # base, AGFSync and each ablation model draw and which are scored like the candidates
+    # AGFSync trained on its 45,834 prompts; the book holds out a share more for the before/after and the score-weight
+    # ablation (AGFSync Table 2), which the base, AGFSync and each ablation model draw, scored like the candidates
     share, ablation = counts["agfsync_eval_share"], counts["agfsync_ablation_models"]
     held_out = round(agf_prompts * share / (1 - share))
     held_out_images = held_out * (2 + ablation) * agf_eval_seeds
@@ -166,15 +166,14 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
              f"SD 1.5 recipe: {counts['dpo_steps']:,} steps, batch {counts['dpo_batch']} (Diffusion-DPO / configs/paper.yaml)"),
         Work("AGFSync", f"Diffusion-DPO score-weight ablation ({ablation} models × {dpo})", "dpo_pair",
              ablation * counts["dpo_steps"] * counts["dpo_batch"],
-             f"13_diffusion_dpo ablation: {ablation} more models (VQA, CLIP or aesthetic only; the released code's "
-             "weights), each on its own pairs with the same recipe", BOOK_EXTRA),
+             f"AGFSync Table 2, 13_diffusion_dpo ablation: {ablation} more models (VQA, CLIP or aesthetic only; the "
+             "released code's weights), each on its own pairs with the same recipe"),
         Work("AGFSync", "Held-out evaluation images", "image", held_out_images,
              f"{held_out:,} held-out prompts (eval_share {share:g}) × {2 + ablation} models (base, AGFSync, "
-             f"{ablation} ablation) × {agf_eval_seeds} seeds", BOOK_EXTRA),
-        Work("AGFSync", "Held-out evaluation: VQA scores", "vqa", held_out_images, "every held-out image",
-             BOOK_EXTRA),
+             f"{ablation} ablation) × {agf_eval_seeds} seeds: the ablation's table (AGFSync Table 2)"),
+        Work("AGFSync", "Held-out evaluation: VQA scores", "vqa", held_out_images, "every held-out image"),
         Work("AGFSync", "Held-out evaluation: CLIP + aesthetic", "score", held_out_images,
-             "every held-out image (costed like the three unified-reward scorers: an upper bound)", BOOK_EXTRA),
+             "every held-out image (costed like the three unified-reward scorers: an upper bound)"),
         Work("AGFSync", "Benchmark images (TIFA, HPS v2)", "image", agf_eval * agf_eval_seeds * 2,
              f"TIFA v1.0 (4,081) + HPS v2 (3,200) prompts × {agf_eval_seeds} seeds × base and aligned"),
         Work("AGFSync", "Evaluation: TIFA answers (free-form, 5 beams)", "tifa", TIFA_TEXTS * agf_eval_seeds * 2,
