@@ -616,3 +616,25 @@ def test_block_wise_candidate_scores_equal_one_pass_with_blip2_loaded_once(tiny_
     assert len(loads) == 1  # all cached: BLIP-2 not loaded at all
     pd.testing.assert_frame_equal(again, whole, check_exact=False, atol=1e-9)
     assert resolve("vqa", tiny_ctx)  # the tiny BLIP-2 was built by the first pass
+    # scores only (notebook 13's held-out images): what is drawn leaves the cache once scored, but the kept one; a
+    # rerun draws nothing, and one image whose answer to a question is gone is drawn, asked and removed again
+    fresh = [Request(api, prompt, "", seed) for prompt in prompts.values() for seed in (7, 8, 9)]
+    pruning = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    pruned = agfsync.generate_and_score_images(pruning, fresh, owners, questions, tiny_ctx, block_size=4,
+                                               keep={0}.__contains__)
+    cache = pruning.cache
+    assert [cache.has(key) for key in pruned["key"]] == [True] + [False] * 5
+    assert pruning.stats["removed_once_scored"] == 5 and pruning.stats["generated"] == 6
+    rerun = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    pd.testing.assert_frame_equal(agfsync.generate_and_score_images(rerun, fresh, owners, questions, tiny_ctx,
+                                                                    block_size=4, keep={0}.__contains__), pruned)
+    assert rerun.stats["generated"] == 0 and rerun.stats["not_needed"] == 5
+    scores = tiny_ctx.runs_dir / "image_cache" / "scores.jsonl"
+    asked = agfsync.vqa_names(questions["p1"])[0]
+    scores.write_text("".join(line for line in scores.read_text().splitlines(keepends=True)
+                              if not (pruned["key"][4] in line and asked in line)))
+    third = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    again = agfsync.generate_and_score_images(third, fresh, owners, questions, tiny_ctx, block_size=4,
+                                              keep={0}.__contains__)
+    assert third.stats["generated"] == 1 and third.stats["removed_once_scored"] == 1 and not cache.has(pruned["key"][4])
+    pd.testing.assert_frame_equal(again, pruned, check_exact=False, atol=1e-6)

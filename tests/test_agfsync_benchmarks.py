@@ -317,3 +317,15 @@ def test_benchmarks_drawn_in_blocks_equal_one_block_and_load_each_model_once(tin
     assert len(loads) == 1 and resolve("vqa", tiny_ctx)
     pd.testing.assert_frame_equal(blocks, whole, check_exact=False, atol=1e-9)
     assert whole.groupby("benchmark").size().to_dict() == {"HPS v2": 4, "TIFA": 4}
+    # scores only: the images leave the cache once answered or scored, but the kept one; a rerun draws none
+    pruning = Executor.for_run(tiny_ctx, ModelCatalog.from_records([]), max_side=32, batch_size=4)
+    for key in whole["key"]:
+        pruning.cache.discard([key])  # as if another run had drawn and scored them, then let them go
+    keep = lambda owner: (owner["benchmark"], owner["seed"]) == ("TIFA", 0)  # noqa: E731
+    pruned = bench.evaluate(sets, systems, pruning, tiny_ctx, seeds=2, block_size=3, keep=keep)
+    pd.testing.assert_frame_equal(pruned, whole, check_exact=False, atol=1e-9)
+    kept = whole[(whole["benchmark"] == "TIFA") & (whole["seed"] == 0)]["key"]
+    assert pruning.stats["generated"] == len(kept) and all(pruning.cache.has(key) for key in kept)
+    # the stand-in sets share prompts, so HPS v2 asks for TIFA's images again: found (kept) or not needed (gone)
+    assert pruning.stats["not_needed"] == (~whole["key"].isin(kept)).sum() and pruning.stats["cache_hits"] == len(kept)
+    assert not any(pruning.cache.has(key) for key in set(whole["key"]) - set(kept))

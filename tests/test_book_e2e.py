@@ -119,6 +119,22 @@ def test_chatgen_evaluation_images_leave_the_cache_once_scored_and_embedded(buil
     assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in embedded) > len(embedded) / 2
 
 
+def test_agfsync_evaluation_keeps_only_the_images_its_page_shows(built_book):
+    import pandas as pd
+
+    from helpers.diffusion_dpo import grid_rows, transcript_row
+    from helpers.t2i import ImageCache
+
+    stage = built_book["root"] / "data" / "runs" / "tiny" / "13_diffusion_dpo"
+    counts = json.loads((stage / "manifest.json").read_text())["counts"]
+    cache = ImageCache(stage.parent / "image_cache")
+    scores, bench = pd.read_csv(stage / "evaluation.csv"), pd.read_csv(stage / "benchmarks.csv")
+    shown = set(grid_rows(scores)["key"]) | {transcript_row(bench)["key"]}
+    assert shown and all(cache.has(key) for key in shown)  # the page's grid and TIFA transcript
+    others = (set(scores["key"]) | set(bench["key"])) - shown
+    assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in others) == len(others) > 0
+
+
 def test_cost_chapter_sizes_every_model_the_executor_can_download(built_book):
     import pandas as pd
 

@@ -21,7 +21,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -952,12 +952,17 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     from .scoring import ScoreCache, cached_answers
 
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
-    names = [[f"vqa:{sha256_json(q)[:16]}" for q in asked] for asked in questions]
+    names = [vqa_names(asked) for asked in questions]
     scorer = scorer if scorer is not None else load_vqa_on_use(resolve("vqa", ctx), ctx.device)
     probabilities = cached_answers(
         generated, questions, names, scorer.weights_id, cache, desc="VQA", images_per_batch=images_per_batch,
         model=scorer, answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
     return [vqa_score(row) for row in probabilities]
+
+
+def vqa_names(questions: Sequence[str]) -> list[str]:
+    """The score-cache names of an image's VQA answers, one per question."""
+    return [f"vqa:{sha256_json(q)[:16]}" for q in questions]
 
 
 def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_prompt: Mapping[str, Sequence[str]],
@@ -982,17 +987,38 @@ def score_images(generated, owners: Sequence[Mapping[str, Any]], questions_by_pr
 
 def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, Any]],
                               questions_by_prompt: Mapping[str, Sequence[str]], ctx,
-                              weights: Sequence[float] = PAPER_WEIGHTS, block_size: int | None = None):
+                              weights: Sequence[float] = PAPER_WEIGHTS, block_size: int | None = None,
+                              keep: Callable[[int], bool] | None = None, spare: Collection[str] = ()):
     """`score_images(executor.generate(requests), owners, …)` one block of requests at a time
-    (`scoring.score_in_blocks`), the scorers loaded once for all blocks (BLIP-2 only if a question is unanswered)."""
+    (`scoring.score_in_blocks`), the scorers loaded once for all blocks (BLIP-2 only if a question is unanswered).
+
+    `keep` (request index → whether its image stays): the images not kept leave the image cache once their VQA,
+    CLIP and aesthetic scores are cached, and a rerun draws only those with a score missing
+    (`scoring.score_then_remove`, with `spare`); the count is in `executor.stats["removed_once_scored"]`. None
+    keeps them all.
+    """
     from .models import resolve
     from .scorers.vqa import load_vqa_on_use
-    from .scoring import ScoringRun, score_in_blocks
+    from .scoring import ScoringRun, score_in_blocks, score_then_remove
 
     run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
     vqa = load_vqa_on_use(resolve("vqa", ctx), ctx.device)
-    return score_in_blocks(executor, requests, lambda indices, generated: score_images(
-        generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run, vqa=vqa), block_size)
+
+    def score_block(indices, generated):
+        return score_images(generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run,
+                            vqa=vqa)
+    if keep is None:
+        return score_in_blocks(executor, requests, score_block, block_size)
+    keys = [executor.key(request) for request in requests]
+
+    def scored(i: int) -> bool:
+        names = vqa_names(questions_by_prompt[owners[i]["prompt_id"]])
+        return run.scored(keys[i]) and all(run.cache.get(keys[i], name, vqa.weights_id) is not None
+                                           for name in names)
+    table, removed = score_then_remove(executor, requests, score_block, scored=scored, keep=keep,
+                                       block_size=block_size, keys=keys, spare=spare)
+    executor.stats["removed_once_scored"] += removed
+    return table
 
 
 def pair_rows(table, image_for, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -264,9 +264,10 @@ def tifa_transcript(generated, questions: Sequence[Mapping[str, Any]], ctx, *, a
                          for q, a in zip(questions, answered)])
 
 
-def _tifa_values(asked, ctx, answering: str, vqa, sbert, indices, generated) -> list[float]:
+def _tifa_values(asked, ctx, answering: str, vqa, sbert, cache, indices, generated) -> list[float]:
     """One block's TIFA scores: `asked` holds each request's questions, `indices` say which requests these are."""
-    return tifa_scores(generated, [asked[i] for i in indices], ctx, answering=answering, scorer=vqa, encoder=sbert)
+    return tifa_scores(generated, [asked[i] for i in indices], ctx, answering=answering, scorer=vqa, encoder=sbert,
+                       cache=cache)
 
 
 def _hps_values(hps, indices, generated):
@@ -274,40 +275,75 @@ def _hps_values(hps, indices, generated):
     return 100.0 * hps.score(generated)["hps"].to_numpy()
 
 
+def benchmark_requests(benchmark: str, rows: Sequence[Mapping[str, Any]], systems: Mapping[str, Mapping[str, Any]],
+                       seeds: int) -> tuple[list, list[dict[str, Any]]]:
+    """(requests, owners) of one benchmark: every system draws every prompt with seeds 0..seeds-1."""
+    from .t2i import Request
+
+    requests, owners = [], []
+    for system, api in systems.items():
+        for row in rows:
+            for seed in range(seeds):
+                requests.append(Request(dict(api), row["prompt"], "", seed))
+                owners.append({"benchmark": benchmark, "source": row["source"], "system": system,
+                               "prompt_id": row["prompt_id"], "category": row["category"], "prompt": row["prompt"],
+                               "seed": seed})
+    return requests, owners
+
+
 def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[str, Mapping[str, Any]], executor,
-             ctx, seeds: int, tifa_answering: str = "free_form", block_size: int | None = None):
+             ctx, seeds: int, tifa_answering: str = "free_form", block_size: int | None = None,
+             keep: Callable[[Mapping[str, Any]], bool] | None = None, owned: Collection[str] = ()):
     """Each system draws each benchmark's prompts with seeds 0..seeds-1: TIFA score on TIFA (answered by
     `tifa_answering`, see `tifa_answers`), HPS v2 (×100) on HPS v2. One row per image: benchmark, source, system,
     prompt_id, category, prompt, seed, key, metric, value. Drawn and scored in blocks (`scoring.score_in_blocks`;
-    at paper scale TIFA alone is 4,081 captions × systems × seeds), every model loaded once."""
+    at paper scale TIFA alone is 4,081 captions × systems × seeds), every model loaded once.
+
+    `keep` (an image's row without key and value → whether its image stays): the others leave the image cache once
+    their answers or scores are cached, and a rerun draws only those with one missing (`scoring.score_then_remove`;
+    the count is in `executor.stats["removed_once_scored"]`; `owned`: images the caller drew and kept for these
+    benchmarks, removed here too, see `scoring.score_then_remove`). None keeps them all.
+    """
     import pandas as pd
 
-    from .scoring import ScoringRun, score_in_blocks
-    from .t2i import Request
+    from .scoring import ScoreCache, ScoringRun, load_scorer, score_in_blocks, score_then_remove
 
     vqa, sbert = tifa_models(ctx, tifa_answering)  # checks the method before any image is drawn; loads on use
+    cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")  # read once for every block
     hps = None
     tables = []
-    for benchmark, rows in sets.items():
-        requests, owners = [], []
-        for system, api in systems.items():
-            for row in rows:
-                for seed in range(seeds):
-                    requests.append(Request(dict(api), row["prompt"], "", seed))
-                    owners.append({"benchmark": benchmark, "source": row["source"], "system": system,
-                                   "prompt_id": row["prompt_id"], "category": row["category"], "prompt": row["prompt"],
-                                   "seed": seed})
+    plans = [(benchmark, rows, *benchmark_requests(benchmark, rows, systems, seeds)) for benchmark, rows in sets.items()]
+    all_keys = [[executor.key(request) for request in requests] for _, _, requests, _ in plans]
+    owned = set(owned)
+    kept = set() if keep is None else {keys[i] for keys, (*_, owners) in zip(all_keys, plans)
+                                       for i in range(len(owners)) if keep(owners[i])}  # by any benchmark
+    for n, (benchmark, rows, requests, owners) in enumerate(plans):
         if not requests:
             continue
+        keys = all_keys[n]
+        # an image a later benchmark asks for too stays until that one has scored it (stand-in sets share prompts)
+        later = set().union(*all_keys[n + 1:])
+        owned |= {key for key in later if not executor.cache.has(key)}  # what this pass draws for them is ours
         if benchmark == "TIFA":
             questions = {row["prompt_id"]: row["questions"] for row in rows}
             asked = [questions[owner["prompt_id"]] for owner in owners]
-            metric, values = "TIFA score", partial(_tifa_values, asked, ctx, tifa_answering, vqa, sbert)
+            metric, values = "TIFA score", partial(_tifa_values, asked, ctx, tifa_answering, vqa, sbert, cache)
+            scored = lambda i: all(cache.get(keys[i], tifa_key(q, tifa_answering), vqa.weights_id)  # noqa: E731
+                                   is not None for q in asked[i])
         else:
-            hps = hps if hps is not None else ScoringRun.for_run(ctx, ("hps",))
+            hps = hps if hps is not None else ScoringRun({"hps": load_scorer("hps", ctx)}, cache)
             metric, values = "HPS v2 (×100)", partial(_hps_values, hps)
-        table = score_in_blocks(executor, requests, lambda indices, generated: pd.DataFrame(
-            {"key": [g.key for g in generated], "value": values(indices, generated)}), block_size)
+            scored = lambda i: hps.scored(keys[i])  # noqa: E731
+
+        def score_block(indices, generated):
+            return pd.DataFrame({"key": [g.key for g in generated], "value": values(indices, generated)})
+        if keep is None:
+            table = score_in_blocks(executor, requests, score_block, block_size)
+        else:
+            table, removed = score_then_remove(executor, requests, score_block, scored=scored,
+                                               keep=lambda i: keys[i] in kept, block_size=block_size, keys=keys,
+                                               owned=owned, spare=later)
+            executor.stats["removed_once_scored"] += removed
         tables.append(pd.DataFrame(owners).assign(key=table["key"], metric=metric, value=table["value"]))
     columns = ["benchmark", "source", "system", "prompt_id", "category", "prompt", "seed", "key", "metric", "value"]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

@@ -746,16 +746,34 @@ def require_pairs(variant_rows: dict[str, list], variants: dict[str, tuple[float
                          "(name:w_vqa,w_clip,w_aes;...)")
 
 
+GRID_PROMPTS = 3  # held-out prompts notebook 13 shows before and after (seed 0, base and AGFSync)
+
+
+def grid_rows(scores):
+    """The held-out images notebook 13 shows: the first `GRID_PROMPTS` prompts at seed 0, AGFSync above the base
+    (rows of `evaluation.csv`, or the stage's request owners as a DataFrame)."""
+    first = scores["prompt_id"].unique()[:GRID_PROMPTS]
+    shown = scores[(scores["seed"] == 0) & scores["prompt_id"].isin(first) & scores["system"].isin(["base", "AGFSync"])]
+    return shown.sort_values(["prompt_id", "system"], ascending=[True, False])
+
+
+def transcript_row(bench):
+    """The benchmark image notebook 13 shows with its TIFA answers: AGFSync's first TIFA image."""
+    return bench[(bench["benchmark"] == "TIFA") & (bench["system"] == "AGFSync")].iloc[0]
+
+
 def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompts_jsonl: Path, *, architecture: str,
               config_kwargs: Mapping[str, Any], variants: Mapping[str, Sequence[float]], eval_seeds: int,
               max_side: int | None, batch_size: int, tifa: str = "", hps_benchmark: str = "",
               benchmark_limit: int = 0, tifa_answering: str = "free_form",
-              max_sampling_steps: int | None = None) -> dict[str, Any]:
+              max_sampling_steps: int | None = None, keep_images: bool = True) -> dict[str, Any]:
     """Notebook 13: Diffusion-DPO on notebook 12's pairs (and on pairs chosen by other score weights), then the
     base and every aligned model draw the held-out prompts with the same seeds, scored like the candidates; and the
     base and AGFSync models draw the TIFA and HPS v2 benchmarks (`tifa`, `hps_benchmark`: their sources; empty, the
     held-out prompts stand in; `benchmark_limit`: prompts per set, per style for HPS v2, 0 for all;
-    `tifa_answering`: how BLIP-2's answers become choices, see `agfsync_benchmarks.tifa_answers`)."""
+    `tifa_answering`: how BLIP-2's answers become choices, see `agfsync_benchmarks.tifa_answers`; `keep_images`
+    False: the evaluation's and the benchmarks' images leave the image cache once scored, but those the notebook
+    shows, `grid_rows` and `transcript_row`)."""
     import pandas as pd
     from datasets import load_from_disk
 
@@ -800,13 +818,28 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
                                "prompt": prompt["prompt"], "seed": seed})
     executor = aligned_executor(ctx, architecture, pipelines, max_side=max_side, batch_size=batch_size,
                                 max_sampling_steps=max_sampling_steps)
-    table = agfsync.generate_and_score_images(executor, requests, owners,
-                                              {p["prompt_id"]: p["questions"] for p in prompts}, ctx)
-    table.to_csv(folder / "evaluation.csv", index=False)
     sets = agfsync_benchmarks.benchmark_sets(tifa, hps_benchmark, prompts, ctx.runs_dir / "downloads",
                                              limit=benchmark_limit, seed=ctx.seed)
-    benchmarks = agfsync_benchmarks.evaluate(sets, {name: systems[name] for name in ("base", "AGFSync")}, executor,
-                                             ctx, eval_seeds, tifa_answering)
+    benchmark_systems = {name: systems[name] for name in ("base", "AGFSync")}
+    keep = keep_benchmark = None
+    later: set[str] = set()
+    if not keep_images:  # what the notebook shows stays; an image the benchmarks ask for too stays until they score it
+        later = {executor.key(request) for benchmark, rows in sets.items()
+                 for request in agfsync_benchmarks.benchmark_requests(benchmark, rows, benchmark_systems,
+                                                                      eval_seeds)[0]}
+        later -= {key for key in later if executor.cache.has(key)}  # another stage's image is not ours to remove
+        shown = set(grid_rows(pd.DataFrame(owners)).index) if owners else set()
+        keep = shown.__contains__
+        first_tifa = sets["TIFA"][0]["prompt_id"] if sets.get("TIFA") else None
+        keep_benchmark = lambda owner: (owner["benchmark"], owner["system"], owner["prompt_id"],  # noqa: E731
+                                        owner["seed"]) == ("TIFA", "AGFSync", first_tifa, 0)
+    table = agfsync.generate_and_score_images(executor, requests, owners,
+                                              {p["prompt_id"]: p["questions"] for p in prompts}, ctx, keep=keep,
+                                              spare=later)
+    table.to_csv(folder / "evaluation.csv", index=False)
+    shown_keys = set(table.loc[sorted(shown), "key"]) if not keep_images else set()
+    benchmarks = agfsync_benchmarks.evaluate(sets, benchmark_systems, executor, ctx, eval_seeds, tifa_answering,
+                                             keep=keep_benchmark, owned=later - shown_keys)
     benchmarks.to_csv(folder / "benchmarks.csv", index=False)
     write_jsonl(folder / "tifa_questions.jsonl", sets["TIFA"])  # what the benchmark asked, for the page
     first, last = logs["AGFSync"][0], logs["AGFSync"][-1]
@@ -814,4 +847,5 @@ def run_stage(folder: Path, ctx, preferences: Path, candidates_csv: Path, prompt
             "steps": config_kwargs.get("max_steps"), "first_loss": first["loss"], "last_loss": last["loss"],
             "last_implicit_accuracy": last["implicit_accuracy"], "eval_prompts": len(prompts),
             "eval_images": len(requests), **{f"{name} prompts": len(rows) for name, rows in sets.items()},
-            "benchmark_images": len(benchmarks), "images_drawn": executor.stats["generated"]}
+            "benchmark_images": len(benchmarks), "images_drawn": executor.stats["generated"],
+            "images_removed_once_scored": executor.stats["removed_once_scored"]}

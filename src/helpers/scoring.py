@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -252,29 +252,61 @@ class ScoringRun:
                            keep: Callable[[int], bool] | None = None, also: Sequence[Any] = ()):
         """`score(executor.generate(requests))`, one block of requests at a time (`score_in_blocks`).
 
-        `keep` (request index → whether its image stays) is for a stage that uses the scores, not the pictures:
-        an image this call draws is removed from the image cache once its scores are cached, unless kept (an image
-        found in the cache stays: another stage may show it), and an image whose scores are all cached is not drawn
-        again. RRHF's ~240,000 reward images are ~100 GB of PNGs at paper scale. None keeps every image.
-
-        `also`: per-image features kept by image key beside the scores, such as `scorers.fid.FidFeatures` with a
-        store; each is called with every block's images and keys before they can leave the cache, and with `keep`
-        an image is drawn again only when a score or one of these rows is missing (`.has(key)`).
+        `keep` (request index → whether its image stays) is for a stage that uses the scores, not the pictures
+        (`score_then_remove`): RRHF's ~240,000 reward images are ~100 GB of PNGs at paper scale. None keeps every
+        image. `also`: per-image features kept by image key beside the scores, such as `scorers.fid.FidFeatures`
+        with a store; each is called with every block's images and keys before they can leave the cache, and with
+        `keep` an image is drawn again only when a score or one of these rows is missing (`.has(key)`).
         """
         also = tuple(also)
-        kept = None if keep is None else {executor.key(requests[i]) for i in range(len(requests)) if keep(i)}
 
         def score_block(indices: list[int], generated: Sequence["Generated"]):
             for features in also:
                 features(generated, [g.key for g in generated])
-            table = self.score(generated)
-            if kept is not None and is_main_process():  # every process has scored its share of the block by now
-                self.removed += executor.cache.discard(g.key for g in generated if not g.cached and g.key not in kept)
-            return table
+            return self.score(generated)
+        if keep is None:
+            return score_in_blocks(executor, requests, score_block, block_size)
+        keys = [executor.key(request) for request in requests]
+        table, removed = score_then_remove(
+            executor, requests, score_block, keep=keep, block_size=block_size, keys=keys,
+            scored=lambda i: self.scored(keys[i]) and all(features.has(keys[i]) for features in also))
+        self.removed += removed
+        return table
 
-        def needed(key: str) -> bool:
-            return key in kept or not (self.scored(key) and all(features.has(key) for features in also))
-        return score_in_blocks(executor, requests, score_block, block_size, needed=None if kept is None else needed)
+
+def score_then_remove(executor, requests: Sequence["Request"], score_block, *, scored: Callable[[int], bool],
+                      keep: Callable[[int], bool], block_size: int | None = None,
+                      keys: Sequence[str] | None = None, owned: Collection[str] = (),
+                      spare: Collection[str] = ()):
+    """`score_in_blocks` for a stage that needs the scores, not the pictures; (table, images removed).
+
+    An image this call draws leaves the image cache once its block is scored (`score_block` has cached what it
+    needs), unless `keep(index)`; an image found in the cache stays, since another stage may show it, unless it is
+    `owned` (the caller drew it earlier and kept it only for this call). An image in `spare` (keys) stays if drawn
+    here, without being drawn for it (a later call asks for it too, and removes it). An image is
+    drawn only when kept or when `scored(index)` is False for one of its requests, so a rerun draws only what has
+    a score missing. Under a multi-process launch the main process removes the images, after the block's scores
+    have reached every process; it alone counts them. `keys`: the requests' image keys, if already computed.
+    """
+    keys = list(keys) if keys is not None else [executor.key(request) for request in requests]
+    indices_of: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        indices_of.setdefault(key, []).append(i)
+    kept = {keys[i] for i in range(len(requests)) if keep(i)}
+    removed = 0
+
+    def block(indices: list[int], generated: Sequence["Generated"]):
+        nonlocal removed
+        table = score_block(indices, generated)
+        if is_main_process():  # every process has scored its share of the block by now
+            removed += executor.cache.discard(g.key for g in generated
+                                              if (not g.cached or g.key in owned) and g.key not in kept
+                                              and g.key not in spare)
+        return table
+
+    def needed(key: str) -> bool:
+        return key in kept or not all(scored(i) for i in indices_of[key])
+    return score_in_blocks(executor, requests, block, block_size, needed=needed), removed
 
 
 def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None,

@@ -198,7 +198,9 @@ def png_bytes_per_image(side: int = 512, count: int = 8) -> dict[str, float]:
 
 # image-drawing stages whose images leave the image cache once scored (their stage's `keep_images: false`): at most
 # one block of them (`t2i.IMAGE_BLOCK`) is on disk at a time
-SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf", ("ChatGen", "Evaluation images"): "11_chatgen_evo"}
+SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf", ("ChatGen", "Evaluation images"): "11_chatgen_evo",
+                       ("AGFSync", "Held-out evaluation images"): "13_diffusion_dpo",
+                       ("AGFSync", "Benchmark images (TIFA, HPS v2)"): "13_diffusion_dpo"}
 
 
 def disk_table(png_bytes: dict[str, float]):
