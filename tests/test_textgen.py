@@ -151,6 +151,16 @@ COMPLETION = {"id": "c1", "object": "chat.completion",
                            "finish_reason": "stop"}]}
 
 
+def _send(handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict | None = None) -> None:
+    """Write one JSON response (a local server's answer)."""
+    handler.send_response(status)
+    for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 @pytest.fixture
 def chat_server():
     """A local chat-completions server answering from a script of (status, headers, body); records requests."""
@@ -162,13 +172,7 @@ def chat_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             received.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
             status, headers, text = script.pop(0)
-            payload = text.replace("{auth}", str(self.headers.get("Authorization"))).encode()
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            _send(self, status, text.replace("{auth}", str(self.headers.get("Authorization"))).encode(), headers)
 
         def log_message(self, *args):  # keep pytest output clean
             pass
@@ -263,14 +267,9 @@ def echo_server():
             time.sleep(0.05)
             refused = any(word in text for word in state["refuse"])
             reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()}}]}
-            payload = json.dumps({"error": "refused"} if refused else reply).encode()
             with lock:
                 state["in_flight"] -= 1
-            self.send_response(400 if refused else 200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            _send(self, 400 if refused else 200, json.dumps({"error": "refused"} if refused else reply).encode())
 
         def log_message(self, *args):
             pass
