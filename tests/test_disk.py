@@ -30,11 +30,13 @@ def test_each_stage_and_store_is_measured_and_an_outside_weights_cache_counted(t
     assert (table.loc["image_cache", "files"], round(table.loc["image_cache", "GB"] * 1e9)) == (3, 1_227)
     assert table.loc["image_cache", "note"] == "2 PNGs, 3 score rows"
     monkeypatch.setenv("T2IBOOK_ROOT", str(tmp_path / "book"))
+    _file(runs / "textgen_cache" / "openai.jsonl", 5)
+    assert disk.usage(runs).set_index("what").loc["textgen_cache", "note"].startswith("the hosted LLM's replies")
     _file(runs / "image_cache" / "fid_features" / "clip-64px" / "0a1b.npz", 73)
     assert disk.usage(runs).set_index("what").loc["image_cache", "note"] == "2 PNGs, 3 score rows, 1 FID feature files"
     assert cli.main(["disk", "--profile", "paper"]) == 0
     printed = capsys.readouterr().out
-    assert "2 PNGs, 3 score rows" in printed and "total" in printed and "8 files" in printed
+    assert "2 PNGs, 3 score rows" in printed and "total" in printed and "9 files" in printed
     assert "GB free on the disk of" in printed
 
 

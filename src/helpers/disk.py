@@ -12,7 +12,8 @@ from pathlib import Path
 
 SHARED = {"image_cache": "images drawn (PNGs) and their scores", "models": "models built or resolved for this profile",
           "weights": "Civitai checkpoints and LoRAs", "agent_cache": "the agents' decoded API calls",
-          "_runner": "t2ibook run's record of what each notebook ran with"}
+          "_runner": "t2ibook run's record of what each notebook ran with",
+          "textgen_cache": "the hosted LLM's replies (OpenAI-compatible backend), one line each"}
 
 
 def _measure(path: Path) -> tuple[int, int, dict[str, int]]:
