@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from helpers import distributed, models
 
+from chat_servers import echo_server  # noqa: F401  (a fixture)
+
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
 
@@ -69,6 +71,26 @@ def _run(command: list[str], book_root: Path, timeout: int = 600) -> None:
         env.pop(name, None)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def test_two_processes_ask_a_hosted_llm_each_question_once(book_root, tmp_path, echo_server):
+    """Every process runs every stage under a launch: the endpoint's requests are split between them (a paid
+    request is made once, not once per GPU), every process gets every reply, and each reply is cached once."""
+    url, state = echo_server
+    out = tmp_path / "out"
+    out.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(Path(__file__).with_name("textgen_worker.py")), url, str(out)],
+         book_root)
+    results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    words = [f"word{i}" for i in range(6)]
+    assert sorted(state["asked"]) == sorted(words + ["word9"])  # six, then only the new one: seven requests
+    for result in results:
+        assert result["world_size"] == 2 and result["replies"] == [word.upper() for word in words]
+        assert result["again"] == ["WORD0", "WORD1", "WORD9"]
+    assert sorted(r["requests"] for r in results) == [3, 4]  # 3 + 3 of the six, then the new one on one process
+    cached = [json.loads(line)["reply"] for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert sorted(cached) == sorted(word.upper() for word in words + ["word9"])
 
 
 def test_two_processes_match_one(book_root, tmp_path):

@@ -10,6 +10,8 @@ import pytest
 
 from helpers import models, textgen
 
+from chat_servers import echo_server, send_json  # noqa: F401  (echo_server is a fixture)
+
 # Hand count over the three prompts below (stop words, weights and the <lora:...> tag removed):
 # castle 3, dramatic 2, sunset 2, then clouds / fog / hill / sky 1 each → alphabetical: clouds, fog.
 PROMPTS = ["a castle at sunset, (masterpiece:1.2), <lora:oldtown:0.7>",
@@ -151,16 +153,6 @@ COMPLETION = {"id": "c1", "object": "chat.completion",
                            "finish_reason": "stop"}]}
 
 
-def _send(handler: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict | None = None) -> None:
-    """Write one JSON response (a local server's answer)."""
-    handler.send_response(status)
-    for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
-        handler.send_header(name, value)
-    handler.send_header("Content-Length", str(len(payload)))
-    handler.end_headers()
-    handler.wfile.write(payload)
-
-
 @pytest.fixture
 def chat_server():
     """A local chat-completions server answering from a script of (status, headers, body); records requests."""
@@ -172,7 +164,7 @@ def chat_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             received.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
             status, headers, text = script.pop(0)
-            _send(self, status, text.replace("{auth}", str(self.headers.get("Authorization"))).encode(), headers)
+            send_json(self, status, text.replace("{auth}", str(self.headers.get("Authorization"))).encode(), headers)
 
         def log_message(self, *args):  # keep pytest output clean
             pass
@@ -247,39 +239,6 @@ def test_backoff_honours_a_numeric_retry_after_and_grows_otherwise():
     assert generator._backoff(0, "3") == 3.0
     assert 0.5 <= generator._backoff(0, None) <= 1.5 and 4.0 <= generator._backoff(3, None) <= 12.0
     assert generator._backoff(2, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date already past: retry now
-
-
-@pytest.fixture
-def echo_server():
-    """A chat-completions server that answers each request with its user message upper-cased, after a short wait;
-    it counts the requests in flight, and refuses (HTTP 400) a message that contains a word in `refuse`."""
-    state = {"in_flight": 0, "most_in_flight": 0, "asked": [], "refuse": set()}
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            text = body["messages"][-1]["content"]
-            with lock:
-                state["in_flight"] += 1
-                state["most_in_flight"] = max(state["most_in_flight"], state["in_flight"])
-                state["asked"].append(text)
-            time.sleep(0.05)
-            refused = any(word in text for word in state["refuse"])
-            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()}}]}
-            with lock:
-                state["in_flight"] -= 1
-            _send(self, 400 if refused else 200, json.dumps({"error": "refused"} if refused else reply).encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    server.shutdown()
-    server.server_close()
 
 
 def _chats(words):

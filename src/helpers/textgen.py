@@ -264,36 +264,47 @@ class OpenAICompatibleGenerator(TextGenerator):
     def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
         """One reply per conversation, in order: cached ones read back, the rest requested `concurrency` at a time
-        (a conversation that comes twice is asked once), each cached as it arrives."""
+        (a conversation that comes twice is asked once), each cached as it arrives. Under a multi-process launch,
+        where every process runs every stage, the requests are split across the processes: each is asked once."""
+        from .distributed import broadcast_from_main, map_sharded
+
         settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
         for messages in messages_batch:
             self._check_no_opening(messages)  # before any request goes out
         keys = [self.request_key(messages, **settings) for messages in messages_batch]
-        replies: dict[str, str] = {}
-        for key in keys:
-            found = self.cache.get(key) if self.cache is not None else None
-            if found is not None:
-                replies[key] = found
+        # the main process's view of the cache holds for every process, so that all of them split the same work
+        replies: dict[str, str] = broadcast_from_main(
+            {key: found for key in dict.fromkeys(keys)
+             if (found := self.cache.get(key) if self.cache is not None else None) is not None})
         todo: dict[str, int] = {}  # each missing reply's first conversation, in order
         for i, key in enumerate(keys):
             if key not in replies:
                 todo.setdefault(key, i)
-        found = sum(key in replies for key in keys)
-        self.stats["cached"] += found
+        self.stats["cached"] += sum(key in replies for key in keys)
+        fresh = map_sharded(lambda share: self._ask(share, messages_batch, keys, settings), list(todo.values()))
+        replies.update(zip(todo, fresh))
+        if self.cache is not None:  # the other processes' replies too (they wrote them), so none is asked again
+            self.cache.replies.update(zip(todo, fresh))
+        return [replies[key] for key in keys]
+
+    def _ask(self, share: list[int], messages_batch: list[list[dict]], keys: list[str],
+             settings: dict[str, Any]) -> list[str]:
+        """This process's requests, `concurrency` in flight, each reply cached as it arrives; in `share`'s order."""
+        answers: dict[int, str] = {}
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openai")
         try:
-            with tqdm(total=len(keys), initial=found, desc=self.name, unit="chat") as bar:
-                futures = {pool.submit(self.complete, messages_batch[i], **settings): key for key, i in todo.items()}
+            with tqdm(total=len(share), desc=self.name, unit="chat", disable=not share) as bar:
+                futures = {pool.submit(self.complete, messages_batch[i], **settings): i for i in share}
                 for future in as_completed(futures):
-                    reply, key = future.result(), futures[future]
+                    i = futures[future]
+                    answers[i] = future.result()
                     if self.cache is not None:
-                        self.cache.put(key, reply)
-                    replies[key] = reply
+                        self.cache.put(keys[i], answers[i])
                     self.stats["requests"] += 1
-                    bar.update(keys.count(key))
+                    bar.update()
         finally:  # on a failure, what is queued is dropped; replies already in are in the cache
             pool.shutdown(wait=True, cancel_futures=True)
-        return [replies[key] for key in keys]
+        return [answers[i] for i in share]
 
     def _check_no_opening(self, messages: list[dict]) -> None:
         if opening(messages):
