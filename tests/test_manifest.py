@@ -172,3 +172,35 @@ def test_a_resume_point_is_offered_only_to_the_training_that_left_it(tmp_path, c
     (tmp_path / "unmarked").mkdir()
     (tmp_path / "unmarked" / "checkpoint-1").mkdir()  # left by a run that wrote no identity: not continued
     assert manifests.resume_point(tmp_path / "unmarked", run, newest) is None
+
+
+def test_a_main_only_stage_is_computed_once_under_a_launch_and_the_others_wait_for_it(tmp_path, monkeypatch):
+    """A crawl of a public API runs on the main process only: another process of the launch neither computes it
+    nor returns before the main process's manifest for the same fingerprint is there."""
+    import threading
+    import time
+
+    stage = manifests.Stage(tmp_path / "data" / "crawl", name="crawl", params={"n": 1}, root=tmp_path,
+                            main_only=True)
+    fingerprint = stage.fingerprint()
+    monkeypatch.setattr(manifests, "MANIFEST_POLL_S", 0.01)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    def main_process_finishes():
+        time.sleep(0.3)
+        stage.folder.mkdir(parents=True)
+        manifests.atomic_write_json(stage.folder / manifests.MANIFEST, {"fingerprint": "an older run"})
+        time.sleep(0.1)  # a manifest of another fingerprint is not the answer
+        manifests.atomic_write_json(stage.folder / manifests.MANIFEST, {"fingerprint": fingerprint, "counts": {}})
+
+    compute = Counter()
+    threading.Thread(target=main_process_finishes, daemon=True).start()
+    started = time.monotonic()
+    record = stage.run(compute)
+    # it waited for the main process (≥ 0.4 s) and took its manifest, not the older one written first
+    assert compute.calls == 0 and record["fingerprint"] == fingerprint and time.monotonic() - started >= 0.35
+    # without main_only, the other process computes the same work into a scratch folder, then takes the manifest
+    beside = manifests.Stage(tmp_path / "data" / "crawl", name="crawl", params={"n": 1}, root=tmp_path)
+    monkeypatch.setenv("T2IBOOK_FORCE", "1")
+    assert beside.run(compute)["fingerprint"] == fingerprint and compute.calls == 1
+    assert not (stage.folder / "out.txt").exists()  # it wrote nothing into the main process's folder

@@ -199,12 +199,12 @@ class RunContext:
         """`data/runs/<profile>/`, where every stage writes its artifacts."""
         return self.root / "data" / "runs" / self.profile
 
-    def stage(self, name: str, params: dict[str, Any] | None = None, inputs=(), code=()):
-        """A `Stage` under this run's folder (see `helpers.manifest`)."""
+    def stage(self, name: str, params: dict[str, Any] | None = None, inputs=(), code=(), main_only: bool = False):
+        """A `Stage` under this run's folder (see `helpers.manifest`; `main_only`: see `Stage`)."""
         from .manifest import Stage
 
         return Stage(self.runs_dir / name, name=name, params=params or {}, inputs=inputs, code=code,
-                     root=self.root, profile=self.profile)
+                     root=self.root, profile=self.profile, main_only=main_only)
 
     def relative(self, path: str | Path) -> str:
         """`path` relative to the book root when it lies inside it (so records do not depend on the clone's place)."""

@@ -230,8 +230,12 @@ class Stage:
     """
 
     def __init__(self, folder: Path, name: str, params: dict[str, Any], inputs: Iterable[Path] = (),
-                 code: Iterable[str] = (), root: Path | None = None, profile: str = ""):
+                 code: Iterable[str] = (), root: Path | None = None, profile: str = "", main_only: bool = False):
         self.folder = Path(folder)
+        # under a multi-process launch the other processes wait for the main one's result instead of computing it
+        # too: for a stage with no sharded step whose work must happen once (a crawl of a public API: one client,
+        # not one per GPU)
+        self.main_only = main_only
         self.name = name
         self.params = dict(params)
         self.inputs = [Path(p) for p in inputs]
@@ -281,6 +285,8 @@ class Stage:
             raise RuntimeError(f"stage {self.name} started inside one process's share of sharded work; the other "
                                "processes would not join it. Run it before sharding (see helpers.distributed)")
         if not is_main_process():
+            if self.main_only:
+                return self._main_manifest(fingerprint)
             return self._run_beside_main(fingerprint, compute, *args, **kwargs)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)
@@ -318,6 +324,10 @@ class Stage:
         """
         with tempfile.TemporaryDirectory(prefix=f"{self.folder.name}-rank{launched_rank()}-") as scratch:
             compute(Path(scratch), *args, **kwargs)
+        return self._main_manifest(fingerprint)
+
+    def _main_manifest(self, fingerprint: str) -> dict[str, Any]:
+        """The manifest the main process writes for `fingerprint`, once it is there (no time limit, see above)."""
         while True:
             manifest = self.manifest
             if manifest and manifest.get("fingerprint") == fingerprint:
