@@ -191,6 +191,8 @@ def main(out: Path, llm: str) -> None:
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))
     distributed.barrier()
+    if torch.distributed.is_initialized():  # leave the group before exiting (see textgen_worker.py)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
