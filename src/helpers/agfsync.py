@@ -1015,10 +1015,8 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
         names = vqa_names(questions_by_prompt[owners[i]["prompt_id"]])
         return run.scored(keys[i]) and all(run.cache.get(keys[i], name, vqa.weights_id) is not None
                                            for name in names)
-    table, removed = score_then_remove(executor, requests, score_block, scored=scored, keep=keep,
-                                       block_size=block_size, keys=keys, spare=spare)
-    executor.stats["removed_once_scored"] += removed
-    return table
+    return score_then_remove(executor, requests, score_block, scored=scored, keep=keep, block_size=block_size,
+                             keys=keys, spare=spare)[0]
 
 
 def pair_rows(table, image_for, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:

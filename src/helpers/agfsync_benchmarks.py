@@ -312,7 +312,8 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
     cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")  # read once for every block
     hps = None
     tables = []
-    plans = [(benchmark, rows, *benchmark_requests(benchmark, rows, systems, seeds)) for benchmark, rows in sets.items()]
+    plans = [(benchmark, rows, *benchmark_requests(benchmark, rows, systems, seeds))
+             for benchmark, rows in sets.items()]
     all_keys = [[executor.key(request) for request in requests] for _, _, requests, _ in plans]
     owned = set(owned)
     kept = set() if keep is None else {keys[i] for keys, (*_, owners) in zip(all_keys, plans)
@@ -340,10 +341,8 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
         if keep is None:
             table = score_in_blocks(executor, requests, score_block, block_size)
         else:
-            table, removed = score_then_remove(executor, requests, score_block, scored=scored,
-                                               keep=lambda i: keys[i] in kept, block_size=block_size, keys=keys,
-                                               owned=owned, spare=later)
-            executor.stats["removed_once_scored"] += removed
+            table = score_then_remove(executor, requests, score_block, scored=scored, keep=lambda i: keys[i] in kept,
+                                      block_size=block_size, keys=keys, owned=owned, spare=later)[0]
         tables.append(pd.DataFrame(owners).assign(key=table["key"], metric=metric, value=table["value"]))
     columns = ["benchmark", "source", "system", "prompt_id", "category", "prompt", "seed", "key", "metric", "value"]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

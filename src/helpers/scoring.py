@@ -286,7 +286,8 @@ def score_then_remove(executor, requests: Sequence["Request"], score_block, *, s
     here, without being drawn for it (a later call asks for it too, and removes it). An image is
     drawn only when kept or when `scored(index)` is False for one of its requests, so a rerun draws only what has
     a score missing. Under a multi-process launch the main process removes the images, after the block's scores
-    have reached every process; it alone counts them. `keys`: the requests' image keys, if already computed.
+    have reached every process; it alone counts them, also in `executor.stats["removed_once_scored"]`. `keys`: the
+    requests' image keys, if already computed.
     """
     keys = list(keys) if keys is not None else [executor.key(request) for request in requests]
     indices_of: dict[str, list[int]] = {}
@@ -299,9 +300,10 @@ def score_then_remove(executor, requests: Sequence["Request"], score_block, *, s
         nonlocal removed
         table = score_block(indices, generated)
         if is_main_process():  # every process has scored its share of the block by now
-            removed += executor.cache.discard(g.key for g in generated
-                                              if (not g.cached or g.key in owned) and g.key not in kept
-                                              and g.key not in spare)
+            gone = executor.cache.discard(g.key for g in generated if (not g.cached or g.key in owned)
+                                          and g.key not in kept and g.key not in spare)
+            removed += gone
+            executor.stats["removed_once_scored"] += gone
         return table
 
     def needed(key: str) -> bool:

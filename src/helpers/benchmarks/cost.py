@@ -132,8 +132,9 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
              f"{eval_prompts:,} prompts × 6 systems × {seeds} seed{'s' if seeds > 1 else ''} (configs/paper.yaml)"),
         Work("DiffAgent", "Table 2 scoring", "score", eval_prompts * 6 * seeds, "every Table 2 image"),
         Work("DiffAgent", f"RRHF loss-weight variants: training ({variants} runs)", "train_token_lora",
-             variants * align_prompts * candidates * 224, f"07_rrhf weight_variants: {variants} more RRHF runs (ranking "
-             "loss alone, cross-entropy alone) on the same candidates", BOOK_EXTRA),
+             variants * align_prompts * candidates * 224,
+             f"07_rrhf weight_variants: {variants} more RRHF runs (ranking loss alone, cross-entropy alone) on the same "
+             "candidates", BOOK_EXTRA),
         Work("DiffAgent", "RRHF loss-weight variants: API calls", "api", variants * dabench_test,
              f"{variants} variant agents on the 5,000 DABench test prompts (notebook 08)", BOOK_EXTRA),
         Work("DiffAgent", "RRHF loss-weight variants: images", "image", variants * dabench_test * seeds,

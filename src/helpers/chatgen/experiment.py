@@ -146,7 +146,7 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     set_level.to_csv(folder / "set_metrics.csv", index=False)
     counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),
                    "images_drawn": executor.stats["generated"],
-                   "images_removed_once_scored": scoring.removed + embedding.removed,
+                   "images_removed_once_scored": executor.stats["removed_once_scored"],
                    "valid_calls": sum(p.valid for p in predictions)})
     return counts
 
