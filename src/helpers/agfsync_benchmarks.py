@@ -323,7 +323,7 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
             continue
         keys = all_keys[n]
         # an image a later benchmark asks for too stays until that one has scored it (stand-in sets share prompts)
-        later = set().union(*all_keys[n + 1:])
+        later = set().union(*all_keys[n + 1:]) if keep is not None else set()
         owned |= {key for key in later if not executor.cache.has(key)}  # what this pass draws for them is ours
         if benchmark == "TIFA":
             questions = {row["prompt_id"]: row["questions"] for row in rows}
