@@ -185,8 +185,13 @@ def test_cost_model_multipliers_are_the_paper_recipes():
         "agfsync_eval_share": recipe["12_agfsync_preferences"]["eval_share"],
         "agfsync_ablation_models": len([item for item in ablation.split(";") if item.strip()]),
         "rrhf_loss_variants": len([pair for pair in recipe["07_rrhf"]["weight_variants"].split(",") if pair.strip()]),
+        "diffagent_sft_epochs": recipe["06_sft"]["num_epochs"],
+        "rrhf_epochs": recipe["07_rrhf"]["num_epochs"],
+        "chatgen_sft_epochs": recipe["11_chatgen_evo"]["sft_epochs"],
         "chatgen_token_steps": recipe["11_chatgen_evo"]["selection_steps"],
         "chatgen_token_batch": recipe["11_chatgen_evo"]["selection_batch_size"]}
+    # the epochs count only where no step limit cuts them short
+    assert recipe["06_sft"]["max_steps"] == recipe["07_rrhf"]["max_steps"] == recipe["11_chatgen_evo"]["sft_steps"] == -1
     # the disk table counts one block for these stages: the paper recipe must remove their images once scored
     assert cost.SCORED_THEN_REMOVED and all(recipe[notebook]["keep_images"] is False
                                             for notebook in cost.SCORED_THEN_REMOVED.values())

@@ -191,6 +191,17 @@ def test_vlm_sft_trains_with_the_image_and_saves_a_loadable_model(folders, tmp_p
     assert isinstance(trained.generate(TEST[1].messages, images=image_for(TEST[1].image_key), max_new_tokens=4), str)
 
 
+@pytest.mark.parametrize("path", ["text", "vlm"])
+def test_without_a_step_limit_both_paths_train_for_the_epochs_asked(folders, tmp_path, path):
+    """The paper recipe trains ChatGen-Base and Evo stage 1 for one epoch (sft_steps -1): 3 chats in batches of 2
+    are 2 steps an epoch, so 2 epochs are 4 steps on either path (a last, short batch is a step of its own)."""
+    model = folders[0] if path == "text" else folders[1]
+    config = sft_config(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2)
+    result = evo.train_base(str(model), TRAIN, config, tmp_path / "base", image_for=image_for)
+    assert result["multimodal"] == (path == "vlm")
+    assert result["steps"] == 4 and math.isfinite(result["last_loss"])
+
+
 def test_vlm_sft_reads_images_with_their_batches_and_resumes_from_its_checkpoint(folders, tmp_path, monkeypatch):
     """Reference images given as cache keys are read batch by batch (never all at once), train exactly as the
     images themselves, and a run killed after its step-2 checkpoint ends where an unbroken run ends."""

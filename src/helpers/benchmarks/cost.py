@@ -82,12 +82,19 @@ RECIPE_COUNTS = {
     "agfsync_eval_share": 0.05,  # 12_agfsync_preferences eval_share: prompts held out for notebook 13's before/after
     "agfsync_ablation_models": 4,  # 13_diffusion_dpo ablation: models trained on pairs chosen by other score weights
     "rrhf_loss_variants": 2,  # 07_rrhf weight_variants: RRHF runs with other rank and CE weights (notebook 08 too)
+    "diffagent_sft_epochs": 3,  # 06_sft num_epochs (max_steps -1)
+    "rrhf_epochs": 1,  # 07_rrhf num_epochs (max_steps -1)
+    "chatgen_sft_epochs": 1,  # 11_chatgen_evo sft_epochs (sft_steps -1): ChatGen-Base and Evo stage 1 each
     "chatgen_token_steps": 2_000,  # 11_chatgen_evo selection_steps (ModelTokens)
     "chatgen_token_batch": 32,  # 11_chatgen_evo selection_batch_size
 }
 # Distinct RRHF candidates per prompt: the recipe proposes 4 samples + 4 diverse beams + the default API (up to 9);
 # duplicates merge once only the model part is kept. ~240,000 RRHF images at k = 10 assume 6 per prompt.
 RRHF_CANDIDATES = 6
+
+
+def _epochs(count: float) -> str:
+    return f"{count:g} epoch{'' if count == 1 else 's'}"
 
 
 def paper_work(table2_seeds: int | None = None) -> list[Work]:
@@ -114,9 +121,11 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     dpo = f"{counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs"
     variants = counts["rrhf_loss_variants"]  # each trained like RRHF, then decoded and drawn on DABench test
     token_examples = counts["chatgen_token_steps"] * counts["chatgen_token_batch"]
+    sft_epochs, rrhf_epochs, chat_epochs = (counts[name] for name in ("diffagent_sft_epochs", "rrhf_epochs",
+                                                                      "chatgen_sft_epochs"))
     return [
-        Work("DiffAgent", "SFT (3 epochs, LoRA)", "train_token_lora", dabench_train * 3 * 224,
-             "~40K DABench train pairs (ChatGen Table 1) × 3 epochs × 224 tokens"),
+        Work("DiffAgent", f"SFT ({_epochs(sft_epochs)}, LoRA)", "train_token_lora", dabench_train * sft_epochs * 224,
+             f"~40K DABench train pairs (ChatGen Table 1) × {_epochs(sft_epochs)} × 224 tokens"),
         Work("DiffAgent", "RRHF candidates (API calls)", "api", align_prompts * counts["rrhf_texts_per_prompt"],
              f"{align_prompts:,} alignment prompts × {counts['rrhf_texts_per_prompt']} texts (samples + diverse "
              f"beams; ~{candidates} distinct candidates remain)"),
@@ -124,8 +133,9 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
              f"{align_prompts:,} prompts × {candidates} candidates × k = {k}"),
         Work("DiffAgent", "RRHF scoring (unified reward)", "score", align_prompts * candidates * k,
              "every RRHF image, three scorers"),
-        Work("DiffAgent", "RRHF training (1 epoch, LoRA)", "train_token_lora", align_prompts * candidates * 224,
-             f"{align_prompts:,} prompts × {candidates} candidates × 224 tokens"),
+        Work("DiffAgent", f"RRHF training ({_epochs(rrhf_epochs)}, LoRA)", "train_token_lora",
+             align_prompts * candidates * rrhf_epochs * 224,
+             f"{align_prompts:,} prompts × {candidates} candidates × {_epochs(rrhf_epochs)} × 224 tokens"),
         Work("DiffAgent", "Table 2 API calls", "api", eval_prompts * 2,
              "SFT and RRHF agents on every evaluation prompt"),
         Work("DiffAgent", "Table 2 images", "image", eval_prompts * 6 * seeds,
@@ -144,13 +154,14 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
              "every variant image", BOOK_EXTRA),
         Work("ChatGen", "Bench demonstration images", "image", chatgen_multimodal,
              "one reference image per multimodal chat (Table 3: 69,548 train + 1,668 benchmark)"),
-        Work("ChatGen", "ChatGen-Base SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
-             "256,606 training chats (Table 3) × ~600 tokens, one epoch: the one-stage baseline ChatGen compares to"),
+        Work("ChatGen", "ChatGen-Base SFT (2B, full)", "train_token_full_2b", chatgen_train * chat_epochs * 600,
+             f"256,606 training chats (Table 3) × ~600 tokens × {_epochs(chat_epochs)} (configs/paper.yaml): the "
+             "one-stage baseline ChatGen compares to"),
         Work("ChatGen", "Evo stage 2 ModelTokens (2B forward)", "forward_token_2b", token_examples * 600,
              f"{counts['chatgen_token_steps']:,} steps × {counts['chatgen_token_batch']} chats × ~600 tokens "
              "(configs/paper.yaml); the 2B model is frozen"),
-        Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * 600,
-             "256,606 training chats (Table 3) × ~600 tokens, one epoch"),
+        Work("ChatGen", "Evo stage 1 SFT (2B, full)", "train_token_full_2b", chatgen_train * chat_epochs * 600,
+             f"256,606 training chats (Table 3) × ~600 tokens × {_epochs(chat_epochs)} (configs/paper.yaml)"),
         Work("ChatGen", "Evaluation API calls", "api", chatgen_test * 3, "14,564 benchmark chats × 3 systems"),
         Work("ChatGen", "Evaluation images", "image", chatgen_test * (chatgen_sets + 1) * counts["chatgen_seeds"],
              f"14,564 chats × ({chatgen_sets} image sets + the ground-truth calls, FID's reference) × "

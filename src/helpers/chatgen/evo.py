@@ -254,8 +254,9 @@ def _train(make_example: Callable, model_path: str | Path, samples: Sequence[Cha
                          "multimodal model trains on it")
     examples = [make_example(s) for s in samples]  # the chats; each reference image is read with its batch
     batch_size = config.per_device_train_batch_size
-    steps = config.max_steps if config.max_steps > 0 else \
-        math.ceil(len(examples) / batch_size / config.gradient_accumulation_steps * config.num_train_epochs)
+    # without a step limit, the epochs count as transformers' Trainer (and so the text path) counts them
+    per_epoch = max(math.ceil(len(examples) / batch_size) // config.gradient_accumulation_steps, 1)
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * per_epoch)
     saving = str(getattr(config.save_strategy, "value", config.save_strategy)) != "no"
     return train_vlm_sft(model_path, [e["prompt"] + e["completion"] for e in examples],
                          [s.image_key or None for s in samples], output, steps=steps, image_for=image_for,
