@@ -190,9 +190,7 @@ def main(out: Path, llm: str) -> None:
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))
-    distributed.barrier()
-    if torch.distributed.is_initialized():  # leave the group before exiting (see textgen_worker.py)
-        torch.distributed.destroy_process_group()
+    distributed.barrier()  # and leaves the group as it exits (helpers.distributed.leave_group_at_exit)
 
 
 if __name__ == "__main__":

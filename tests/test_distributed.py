@@ -93,6 +93,44 @@ def test_two_processes_ask_a_hosted_llm_each_question_once(book_root, tmp_path, 
     assert sorted(cached) == sorted(word.upper() for word in words + ["word9"])
 
 
+LEAVER = """
+import atexit, json, os, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from helpers import config, distributed
+
+out, how = Path(sys.argv[1]), sys.argv[2]
+
+
+def report():  # registered first, so it runs last: after the handler helpers registers
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"in_group_at_exit": dist.is_initialized()}))
+
+
+atexit.register(report)
+if how == "setup":  # a notebook: config.setup, then a Trainer starts the group without asking helpers
+    config.setup("tiny", quiet=True)
+    dist.init_process_group("gloo")
+    assert dist.is_initialized()
+else:  # a script that only asks for its share
+    assert distributed.world()[1] == 2
+dist.barrier()
+"""
+
+
+@pytest.mark.parametrize("how", ["setup", "world"])
+def test_a_launched_process_leaves_its_process_group_as_it_exits(book_root, tmp_path, how):
+    """A process that exits still in its group can abort at exit as gloo's threads go; whether the group came from
+    helpers.distributed or from a Trainer after `config.setup`, the process leaves it before it exits."""
+    script, out = tmp_path / "leaver.py", tmp_path / "out"
+    script.write_text(LEAVER)
+    out.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(script), str(out), how], book_root)
+    assert [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [{"in_group_at_exit": False}] * 2
+
+
 def test_two_processes_match_one(book_root, tmp_path):
     llm = tmp_path / "llm"
     models.build_tiny_llama(llm, seed=0)

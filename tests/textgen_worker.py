@@ -17,12 +17,7 @@ def main(url: str, out: Path) -> None:
     again = generator.generate(chats[:2] + [[{"role": "user", "content": "word9"}]])
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": world_size, "replies": replies, "again": again,
                                                       "requests": generator.stats["requests"]}))
-    distributed.barrier()
-    # leave the group before exiting: a process that exits while the other's gloo threads still talk to it can
-    # abort the other at exit ("terminate called without an active exception")
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    distributed.barrier()  # and leaves the group as it exits (helpers.distributed.leave_group_at_exit)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import yaml
 
+from . import distributed
+
 PROFILES = ("tiny", "small", "paper")
 # Parameters every notebook declares; the runner passes them to all notebooks.
 COMMON_PARAMETERS = ("profile", "seed", "recipe")
@@ -234,6 +236,8 @@ def setup(profile: str = "tiny", seed: int = 0, recipe: str = "", quiet: bool = 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         _quiet_library_progress_bars()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if distributed.launched_world_size() > 1:
+        distributed.leave_group_at_exit()  # a kernel that joins the launch's process group leaves it as it ends
     seed_everything(seed)
     _display_defaults()
     ctx = RunContext(profile=profile, seed=seed, recipe=loaded, root=root)

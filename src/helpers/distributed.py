@@ -10,6 +10,7 @@ of them. Only the main process writes stage folders and executed notebooks (`hel
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -47,6 +48,7 @@ def world() -> tuple[int, int]:
     import torch
     import torch.distributed as dist
 
+    leave_group_at_exit()
     if dist.is_available() and dist.is_initialized():
         # already joined (by a Trainer's arguments, say): the group itself is the truth. accelerate's shared state
         # may say otherwise, e.g. one process on a CPU when TrainingArguments started the group without use_cpu
@@ -57,6 +59,35 @@ def world() -> tuple[int, int]:
     # shared, so the Trainers later find the same process group); without a GPU it must be told to use gloo
     state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes
+
+
+_leaving_at_exit = False
+
+
+def leave_group_at_exit() -> None:
+    """Leave the process group when this process exits, once registered (a script, a notebook's kernel).
+
+    A process that exits still in its group can abort at exit while gloo's threads are torn down ("terminate called
+    without an active exception"), and NCCL warns that the group was never destroyed; leaving it is the documented
+    end. Registered by `config.setup` under a launch and when a launched process first asks for its world, so
+    whichever of this module or a Trainer started the group, it is left.
+    """
+    global _leaving_at_exit
+    if _leaving_at_exit:
+        return
+    import atexit
+
+    atexit.register(_leave_group)
+    _leaving_at_exit = True
+
+
+def _leave_group() -> None:
+    if "torch.distributed" not in sys.modules:  # never joined one: nothing to leave, and no torch to import
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _sharding_depth = 0  # > 0 while this process works on its own share (collectives would not be matched there)
