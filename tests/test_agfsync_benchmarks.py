@@ -79,14 +79,18 @@ def test_hps_prompts_come_per_style_with_a_per_style_limit(hps_folder, tmp_path)
         bench.load_hps_prompts(hps_folder, tmp_path)
 
 
-def test_an_http_source_is_downloaded_once(tmp_path):
+def test_an_http_source_is_downloaded_once(tmp_path, monkeypatch):
+    import helpers.http
+
     payload = json.dumps(TIFA_ITEMS).encode()
     seen = []
+    monkeypatch.setattr(helpers.http, "backoff_delay", lambda *args: 0.0)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             seen.append(self.path)
-            status = 200 if self.path.endswith("qa.json") else 404
+            # busy at first (retried), then the file; any other path is missing
+            status = (503 if len(seen) == 1 else 200) if self.path.endswith("qa.json") else 404
             self.send_response(status)
             self.send_header("Content-Length", str(len(payload) if status == 200 else 0))
             self.end_headers()
@@ -106,7 +110,9 @@ def test_an_http_source_is_downloaded_once(tmp_path):
             bench.fetch(url.replace("qa.json", "missing.json"), tmp_path / "downloads")
     finally:
         server.shutdown()
-    assert seen == ["/tifa/qa.json", "/tifa/missing.json"]  # the second load read the saved copy
+    assert seen == ["/tifa/qa.json"] * 2 + ["/tifa/missing.json"]  # a retry; the second load read the saved copy
+    saved = tmp_path / "downloads"
+    assert len(list(saved.glob("*-qa.json"))) == 1 and not list(saved.glob("*.part"))  # one whole file
     assert first == again and len(first) == 3 and first[0]["source"] == url
 
 

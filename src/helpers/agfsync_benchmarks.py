@@ -56,18 +56,18 @@ def fetch(source: str | Path, cache_dir: str | Path) -> Path:
 
 
 def _download(url: str, cache_dir: Path) -> Path:
+    """`url` saved once under `cache_dir`, through retries and a lock: under a multi-GPU launch one process fetches
+    it and the others find the file (`http.download_to`)."""
     import requests
 
-    from .manifest import atomic_write_text
+    from .http import download_to
 
     target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{url.rsplit('/', 1)[-1] or 'file'}"
-    if not target.is_file():
-        reply = requests.get(url, timeout=120)
-        if reply.status_code != 200:
-            raise RuntimeError(f"GET {url} answered {reply.status_code}; check the address, or download the file and "
-                               "give its local path")
-        atomic_write_text(target, reply.text)
-    return target
+    advice = "check the address, or download the file and give its local path"
+    try:
+        return download_to(url, target, refused="GET {url} answered {status}; " + advice, progress=False)
+    except requests.HTTPError as error:
+        raise RuntimeError(f"GET {url} answered {error.response.status_code}; {advice}") from error
 
 
 def _join(source: str | Path, name: str) -> str:
