@@ -70,7 +70,16 @@ def main(out: Path, llm: str) -> None:
     prompts = [f"a lighthouse at dusk, style {i}" for i in range(5)]
     fresh = t2i.Request({**call, "model": "Fresh"}, "a quiet harbour", seed=9)
     requests = [t2i.Request(call, prompt, seed=i) for i, prompt in enumerate(prompts)] + [fresh]
+    batches: list[list[int]] = []  # the requests each diffusers call of this process drew together
+    draw = executor._draw
+
+    def recording(group, batch):
+        batches.append([requests.index(planned[0]) for _, planned in batch])
+        return draw(group, batch)
+
+    executor._draw = recording
     generated = executor.generate(requests, progress=False)
+    executor._draw = draw
     in_memory = sum(g.decoded for g in generated)  # this process's drawn share; the rest are keys into the cache
 
     # sharded scoring and sharded API-call decoding
@@ -186,7 +195,7 @@ def main(out: Path, llm: str) -> None:
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        {"in_memory": in_memory, "fid_extracted": fid.extracted, "fid_reread": fid_reread,
+        {"in_memory": in_memory, "batches": batches, "fid_extracted": fid.extracted, "fid_reread": fid_reread,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))

@@ -189,6 +189,9 @@ def test_two_processes_match_one(book_root, tmp_path):
     split = [json.loads((out / f"shares_world2_rank{rank}.json").read_text()) for rank in (0, 1)]
     alone = json.loads((out / "shares_world1_rank0.json").read_text())
     assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(3, 4), (3, 2)]
+    # whole batches were shared out: each image was drawn in the batch one process draws it in (so bit for bit)
+    assert alone["batches"] == [[0, 1], [2, 3], [4], [5]]
+    assert [s["batches"] for s in split] == [[[0, 1], [4]], [[2, 3], [5]]]
     assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))

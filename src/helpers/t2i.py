@@ -20,7 +20,7 @@ from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -805,25 +805,31 @@ class Executor:
         """Images for `requests` in order: cached ones read back, the rest drawn in batches of like settings.
 
         `needed(key)` False for an image not in the cache: it is not drawn, and comes back without pixels (a caller
-        that needs only its cached scores). Under a multi-process launch each process draws its share
-        (`helpers.distributed.map_sharded`) into the shared image cache, and every process gets all the images
-        back: its own drawn ones in memory, the others' as cache keys read on use.
+        that needs only its cached scores). Under a multi-process launch the main process's batches are shared out
+        whole (`helpers.distributed.map_sharded`), each drawn into the shared image cache exactly as one process
+        would draw it, and every process gets all the images back: its own drawn ones in memory, the others' as
+        cache keys read on use.
         """
         from .distributed import broadcast_from_main, launched_world_size, map_sharded
 
-        if launched_world_size() > 1:
-            requests = broadcast_from_main(list(requests))
-            for request in requests:  # weights are built (a stage each) by every process together, before sharding
-                self.plan(request.api)
-            own: dict[str, Generated] = {}
+        if launched_world_size() == 1:
+            planned, batches = self._plan(requests, needed)
+            drawn = self._draw_batches(planned, batches, progress)
+            return self._results(planned, drawn, set(drawn))
+        requests = broadcast_from_main(list(requests))
+        for request in requests:  # weights are built (a stage each) by every process together, before sharding
+            self.plan(request.api)
+        planned, batches = self._plan(requests, needed)
+        # whole batches are shared out, as the main process planned them: each image is drawn in the batch one
+        # process would draw it in, so the images do not depend on how many processes draw them
+        own: dict[str, Image.Image] = {}
 
-            def here(share: list[Request]) -> list[Generated]:
-                made = self._generate_here(share, progress, needed)
-                own.update((g.key, g) for g in made)
-                return [g.by_reference() for g in made]  # keys travel between processes; pixels are in the cache
+        def here(share: list[list[tuple[str, int]]]) -> list[list[str]]:
+            own.update(self._draw_batches(planned, share, progress))
+            return [[key for key, _ in batch] for batch in share]  # keys travel between processes, pixels stay
 
-            return [own.get(g.key, g) for g in map_sharded(here, requests)]
-        return self._generate_here(requests, progress, needed)
+        drawn_anywhere = {key for keys in map_sharded(here, batches) for key in keys}
+        return self._results(planned, own, drawn_anywhere)
 
     def generate_in_blocks(self, requests: Sequence[Request], block_size: int = IMAGE_BLOCK, progress: bool = True,
                            needed: Callable[[str], bool] | None = None) -> Iterator[tuple[list[int], list[Generated]]]:
@@ -857,13 +863,15 @@ class Executor:
         finally:
             bar.close()
 
-    def _generate_here(self, requests: Sequence[Request], progress: bool,
-                       needed: Callable[[str], bool] | None = None) -> list[Generated]:
-        from tqdm.auto import tqdm
-
+    def _plan(self, requests: Sequence[Request], needed: Callable[[str], bool] | None = None
+              ) -> tuple[list[tuple[Request, str, str, tuple[int, int]]], list[list[tuple[str, int]]]]:
+        """(request, key, weights id, size) per request, and the batches to draw as (key, request index) lists, in
+        drawing order: images of like settings together, a checkpoint's together and its LoRAs in turn (each
+        pipeline loads once); a cached image, one not `needed`, or a key asked for twice is not drawn (again)."""
         planned, todo, cached = [], {}, set()
         for index, request in enumerate(requests):
-            (checkpoint, lora), key, weights_id, size, steps = self._planned(request)
+            plan = self._planned(request)
+            _, key, weights_id, size, _ = plan
             planned.append((request, key, weights_id, size))
             if key in cached or self.cache.has(key):  # decoded only when its pixels are used (`Generated.image`)
                 cached.add(key)
@@ -872,26 +880,43 @@ class Executor:
             if needed is not None and not needed(key):
                 self.stats["not_needed"] += 1
                 continue
-            group = (checkpoint, lora, request.api["base_model"], request.api["sampling_method"], steps,
-                     float(request.api["cfg_scale"]), size)
-            todo.setdefault(group, {}).setdefault(key, index)  # the same key twice in one call is drawn once
-        drawn: dict[str, Image.Image] = {}
-        bar = tqdm(total=sum(len(keys) for keys in todo.values()), desc="images", disable=not progress or not todo)
+            # the same key twice in one call is drawn once
+            todo.setdefault(self._group(request, plan), {}).setdefault(key, index)
 
-        def weights_order(item):  # a checkpoint's groups together, its LoRAs in turn: each pipeline loads once
+        def weights_order(item):
             checkpoint, lora = item[0][:2]
             return checkpoint.weights_id, lora.weights_id if lora else ""
 
+        return planned, [batch for group, keys in sorted(todo.items(), key=weights_order)
+                         for batch in self._batches(group, list(keys.items()))]
+
+    def _group(self, request: Request, plan: tuple | None = None) -> tuple:
+        """What the images of one batch share: checkpoint, LoRA, architecture, sampler, steps, CFG, size (`plan`:
+        the request's `_planned`, when known)."""
+        (checkpoint, lora), _, _, size, steps = plan or self._planned(request)
+        return (checkpoint, lora, request.api["base_model"], request.api["sampling_method"], steps,
+                float(request.api["cfg_scale"]), size)
+
+    def _draw_batches(self, planned, batches: Sequence[Sequence[tuple[str, int]]], progress: bool
+                      ) -> dict[str, Image.Image]:
+        """Draw `batches` of `_plan`; every PNG is on disk when this returns, also after a failed batch."""
+        from tqdm.auto import tqdm
+
+        drawn: dict[str, Image.Image] = {}
+        bar = tqdm(total=sum(len(batch) for batch in batches), desc="images", disable=not progress or not batches)
         try:
-            for group, keys in sorted(todo.items(), key=weights_order):
-                for batch in self._batches(group, list(keys.items())):
-                    drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
-                    bar.update(len(batch))
-        finally:  # also when a batch fails: what was drawn before it reaches the disk
+            for batch in batches:
+                group = self._group(planned[batch[0][1]][0])
+                drawn.update(self._draw(group, [(key, planned[index]) for key, index in batch]))
+                bar.update(len(batch))
+        finally:  # what was drawn before a failure reaches the disk; other processes read the PNGs
             bar.close()
-            self.cache.flush()  # every PNG on disk before its key is handed on (other processes read them)
-        # just drawn: kept in memory, not read back from the PNGs
-        return [Generated(request, drawn.get(key), key, key not in drawn, weights_id, size, self.cache)
+            self.cache.flush()
+        return drawn
+
+    def _results(self, planned, drawn: Mapping[str, Image.Image], drawn_anywhere: set[str]) -> list[Generated]:
+        """One `Generated` per request: pixels in memory when drawn here, else read from the cache on use."""
+        return [Generated(request, drawn.get(key), key, key not in drawn_anywhere, weights_id, size, self.cache)
                 for request, key, weights_id, size in planned]
 
     def _note_overflow(self, pipeline, texts: list[str]) -> None:
@@ -927,7 +952,7 @@ class Executor:
         self.stats["generated"] += len(images)
         self.stats["batches"] += 1
         for (key, (request, _, weights_id, size)), image in zip(batch, images):
-            # encoded and written by background threads while the next batch is drawn (`_generate_here` flushes)
+            # encoded and written by background threads while the next batch is drawn (`_draw_batches` flushes)
             self.cache.put_later(key, image, {"model": request.api["model"], "weights": weights_id,
                                               "seed": request.seed, "prompt": request.prompt, "size": list(size),
                                               "sampler": sampler})
