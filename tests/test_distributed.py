@@ -35,6 +35,25 @@ def test_shards_interleave_and_merge_back_in_order():
     assert distributed.merge_shards([["a", "b", "c", "g"], ["d", "e", "f"]], 7, chunk=3) == items
 
 
+def test_balanced_runs_split_consecutive_items_so_the_costliest_run_is_as_cheap_as_it_can_be():
+    # by hand: costs 4 1 1 1 1 4 on 2 processes; 4+1+1 | 1+1+4 (6 each) beats any other cut (4+1+1+1 = 7 ...)
+    assert distributed.balanced_runs([4, 1, 1, 1, 1, 4], 2) == [[0, 1, 2], [3, 4, 5]]
+    # 3 processes: 4 | 1 1 1 1 | 4 (the middle run costs 4 too); a fourth process gets nothing
+    assert distributed.balanced_runs([4, 1, 1, 1, 1, 4], 3) == [[0], [1, 2, 3, 4], [5]]
+    assert distributed.balanced_runs([4, 1, 1, 1, 1, 4], 4)[3] == []
+    # equal costs, as many items as processes: one each; no items: nothing for anyone
+    assert distributed.balanced_runs([2.5, 2.5], 2) == [[0], [1]]
+    assert distributed.balanced_runs([], 2) == [[], []]
+    # every position exactly once, in order, and no run above the best possible largest run
+    costs = [7, 3, 9, 1, 1, 6, 2, 8, 5, 4]
+    runs = distributed.balanced_runs(costs, 3)
+    assert [p for run in runs for p in run] == list(range(len(costs)))
+    every_cut = [max(sum(costs[:i]), sum(costs[i:j]), sum(costs[j:])) for i in range(11) for j in range(i, 11)]
+    assert max(sum(costs[p] for p in run) for run in runs) == min(every_cut) == 19
+    with pytest.raises(ValueError, match="must not be negative"):
+        distributed.balanced_runs([1, -1], 2)
+
+
 def test_one_process_map_sharded_is_a_plain_call(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.world() == (0, 1)
@@ -183,15 +202,17 @@ def test_two_processes_match_one(book_root, tmp_path):
     # the stage the second process reached late: both returned the main process's manifest of one real run
     assert [json.loads((out / f"late_world2_rank{rank}.json").read_text()) for rank in (0, 1)] == [{"wrote": 1}] * 2
     shares = [int((out / f"drawn_world2_rank{rank}.txt").read_text()) for rank in (0, 1)]
-    assert shares == [3, 3] and one["drawn_here"] == 6  # each process drew its own share, nothing twice
+    # each process drew its own share, nothing twice: one run of batches each, [0, 1] [2, 3] and [4] [5], the
+    # cheapest largest run there is (every image costs the same; each cut leaves 4 images on one side)
+    assert shares == [4, 2] and one["drawn_here"] == 6
     # each process holds the pixels it drew; the other's came as keys into the shared cache. FID features: each
     # process embedded its share once (chunks of a batch of 2: images 0, 1, 4, 5 and 2, 3), every process has every row
     split = [json.loads((out / f"shares_world2_rank{rank}.json").read_text()) for rank in (0, 1)]
     alone = json.loads((out / "shares_world1_rank0.json").read_text())
-    assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(3, 4), (3, 2)]
+    assert [(s["in_memory"], s["fid_extracted"]) for s in split] == [(4, 4), (2, 2)]
     # whole batches were shared out: each image was drawn in the batch one process draws it in (so bit for bit)
     assert alone["batches"] == [[0, 1], [2, 3], [4], [5]]
-    assert [s["batches"] for s in split] == [[[0, 1], [4]], [[2, 3], [5]]]
+    assert [s["batches"] for s in split] == [[[0, 1], [2, 3]], [[4], [5]]]
     assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))

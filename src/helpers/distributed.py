@@ -157,22 +157,60 @@ def shard_indices(count: int, rank: int, world_size: int, chunk: int = 1) -> lis
 
 def merge_shards(shards: Sequence[Sequence[Result]], count: int, chunk: int = 1) -> list[Result]:
     """The inverse of `shard_indices`: per-process result lists back into one list in the original order."""
+    return _merge(shards, [shard_indices(count, rank, len(shards), chunk) for rank in range(len(shards))], count)
+
+
+def _merge(shards: Sequence[Sequence[Result]], positions: Sequence[Sequence[int]], count: int) -> list[Result]:
     merged: list[Any] = [None] * count
-    for rank, results in enumerate(shards):
-        positions = shard_indices(count, rank, len(shards), chunk)
-        if len(results) != len(positions):
-            raise ValueError(f"process {rank} returned {len(results)} results for {len(positions)} items")
-        for position, value in zip(positions, results):
+    for rank, (results, places) in enumerate(zip(shards, positions)):
+        if len(results) != len(places):
+            raise ValueError(f"process {rank} returned {len(results)} results for {len(places)} items")
+        for position, value in zip(places, results):
             merged[position] = value
     return merged
 
 
-def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[Item], chunk: int = 1) -> list[Result]:
+def balanced_runs(costs: Sequence[float], world_size: int) -> list[list[int]]:
+    """Positions per process: one run of consecutive positions each, the costliest run as cheap as it can be.
+
+    For work whose neighbours share set-up (image batches in weights order share a loaded pipeline) a run each
+    keeps the set-up to about a process's share, where turns would have every process load nearly everything;
+    balancing the cost, not the count, keeps a process that got the large images from finishing last.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be at least 1")
+    if any(cost < 0 for cost in costs):
+        raise ValueError(f"costs must not be negative, got {min(costs)}")
+
+    def runs_within(limit: float) -> list[list[int]]:
+        runs: list[list[int]] = [[]]
+        total = 0.0
+        for position, cost in enumerate(costs):
+            if runs[-1] and total + cost > limit:
+                runs.append([])
+                total = 0.0
+            runs[-1].append(position)
+            total += cost
+        return runs
+
+    low, high = max(costs, default=0.0), float(sum(costs))
+    for _ in range(64):  # the smallest limit that fits in `world_size` runs, to float precision
+        if high - low <= 1e-9 * max(high, 1.0):
+            break
+        middle = (low + high) / 2
+        low, high = (low, middle) if len(runs_within(middle)) <= world_size else (middle, high)
+    runs = runs_within(high) if costs else []
+    return runs + [[] for _ in range(world_size - len(runs))]
+
+
+def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[Item], chunk: int = 1,
+                cost: Callable[[Item], float] | None = None) -> list[Result]:
     """`fn(items)` with the items split across processes; every process gets the whole result, in order.
 
     `fn` takes a list and returns one result per item. The main process's `items` are used everywhere, so
     processes that read a cache at slightly different moments still split the same work. `chunk`: see
-    `shard_indices`.
+    `shard_indices`. `cost(item)`: each process takes one run of consecutive items instead, of about equal total
+    cost (`balanced_runs`).
     """
     rank, world_size = world()
     if world_size == 1:
@@ -181,7 +219,11 @@ def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[It
 
     global _sharding_depth
     items = broadcast_from_main(list(items))
-    mine = [items[i] for i in shard_indices(len(items), rank, world_size, chunk)]
+    if cost is None:
+        positions = [shard_indices(len(items), process, world_size, chunk) for process in range(world_size)]
+    else:
+        positions = balanced_runs([cost(item) for item in items], world_size)
+    mine = [items[i] for i in positions[rank]]
     _sharding_depth += 1
     try:
         local = list(fn(mine)) if mine else []
@@ -189,4 +231,4 @@ def map_sharded(fn: Callable[[list[Item]], Sequence[Result]], items: Sequence[It
         _sharding_depth -= 1
     shards: list[Any] = [None] * world_size
     dist.all_gather_object(shards, local)
-    return merge_shards(shards, len(items), chunk)
+    return _merge(shards, positions, len(items))

@@ -821,14 +821,21 @@ class Executor:
             self.plan(request.api)
         planned, batches = self._plan(requests, needed)
         # whole batches are shared out, as the main process planned them: each image is drawn in the batch one
-        # process would draw it in, so the images do not depend on how many processes draw them
+        # process would draw it in, so the images do not depend on how many processes draw them. Each process
+        # takes one run of consecutive batches (weights order) of about equal drawing cost, so it loads about its
+        # share of the pipelines, where turns would have every process load nearly every one
         own: dict[str, Image.Image] = {}
 
         def here(share: list[list[tuple[str, int]]]) -> list[list[str]]:
             own.update(self._draw_batches(planned, share, progress))
             return [[key for key, _ in batch] for batch in share]  # keys travel between processes, pixels stay
 
-        drawn_anywhere = {key for keys in map_sharded(here, batches) for key in keys}
+        def cost(batch: list[tuple[str, int]]) -> float:  # denoiser work: images × steps × pixels
+            request, _, _, (width, height) = planned[batch[0][1]]
+            steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
+            return len(batch) * steps * width * height
+
+        drawn_anywhere = {key for keys in map_sharded(here, batches, cost=cost) for key in keys}
         return self._results(planned, own, drawn_anywhere)
 
     def generate_in_blocks(self, requests: Sequence[Request], block_size: int = IMAGE_BLOCK, progress: bool = True,
