@@ -208,6 +208,16 @@ def test_what_ifs_change_only_what_they_name():
     assert ablation["count"] == 512_000
     assert ablation["project GPU-h"] == pytest.approx(4 * plain.loc["Diffusion-DPO (1,000 steps × 128 pairs)",
                                                                      "project GPU-h"])
+    # each training image through the VAE once for all epochs and all 5 models: ≤ 2 × 45,834 per model; the plain
+    # path encodes both images of every pair it uses: 5 models × 1,000 steps × 128 pairs × 2
+    vae = plain.loc["Diffusion-DPO: training images through the VAE"]
+    assert (vae["count"], vae["naive count"]) == (5 * 45_834 * 2, 1_280_000)
+    seconds = cost.unit_costs(None)["vae_encode"]
+    assert vae["naive GPU-h"] == pytest.approx(1_280_000 * seconds["naive"] / 3600)
+    assert vae["project GPU-h"] == pytest.approx(458_340 * seconds["project"] / 3600)
+    # 1.08 TFLOP at 40% of 790 TFLOP/s
+    assert seconds["project"] == pytest.approx(1.08e12 / (0.4 * 790e12))
+    assert (plain.drop(index=vae.name)["count"] == plain.drop(index=vae.name)["naive count"]).all()
     one_seed = cost.cost_table(None, table2_seeds=1).set_index("stage")
     # 5,000 DABench test + 1,000 COCO + 1,000 PartiPrompts prompts × 6 systems, one image each (4 in the recipe)
     assert one_seed.loc["Table 2 images", "count"] == 42_000 and plain.loc["Table 2 images", "count"] == 168_000
@@ -387,6 +397,9 @@ def test_disk_is_images_times_bytes_plus_the_dataset_copy_and_the_resume_point()
     # a winner and a loser for each of the 45,834 AGFSync prompts
     pairs = table.loc["Preference dataset (winner + loser per prompt)"]
     assert pairs["images"] == 91_668 and pairs["GB"] == pytest.approx(91_668 * 5e5 / 1e9)
+    # while notebook 13 trains: each training image's posterior mean and std, 2 × 4×64×64 float32 = 131,072 bytes
+    posteriors = table.loc["Diffusion-DPO: VAE posteriors (while notebook 13 trains)"]
+    assert posteriors["images"] == 458_340 and posteriors["GB"] == pytest.approx(458_340 * 131_072 / 1e9)
     # 859.5M UNet parameters × 4 bytes × (weights + AdamW's two moments) = 10.314 GB, whatever the PNGs weigh
     resume = table.loc["Diffusion-DPO resume point (newest only)"]
     assert resume["GB"] == resume["GB at PIL's default"] == pytest.approx(10.314)

@@ -135,6 +135,17 @@ def test_agfsync_evaluation_keeps_only_the_images_its_page_shows(built_book):
     assert counts["images_removed_once_scored"] == sum(not cache.has(key) for key in others) == len(others) > 0
 
 
+def test_agfsync_training_sends_each_image_through_the_vae_once(built_book):
+    stage = built_book["root"] / "data" / "runs" / "tiny" / "13_diffusion_dpo"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    counts, trainer = manifest["counts"], manifest["params"]["trainer"]
+    used = counts["models_trained"] * trainer["max_steps"] * trainer["train_batch_size"] * \
+        trainer["gradient_accumulation_steps"] * 2  # winner and loser of every pair every model trained on
+    # the models share candidate images and each crosses its pairs more than once: fewer encodes than images used
+    assert 0 < counts["training_images_through_the_vae"] < used
+    assert not (stage / "vae_posteriors").exists()  # gone once every model is trained
+
+
 def test_cost_chapter_sizes_every_model_the_executor_can_download(built_book):
     import pandas as pd
 

@@ -302,6 +302,41 @@ def test_prefetched_micro_batches_train_exactly_as_prepared_in_turn(sd_folder, t
     assert threads[2] and all(name.startswith("dpo-prefetch") for name in threads[2])
 
 
+def test_each_training_image_goes_through_the_vae_once_for_every_epoch_and_model(sd_folder, tmp_path):
+    """With a posterior cache, 3 pairs over ~3 epochs encode their 6 images once; a second model on the same
+    images encodes none; the training is the one without a cache, and another VAE never reads those posteriors."""
+    settings = dict(max_steps=4, train_batch_size=2, learning_rate=1e-3)
+    plain_pipeline = load(sd_folder)
+    plain = DiffusionDPOTrainer(plain_pipeline, tiny_config(tmp_path / "plain", **settings), pairs(3))
+    plain_log = plain.train()
+    assert plain.encoded == 4 * 2 * 2  # every pair of every step, both images, each time
+
+    cache = tmp_path / "posteriors"
+    pipeline = load(sd_folder)
+    first = DiffusionDPOTrainer(pipeline, tiny_config(tmp_path / "first", posterior_cache=str(cache), **settings),
+                                pairs(3))
+    assert first.train() == plain_log
+    for name, tensor in plain_pipeline.unet.state_dict().items():
+        torch.testing.assert_close(pipeline.unet.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert first.encoded == 6 and first.posteriors.written == 6
+    assert len(list(first.posteriors.folder.glob("*/*.safetensors"))) == 6
+
+    second = DiffusionDPOTrainer(load(sd_folder), tiny_config(tmp_path / "second", posterior_cache=str(cache),
+                                                              learning_rate=5e-4, max_steps=2, train_batch_size=2),
+                                 pairs(3))
+    second.train()
+    assert second.encoded == 0 and second.posteriors.written == 0
+
+    other_vae = load(sd_folder)
+    with torch.no_grad():
+        next(other_vae.vae.parameters()).add_(0.01)
+    other = DiffusionDPOTrainer(other_vae, tiny_config(tmp_path / "other", posterior_cache=str(cache), **settings),
+                                pairs(3))
+    assert other.posteriors.folder != first.posteriors.folder
+    other.train()
+    assert other.encoded == 6
+
+
 # ------------------------------------------------------------------------------------------ resume points
 
 class Crash(RuntimeError):

@@ -33,6 +33,8 @@ LLAMA7B_PARAMS = 6.7e9
 INTERNVL2_2B_PARAMS = 2.2e9
 SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
 SD15_UNET_PARAMS = 859.5e6
+SD15_VAE_ENCODE_FLOP = 1.08e12  # one 512-px image through the SD 1.5 VAE encoder (torch's FlopCounterMode)
+SD15_POSTERIOR_BYTES = 2 * 4 * 64 * 64 * 4  # a 512-px image's posterior mean and std, 4×64×64 each, in float32
 AGFSYNC_PROMPTS = 45_834  # AGFSync dataset card
 
 
@@ -47,7 +49,8 @@ UNIT_WORK = {
     "train_token_full": "one training token, 7B, all weights",
     "train_token_full_2b": "one training token, 2B (InternVL2), all weights",
     "forward_token_2b": "one token through the frozen 2B model (ModelTokens: only the new head rows learn)",
-    "dpo_pair": "one Diffusion-DPO preference pair at 512 px (SD 1.5 UNet)",
+    "dpo_pair": "one Diffusion-DPO preference pair at 512 px from its latents (SD 1.5 UNet)",
+    "vae_encode": "one 512-px image through the SD 1.5 VAE encoder",
 }
 
 
@@ -55,7 +58,8 @@ UNIT_WORK = {
 class Work:
     """One stage's work at paper scale: how many units of which kind, and where the count comes from; `part` says
     whether it reproduces the paper (`REPRODUCTION`) or is one of the book's own checks and ablations
-    (`BOOK_EXTRA`), which a run of the paper recipe pays for too."""
+    (`BOOK_EXTRA`), which a run of the paper recipe pays for too. `naive_count`: where the plain path does more
+    units than the project's (it repeats work the project keeps), its count; None, the same."""
 
     method: str
     stage: str
@@ -63,6 +67,7 @@ class Work:
     count: float
     basis: str
     part: str = "reproduction"
+    naive_count: float | None = None
 
 
 REPRODUCTION, BOOK_EXTRA = "reproduction", "book extra"
@@ -119,6 +124,7 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
     held_out = round(agf_prompts * share / (1 - share))
     held_out_images = held_out * (2 + ablation) * agf_eval_seeds
     dpo = f"{counts['dpo_steps']:,} steps × {counts['dpo_batch']} pairs"
+    dpo_models = 1 + ablation  # AGFSync's model and the ablation's, each on its own pairs of the same candidates
     variants = counts["rrhf_loss_variants"]  # each trained like RRHF, then decoded and drawn on DABench test
     token_examples = counts["chatgen_token_steps"] * counts["chatgen_token_batch"]
     sft_epochs, rrhf_epochs, chat_epochs = (counts[name] for name in ("diffagent_sft_epochs", "rrhf_epochs",
@@ -180,6 +186,11 @@ def paper_work(table2_seeds: int | None = None) -> list[Work]:
              ablation * counts["dpo_steps"] * counts["dpo_batch"],
              f"AGFSync Table 2, 13_diffusion_dpo ablation: {ablation} more models (VQA, CLIP or aesthetic only; the "
              "released code's weights), each on its own pairs with the same recipe"),
+        Work("AGFSync", "Diffusion-DPO: training images through the VAE", "vae_encode", dpo_models * agf_prompts * 2,
+             f"each training image once (its posterior is kept: helpers.diffusion_dpo.PosteriorCache), at most 2 per "
+             f"pair × 45,834 pairs × {dpo_models} models (fewer where their pairs share images); the plain path "
+             f"encodes both images of every pair it uses: {dpo_models} × {dpo} × 2",
+             naive_count=dpo_models * counts["dpo_steps"] * counts["dpo_batch"] * 2),
         Work("AGFSync", "Held-out evaluation images", "image", held_out_images,
              f"{held_out:,} held-out prompts (eval_share {share:g}) × {2 + ablation} models (base, AGFSync, "
              f"{ablation} ablation) × {agf_eval_seeds} seeds: the ablation's table (AGFSync Table 2)"),
@@ -218,7 +229,8 @@ SCORED_THEN_REMOVED = {("DiffAgent", "RRHF images"): "07_rrhf", ("ChatGen", "Eva
 def disk_table(png_bytes: dict[str, float]):
     """Disk per stage at paper scale, in GB: each image-drawing stage's PNGs in the image cache at `png_bytes` per
     image (one block at most for `SCORED_THEN_REMOVED` stages), AGFSync's preference dataset (it embeds a copy of
-    each pair's PNGs) and the Diffusion-DPO resume point."""
+    each pair's PNGs), the training images' VAE posteriors while notebook 13 trains and the Diffusion-DPO resume
+    point."""
     import pandas as pd
 
     from ..t2i import IMAGE_BLOCK
@@ -236,6 +248,11 @@ def disk_table(png_bytes: dict[str, float]):
     pairs = 2 * AGFSYNC_PROMPTS
     rows.append(("AGFSync", "Preference dataset (winner + loser per prompt)", pairs, pairs * png_bytes["project"],
                  pairs * png_bytes["naive"], "PNG copies embedded in the dataset (datasets.save_to_disk)"))
+    encoded = next(w.count for w in paper_work() if w.unit == "vae_encode")
+    rows.append(("AGFSync", "Diffusion-DPO: VAE posteriors (while notebook 13 trains)", encoded,
+                 encoded * SD15_POSTERIOR_BYTES, encoded * SD15_POSTERIOR_BYTES,
+                 "mean and std of each training image's latent in float32 (128 kB); the folder goes once every "
+                 "model is trained"))
     resume = SD15_UNET_PARAMS * 4 * 3  # fp32 weights + AdamW's two fp32 moments; only the newest is kept
     rows.append(("AGFSync", "Diffusion-DPO resume point (newest only)", 0, resume, resume,
                  "SD 1.5 UNet in fp32 + AdamW state"))
@@ -321,7 +338,8 @@ def _flop_seconds(unit: str) -> dict[str, float] | None:
             "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
             "train_token_full": 6 * LLAMA7B_PARAMS, "train_token_full_2b": 6 * INTERNVL2_2B_PARAMS,
             "forward_token_2b": 2 * INTERNVL2_2B_PARAMS,  # no weight gradients; the head rows' are negligible
-            "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12}.get(unit)  # winner + loser, + the reference's forwards
+            "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12,  # winner + loser, + the reference's forwards
+            "vae_encode": SD15_VAE_ENCODE_FLOP}.get(unit)
     if flop is None:
         return None
     return {path: flop / (H100_BF16_PEAK * share) for path, share in UTILISATION.items()}
@@ -397,9 +415,10 @@ def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[s
     rows = []
     for work in paper_work(table2_seeds):
         cost = costs[work.unit]
+        naive_count = work.count if work.naive_count is None else work.naive_count
         rows.append({"method": work.method, "stage": work.stage, "part": work.part, "unit": work.unit,
-                     "count": int(work.count),
-                     "naive GPU-h": work.count * cost["naive"] / 3600,
+                     "count": int(work.count), "naive count": int(naive_count),
+                     "naive GPU-h": naive_count * cost["naive"] / 3600,
                      "project GPU-h": work.count * cost["project"] / 3600,
                      "count basis": work.basis, "cost source": cost["source"],
                      "estimated": cost["label"] == ESTIMATE_LABEL})

@@ -272,10 +272,14 @@ def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
     variants = {"naive": dict(train_batch_size=1, mixed_precision="no", gradient_checkpointing=False),
                 "project": dict(train_batch_size=plan["pairs"], mixed_precision="bf16" if _on_cuda(device) else "no",
                                 gradient_checkpointing=True)}
+    # the unit is a pair from its latents: both paths read the posteriors the warm-up step encoded, and the cost
+    # model counts the VAE encodes apart (the plain path encodes every pair it uses, the project each image once)
+    posteriors = tempfile.TemporaryDirectory(prefix="dpo-posteriors-")
     for name, options in variants.items():
         pipeline = copy.deepcopy(base)
         trainer = DiffusionDPOTrainer(pipeline, DiffusionDPOConfig(resolution=side, max_steps=plan["steps"],
-                                                                   output_dir=tempfile.gettempdir(), **options), rows)
+                                                                   output_dir=tempfile.gettempdir(),
+                                                                   posterior_cache=posteriors.name, **options), rows)
         per_forward = options["train_batch_size"]
 
         def step() -> int:
@@ -289,8 +293,10 @@ def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
 
         paths.append(time_path(name, step, device, warmup=step, settings={**options, "pairs_per_step": len(rows)}))
         del trainer, pipeline
+    posteriors.cleanup()
     return row("dpo_step", "s/step", {"resolution": side, **plan}, paths,
-               "one AdamW step of Diffusion-DPO on the UNet against a frozen copy (helpers.diffusion_dpo)")
+               "one AdamW step of Diffusion-DPO on the UNet against a frozen copy (helpers.diffusion_dpo), the "
+               "images' VAE posteriors read from the cache the warm-up step filled")
 
 
 # -------------------------------------------------------------------------------------- (f) VQA scoring
