@@ -114,7 +114,21 @@ def main(out: Path, llm: str) -> None:
     reread = FidFeatures(ctx.model_path("clip"), image_size=32, store=fid_store)
     fid_reread = bool(np.array_equal(reread.rows([g.key for g in generated]), fid_rows)) and reread.extracted == 0
     agent = Agent.load(llm)
+    from helpers import speed
+
+    decoded: list[dict] = []  # the batches this process's decoding calls ran, as prompt token lists, and the width
+    greedy = speed.greedy_decode
+
+    def recording_decode(model, prompts, *, batches=None, widest=None, **options):
+        planned = batches if batches is not None else speed.length_buckets([len(p) for p in prompts],
+                                                                           options["settings"].batch_size)
+        decoded.extend({"batch": [prompts[i] for i in chunk], "widest": widest or max(map(len, prompts))}
+                       for chunk in planned)
+        return greedy(model, prompts, batches=batches, widest=widest, **options)
+
+    speed.greedy_decode = recording_decode
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
+    speed.greedy_decode = greedy
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
@@ -195,7 +209,8 @@ def main(out: Path, llm: str) -> None:
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        {"in_memory": in_memory, "batches": batches, "fid_extracted": fid.extracted, "fid_reread": fid_reread,
+        {"in_memory": in_memory, "batches": batches, "decoded": decoded, "fid_extracted": fid.extracted,
+         "fid_reread": fid_reread,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))

@@ -214,6 +214,10 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert alone["batches"] == [[0, 1], [2, 3], [4], [5]]
     assert [s["batches"] for s in split] == [[[0, 1], [2, 3]], [[4], [5]]]
     assert (alone["in_memory"], alone["fid_extracted"]) == (6, 6)
+    # API calls too: 6 prompts in 3 length buckets of 2, decoded as one process batches them, with its cache width
+    assert len(alone["decoded"]) == 3 and all(len(d["batch"]) == 2 for d in alone["decoded"])
+    assert sorted(split[0]["decoded"] + split[1]["decoded"], key=str) == sorted(alone["decoded"], key=str)
+    assert split[0]["decoded"] and split[1]["decoded"]  # both processes decoded
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn

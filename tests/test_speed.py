@@ -100,6 +100,29 @@ def test_static_cache_decoding_sizes_every_batch_for_the_longest_prompt(lm):
     assert out == plain
 
 
+def test_a_share_of_a_call_decodes_the_batches_and_cache_width_it_is_given(lm):
+    """A process decoding its share of a multi-process call gets the call's batches and widest prompt: it decodes
+    those batches, with a cache sized for the whole call's widest prompt, and the tokens stay each prompt's own."""
+    model, tokenizer = models.load_causal_lm(lm[0].name_or_path)
+    prompts = [[7] * 5, [8] * 20, [9] * 37]
+    settings = speed.DecodeSettings(2, static_cache=True, bucket=16)
+    seen, hook = _cache_lengths(model)
+    generate, batch_rows = model.generate, []
+    model.generate = lambda **kwargs: batch_rows.append(int(kwargs["input_ids"].shape[0])) or generate(**kwargs)
+    try:
+        shared = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
+                                     settings=settings, batches=[[2], [0, 1]], widest=60)
+    finally:
+        hook.remove()
+        del model.generate
+    assert batch_rows == [1, 2]  # its own buckets would have been [0, 1] then [2]
+    assert set(seen) == {64 + 6}  # 60 rounds up to 64 in buckets of 16; its own widest (37) would give 48 + 6
+    alone = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
+                                settings=speed.DecodeSettings(1))
+    strip = lambda tokens: [t for t in tokens if t != tokenizer.pad_token_id]  # noqa: E731
+    assert [strip(t) for t in shared] == [strip(t) for t in alone]
+
+
 @pytest.mark.slow
 def test_compiled_decoding_compiles_once_for_many_prompt_widths(lm):
     """`-m slow` (torch.compile on the CPU, ~20 s): 12 prompt widths, one graph, past torch's recompile limit of 8

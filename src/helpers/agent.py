@@ -7,6 +7,7 @@ model's identity, the prompt and the decoding settings, so each is decoded once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +135,25 @@ class Agent:
         the files) may differ from the main one's, so only prompt texts and positions cross between processes.
         """
         from .distributed import broadcast_from_main, is_main_process, map_sharded
+        from .speed import length_buckets
 
-        prompts = list(dict.fromkeys(todo.values()))
-        pairs = map_sharded(lambda share: list(self._decode({p: p for p in share}, max_new_tokens, batch_size,
-                                                            progress).items()), prompts)
+        # the batches one process would decode, shared out whole, with one static cache width for all: each
+        # prompt is decoded in the batch, and so with the padding, it gets on one process
+        prompts = broadcast_from_main(list(todo.values()))
+        encoded = [chat_prompt(self.tokenizer, prompt) for prompt in prompts]
+        widest = max((len(tokens) for tokens in encoded), default=1)
+
+        def here(share: list[list[int]]) -> list[list[tuple[str, str]]]:
+            flat = [position for batch in share for position in batch]
+            local = [list(range(start, start + len(batch)))
+                     for start, batch in zip(itertools.accumulate([0] + [len(b) for b in share]), share)]
+            texts = self._decode_tokens([encoded[p] for p in flat], max_new_tokens, batch_size, progress,
+                                        batches=local, widest=widest)
+            answered = iter(zip((prompts[p] for p in flat), texts))
+            return [[next(answered) for _ in batch] for batch in share]
+
+        pairs = [pair for batch in map_sharded(here, length_buckets([len(t) for t in encoded], batch_size))
+                 for pair in batch]
         final = None
         if is_main_process():
             by_prompt = dict(pairs)
@@ -149,19 +165,23 @@ class Agent:
         return broadcast_from_main(final)
 
     def _decode(self, todo: dict[str, str], max_new_tokens: int, batch_size: int, progress: bool) -> dict[str, str]:
+        keys = list(todo)
+        encoded = [chat_prompt(self.tokenizer, todo[key]) for key in keys]
+        return dict(zip(keys, self._decode_tokens(encoded, max_new_tokens, batch_size, progress)))
+
+    def _decode_tokens(self, encoded: list[list[int]], max_new_tokens: int, batch_size: int, progress: bool,
+                       **plan) -> list[str]:
+        """The agent's text after each encoded prompt (`plan`: `batches` and `widest` of `speed.greedy_decode`)."""
         from tqdm.auto import tqdm
 
         from .speed import DecodeSettings, greedy_decode
 
-        keys = list(todo)
-        encoded = [chat_prompt(self.tokenizer, todo[key]) for key in keys]
         settings = self.decode_settings or DecodeSettings.auto(self.model.device, batch_size)
         settings = dataclasses.replace(settings, batch_size=batch_size)
-        with tqdm(total=len(keys), desc="API calls", unit="prompt", disable=not progress) as bar:
+        with tqdm(total=len(encoded), desc="API calls", unit="prompt", disable=not progress) as bar:
             tokens = greedy_decode(self.model, encoded, pad_id=_pad_id(self.tokenizer), max_new_tokens=max_new_tokens,
-                                   settings=settings, progress=bar.update)
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return {key: text.strip() for key, text in zip(keys, texts)}
+                                   settings=settings, progress=bar.update, **plan)
+        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def default_agent_path(runs_dir: Path) -> Path:
