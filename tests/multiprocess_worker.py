@@ -128,6 +128,17 @@ def main(out: Path, llm: str) -> None:
 
     speed.greedy_decode = recording_decode
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)
+    # the local text backend (the small profile's): 5 chats in batches of 2, greedy and sampled, shared out whole
+    from helpers import textgen
+
+    local = textgen.make_generator("transformers", model_path=llm, batch_size=2)
+    chats = [[{"role": "user", "content": f"describe {thing}"}] for thing in
+             ("a cat", "a lighthouse at dusk in winter", "a dog", "a boat on a grey sea at dawn", "a castle")]
+    decoded_before = len(decoded)
+    local_replies = {"greedy": local.generate(chats, max_new_tokens=5),
+                     "sampled": local.generate(chats, max_new_tokens=5, temperature=1.0, seed=4)}
+    local_rows = sum(len(d["batch"]) for d in decoded[decoded_before:])
+    del decoded[decoded_before:]
     speed.greedy_decode = greedy
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
@@ -209,7 +220,8 @@ def main(out: Path, llm: str) -> None:
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
-        {"in_memory": in_memory, "batches": batches, "decoded": decoded, "fid_extracted": fid.extracted,
+        {"in_memory": in_memory, "batches": batches, "decoded": decoded, "local_replies": local_replies,
+         "local_rows": local_rows, "fid_extracted": fid.extracted,
          "fid_reread": fid_reread,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],

@@ -218,6 +218,11 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert len(alone["decoded"]) == 3 and all(len(d["batch"]) == 2 for d in alone["decoded"])
     assert sorted(split[0]["decoded"] + split[1]["decoded"], key=str) == sorted(alone["decoded"], key=str)
     assert split[0]["decoded"] and split[1]["decoded"]  # both processes decoded
+    # the local text backend: each process decoded its share of the 10 chats (5 greedy, 5 sampled), and every
+    # process has every reply, sampled ones too, as one process writes them
+    assert alone["local_rows"] == 10 and [s["local_rows"] for s in split] in ([6, 4], [4, 6])
+    assert split[0]["local_replies"] == split[1]["local_replies"] == alone["local_replies"]
+    assert alone["local_replies"]["sampled"] != alone["local_replies"]["greedy"]
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn

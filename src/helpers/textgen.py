@@ -165,13 +165,20 @@ class TransformersGenerator(TextGenerator):
 
     def generate(self, messages_batch: list[list[dict]], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
-        """Greedy when `temperature` is 0, else sampling seeded once with `seed` before the first batch."""
+        """Greedy when `temperature` is 0, else sampling, each batch seeded by `seed` and its place in length order.
+
+        Under a multi-process launch the batches are shared out whole (the main process's conversations, batched
+        as one process batches them, with one static cache width), so each process decodes its share and the
+        replies, sampled ones too, do not depend on how many processes there are.
+        """
         import dataclasses
 
         import torch
 
-        from .speed import DecodeSettings, greedy_decode
+        from .distributed import broadcast_from_main, map_sharded
+        from .speed import DecodeSettings, greedy_decode, length_buckets
 
+        messages_batch = broadcast_from_main(messages_batch)
         openings = [opening(m) for m in messages_batch]
         # a final assistant message is continued in place (the chat template leaves its turn open); the template
         # already writes any BOS token, so the tokenizer adds no special tokens of its own
@@ -180,13 +187,27 @@ class TransformersGenerator(TextGenerator):
                        continue_final_message=bool(lead)), add_special_tokens=False)["input_ids"]
                    for m, lead in zip(messages_batch, openings)]
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
-        if sampling:
-            torch.manual_seed(seed)
         settings = dataclasses.replace(self.decode_settings or DecodeSettings.auto(self.model.device),
                                        batch_size=self.batch_size)
-        with tqdm(total=len(prompts), desc="generating", unit="chat") as bar:
-            tokens = greedy_decode(self.model, prompts, pad_id=self.tokenizer.pad_token_id,
-                                   max_new_tokens=max_new_tokens, settings=settings, progress=bar.update, **sampling)
+        widest = max((len(p) for p in prompts), default=1)
+
+        def here(share: list[tuple[int, list[int]]]) -> list[list[list[int]]]:
+            found = []
+            with tqdm(total=sum(len(batch) for _, batch in share), desc="generating", unit="chat") as bar:
+                for number, batch in share:
+                    if sampling:  # a batch's samples depend on its own seed, not on what was decoded before it
+                        torch.manual_seed(seed * 1_000_003 + number)
+                    found.append(greedy_decode(self.model, [prompts[i] for i in batch],
+                                               pad_id=self.tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                                               settings=settings, progress=bar.update,
+                                               batches=[list(range(len(batch)))], widest=widest, **sampling))
+            return found
+
+        batches = length_buckets([len(p) for p in prompts], self.batch_size)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for batch, found in zip(batches, map_sharded(here, list(enumerate(batches)))):
+            for index, row in zip(batch, found):
+                tokens[index] = row
         return [(lead + text).strip() if lead else text.strip()
                 for lead, text in zip(openings, self.tokenizer.batch_decode(tokens, skip_special_tokens=True))]
 
