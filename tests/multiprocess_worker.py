@@ -140,6 +140,14 @@ def main(out: Path, llm: str) -> None:
     local_rows = sum(len(d["batch"]) for d in decoded[decoded_before:])
     del decoded[decoded_before:]
     speed.greedy_decode = greedy
+    # ChatGen's replies (its three stages and the baselines answer chats this way), from a text-only chat model
+    from helpers.chatgen.evo import _generate
+    from helpers.chatgen.vlm import load_chat_model
+
+    chat_model, chat_rows = load_chat_model(llm, "cpu"), []
+    chat_generate = chat_model.generate
+    chat_model.generate = lambda chats, **kw: chat_rows.append(len(chats)) or chat_generate(chats, **kw)
+    chat_replies = _generate(chat_model, chats, [None] * len(chats), 5, 2, "chats", False)
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
@@ -221,7 +229,8 @@ def main(out: Path, llm: str) -> None:
     (out / f"drawn_world{world_size}_rank{rank}.txt").write_text(str(executor.stats["generated"]))
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
         {"in_memory": in_memory, "batches": batches, "decoded": decoded, "local_replies": local_replies,
-         "local_rows": local_rows, "fid_extracted": fid.extracted,
+         "local_rows": local_rows, "chat_replies": chat_replies, "chat_rows": chat_rows,
+         "fid_extracted": fid.extracted,
          "fid_reread": fid_reread,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],

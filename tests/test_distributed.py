@@ -223,6 +223,10 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert alone["local_rows"] == 10 and [s["local_rows"] for s in split] in ([6, 4], [4, 6])
     assert split[0]["local_replies"] == split[1]["local_replies"] == alone["local_replies"]
     assert alone["local_replies"]["sampled"] != alone["local_replies"]["greedy"]
+    # ChatGen's chat replies: 3 length batches (2, 2, 1), each answered whole on one process, the same replies
+    assert sorted(alone["chat_rows"]) == [1, 2, 2] and sorted(split[0]["chat_rows"] + split[1]["chat_rows"]) == [1, 2, 2]
+    assert split[0]["chat_rows"] and split[1]["chat_rows"]
+    assert split[0]["chat_replies"] == split[1]["chat_replies"] == alone["chat_replies"]
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn

@@ -370,21 +370,32 @@ def _generate(chat_model, conversations: list, images: list, max_new_tokens: int
               progress: bool) -> list[str]:
     """Greedy replies in input order, `batch_size` chats per `generate` call, with a progress bar over the batches.
 
-    Chats of similar length share a batch (a one-line request is not padded out to a long history's width).
+    Chats of similar length share a batch (a one-line request is not padded out to a long history's width). Under
+    a multi-process launch the batches are shared out whole, so each process answers its share and every reply
+    comes from the batch one process would put it in.
     """
     from tqdm.auto import tqdm
 
+    from ..distributed import map_sharded
     from ..speed import length_buckets
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
+
+    def here(share: list[list[int]]) -> list[list[str]]:
+        found = []
+        for chunk in tqdm(share, desc=desc, disable=not progress):
+            texts = chat_model.generate([conversations[i] for i in chunk], images=[images[i] for i in chunk],
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+            if len(texts) != len(chunk):
+                raise RuntimeError(f"{len(texts)} replies for {len(chunk)} chats")
+            found.append(texts)
+        return found
+
     replies: list[str | None] = [None] * len(conversations)
     lengths = [sum(len(str(message.get("content") or "")) for message in chat) for chat in conversations]
-    for chunk in tqdm(length_buckets(lengths, batch_size), desc=desc, disable=not progress):
-        texts = chat_model.generate([conversations[i] for i in chunk], images=[images[i] for i in chunk],
-                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if len(texts) != len(chunk):
-            raise RuntimeError(f"{len(texts)} replies for {len(chunk)} chats")
+    batches = length_buckets(lengths, batch_size)
+    for chunk, texts in zip(batches, map_sharded(here, batches)):
         for i, text in zip(chunk, texts):
             replies[i] = text
     return replies  # type: ignore[return-value]
