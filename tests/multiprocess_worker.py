@@ -119,12 +119,12 @@ def main(out: Path, llm: str) -> None:
     decoded: list[dict] = []  # the batches this process's decoding calls ran, as prompt token lists, and the width
     greedy = speed.greedy_decode
 
-    def recording_decode(model, prompts, *, batches=None, widest=None, **options):
+    def recording_decode(model, prompts, *, batches=None, **options):
         planned = batches if batches is not None else speed.length_buckets([len(p) for p in prompts],
                                                                            options["settings"].batch_size)
-        decoded.extend({"batch": [prompts[i] for i in chunk], "widest": widest or max(map(len, prompts))}
+        decoded.extend({"batch": [prompts[i] for i in chunk], "widest": max(map(len, prompts))}
                        for chunk in planned)
-        return greedy(model, prompts, batches=batches, widest=widest, **options)
+        return greedy(model, prompts, batches=batches, **options)
 
     speed.greedy_decode = recording_decode
     texts = agent.api_calls(prompts + ["a red bicycle"], max_new_tokens=12, batch_size=2, progress=False)

@@ -101,26 +101,28 @@ def test_static_cache_decoding_sizes_every_batch_for_the_longest_prompt(lm):
 
 
 def test_a_share_of_a_call_decodes_the_batches_and_cache_width_it_is_given(lm):
-    """A process decoding its share of a multi-process call gets the call's batches and widest prompt: it decodes
-    those batches, with a cache sized for the whole call's widest prompt, and the tokens stay each prompt's own."""
+    """A process decoding its share of a multi-process call gets all the call's prompts and its share of the
+    batches: it decodes only those batches, as given, with a cache sized for the whole call's widest prompt, and
+    the tokens stay each prompt's own."""
     model, tokenizer = models.load_causal_lm(lm[0].name_or_path)
-    prompts = [[7] * 5, [8] * 20, [9] * 37]
+    prompts = [[7] * 5, [8] * 20, [9] * 37, [6] * 60]
     settings = speed.DecodeSettings(2, static_cache=True, bucket=16)
     seen, hook = _cache_lengths(model)
     generate, batch_rows = model.generate, []
     model.generate = lambda **kwargs: batch_rows.append(int(kwargs["input_ids"].shape[0])) or generate(**kwargs)
     try:
         shared = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
-                                     settings=settings, batches=[[2], [0, 1]], widest=60)
+                                     settings=settings, batches=[[2], [0, 1]])  # not the 4th prompt
     finally:
         hook.remove()
         del model.generate
-    assert batch_rows == [1, 2]  # its own buckets would have been [0, 1] then [2]
-    assert set(seen) == {64 + 6}  # 60 rounds up to 64 in buckets of 16; its own widest (37) would give 48 + 6
+    assert batch_rows == [1, 2]  # its own buckets would have been [0, 1] then [2, 3]
+    assert set(seen) == {64 + 6}  # the 4th prompt (60 → 64 in buckets of 16) sizes it; the decoded ones give 48
+    assert shared[3] is None  # not in the batches: not decoded
     alone = speed.greedy_decode(model, prompts, pad_id=tokenizer.pad_token_id, max_new_tokens=6,
                                 settings=speed.DecodeSettings(1))
     strip = lambda tokens: [t for t in tokens if t != tokenizer.pad_token_id]  # noqa: E731
-    assert [strip(t) for t in shared] == [strip(t) for t in alone]
+    assert [strip(t) for t in shared[:3]] == [strip(t) for t in alone[:3]]
 
 
 @pytest.mark.slow

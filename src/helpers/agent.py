@@ -7,7 +7,6 @@ model's identity, the prompt and the decoding settings, so each is decoded once.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,20 +136,14 @@ class Agent:
         from .distributed import broadcast_from_main, is_main_process, map_sharded
         from .speed import length_buckets
 
-        # the batches one process would decode, shared out whole, with one static cache width for all: each
-        # prompt is decoded in the batch, and so with the padding, it gets on one process
+        # the batches one process would decode, shared out whole: each process decodes its share of them among all
+        # the prompts (so with the whole call's cache width), each prompt in the batch it gets on one process
         prompts = broadcast_from_main(list(todo.values()))
         encoded = [chat_prompt(self.tokenizer, prompt) for prompt in prompts]
-        widest = max((len(tokens) for tokens in encoded), default=1)
 
         def here(share: list[list[int]]) -> list[list[tuple[str, str]]]:
-            flat = [position for batch in share for position in batch]
-            local = [list(range(start, start + len(batch)))
-                     for start, batch in zip(itertools.accumulate([0] + [len(b) for b in share]), share)]
-            texts = self._decode_tokens([encoded[p] for p in flat], max_new_tokens, batch_size, progress,
-                                        batches=local, widest=widest)
-            answered = iter(zip((prompts[p] for p in flat), texts))
-            return [[next(answered) for _ in batch] for batch in share]
+            texts = self._decode_tokens(encoded, max_new_tokens, batch_size, progress, batches=share)
+            return [[(prompts[p], texts[p]) for p in batch] for batch in share]
 
         pairs = [pair for batch in map_sharded(here, length_buckets([len(t) for t in encoded], batch_size))
                  for pair in batch]
@@ -170,18 +163,24 @@ class Agent:
         return dict(zip(keys, self._decode_tokens(encoded, max_new_tokens, batch_size, progress)))
 
     def _decode_tokens(self, encoded: list[list[int]], max_new_tokens: int, batch_size: int, progress: bool,
-                       **plan) -> list[str]:
-        """The agent's text after each encoded prompt (`plan`: `batches` and `widest` of `speed.greedy_decode`)."""
+                       batches: list[list[int]] | None = None) -> list[str | None]:
+        """The agent's text after each encoded prompt; with `batches` (see `speed.greedy_decode`) only theirs."""
         from tqdm.auto import tqdm
 
         from .speed import DecodeSettings, greedy_decode
 
         settings = self.decode_settings or DecodeSettings.auto(self.model.device, batch_size)
         settings = dataclasses.replace(settings, batch_size=batch_size)
-        with tqdm(total=len(encoded), desc="API calls", unit="prompt", disable=not progress) as bar:
+        total = len(encoded) if batches is None else sum(map(len, batches))
+        with tqdm(total=total, desc="API calls", unit="prompt", disable=not progress) as bar:
             tokens = greedy_decode(self.model, encoded, pad_id=_pad_id(self.tokenizer), max_new_tokens=max_new_tokens,
-                                   settings=settings, progress=bar.update, **plan)
-        return [text.strip() for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+                                   settings=settings, progress=bar.update, batches=batches)
+        decoded = [i for i, row in enumerate(tokens) if row is not None]
+        found = self.tokenizer.batch_decode([tokens[i] for i in decoded], skip_special_tokens=True)
+        texts: list[str | None] = [None] * len(encoded)
+        for i, text in zip(decoded, found):
+            texts[i] = text.strip()
+        return texts
 
 
 def default_agent_path(runs_dir: Path) -> Path:

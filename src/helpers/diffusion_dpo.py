@@ -661,7 +661,6 @@ class PosteriorCache:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         self.folder = Path(root) / f"vae-{digest.hexdigest()[:20]}-{resolution}px"
-        self.written = 0
 
     @staticmethod
     def key(pixels: torch.Tensor) -> str:
@@ -692,7 +691,6 @@ class PosteriorCache:
         part = path.with_name(f".{path.name}.{os.getpid()}.part")  # processes may write the same image at once
         save_file({"mean": mean.detach().cpu().contiguous(), "std": std.detach().cpu().contiguous()}, str(part))
         os.replace(part, path)
-        self.written += 1
 
 
 def _newest_checkpoint(folder: Path) -> Path | None:

@@ -66,7 +66,7 @@ def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, device) -> 
 
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_new_tokens: int,
                   settings: DecodeSettings | None = None, progress=None, batches: Sequence[Sequence[int]] | None = None,
-                  widest: int | None = None, **generate_kwargs) -> list[list[int]]:
+                  **generate_kwargs) -> list[list[int]]:
     """The new tokens `model` writes greedily after each prompt (token ids in, token ids out, input order kept).
 
     Prompts are decoded in length-sorted batches padded to a multiple of `settings.bucket`, with one static cache
@@ -75,9 +75,10 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
     captured once and replayed for the rest of the run. `progress` is called with the batch size after each.
     `generate_kwargs` go to `generate` last, so `do_sample=True, temperature=...` samples instead (seed first).
 
-    `batches` (positions into `prompts`) and `widest` (the longest prompt the static cache must hold) replace the
-    call's own length buckets and longest prompt: a process decoding its share of a multi-process call passes
-    those of the whole call, so each batch is decoded exactly as one process decodes it.
+    `batches` (positions into `prompts`): decode only these batches, as given, and leave None for the prompts
+    they do not name. The cache is still sized for the longest of all `prompts`, so a process decoding its share
+    of a multi-process call (the whole call's prompts, its share of the whole call's buckets) decodes each batch
+    exactly as one process decodes it.
     """
     settings = settings or DecodeSettings()
     options: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
@@ -86,8 +87,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
         options["cache_implementation"] = "static"
         # one cache length for every batch: a cache sized per batch changes the compiled decoding step's shapes, so
         # each new prompt width compiled again, and past torch's recompile limit (8) the rest of the run ran eagerly
-        longest = widest if widest is not None else max((len(p) for p in prompts), default=1)
-        options["max_cache_len"] = padded_width(longest, settings.bucket) + max_new_tokens
+        options["max_cache_len"] = padded_width(max((len(p) for p in prompts), default=1), settings.bucket) \
+            + max_new_tokens
     compiled = settings.compile and settings.compile_error is None
     if compiled:
         from transformers import CompileConfig

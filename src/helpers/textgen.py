@@ -189,18 +189,16 @@ class TransformersGenerator(TextGenerator):
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         settings = dataclasses.replace(self.decode_settings or DecodeSettings.auto(self.model.device),
                                        batch_size=self.batch_size)
-        widest = max((len(p) for p in prompts), default=1)
-
         def here(share: list[tuple[int, list[int]]]) -> list[list[list[int]]]:
             found = []
             with tqdm(total=sum(len(batch) for _, batch in share), desc="generating", unit="chat") as bar:
                 for number, batch in share:
                     if sampling:  # a batch's samples depend on its own seed, not on what was decoded before it
                         torch.manual_seed(seed * 1_000_003 + number)
-                    found.append(greedy_decode(self.model, [prompts[i] for i in batch],
-                                               pad_id=self.tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                                               settings=settings, progress=bar.update,
-                                               batches=[list(range(len(batch)))], widest=widest, **sampling))
+                    tokens = greedy_decode(self.model, prompts, pad_id=self.tokenizer.pad_token_id,
+                                           max_new_tokens=max_new_tokens, settings=settings, progress=bar.update,
+                                           batches=[batch], **sampling)
+                    found.append([tokens[i] for i in batch])
             return found
 
         batches = length_buckets([len(p) for p in prompts], self.batch_size)
