@@ -148,6 +148,27 @@ def main(out: Path, llm: str) -> None:
     chat_generate = chat_model.generate
     chat_model.generate = lambda chats, **kw: chat_rows.append(len(chats)) or chat_generate(chats, **kw)
     chat_replies = _generate(chat_model, chats, [None] * len(chats), 5, 2, "chats", False)
+    # ChatGen stage 2 (ModelTokens) on the 5 chats: training runs each process's share of every step's contexts
+    # through the frozen LM, and every process takes the same step; selection shares out whole length batches
+    from helpers import models
+    from helpers.chatgen import model_tokens
+
+    token_lm, token_tokenizer = models.load_causal_lm(llm)
+    token_rows: list[int] = []
+    token_lm.register_forward_pre_hook(lambda _, args, kwargs: token_rows.append(len(kwargs["input_ids"])),
+                                       with_kwargs=True)
+    names = ["AlphaMix", "BetaReal", "GammaOil"]
+    contexts = [{"messages": chat, "prompt": f"prompt {i}", "model": names[i % 3]} for i, chat in enumerate(chats)]
+    head = model_tokens.ModelTokenHead(token_lm, names, token_tokenizer)
+    head_before = head.rows.tolist()
+    token_log = model_tokens.train_model_tokens(head, token_tokenizer, contexts, steps=3, lr=0.05, batch_size=4,
+                                                seed=0, progress=False)
+    token_trained_rows, select_batches = sum(token_rows), []
+    choose = model_tokens._greedy_choice
+    model_tokens._greedy_choice = lambda head, ids, *rest: select_batches.append(len(ids)) or choose(head, ids, *rest)
+    selected = model_tokens.select_models(head, token_tokenizer, contexts, max_new_tokens=2, batch_size=2,
+                                          return_written=True)
+    model_tokens._greedy_choice = choose
     proposals = propose(agent, prompts[:3], num_samples=2, num_beams=2, num_beam_groups=2, diversity_penalty=1.0,
                         max_new_tokens=8, batch_size=2, progress=False)  # RRHF candidates: sampled + diverse beams
 
@@ -230,6 +251,9 @@ def main(out: Path, llm: str) -> None:
     (out / f"shares_world{world_size}_rank{rank}.json").write_text(json.dumps(
         {"in_memory": in_memory, "batches": batches, "decoded": decoded, "local_replies": local_replies,
          "local_rows": local_rows, "chat_replies": chat_replies, "chat_rows": chat_rows,
+         "token_trained_rows": token_trained_rows, "token_log": token_log, "token_head": head.rows.tolist(),
+         "token_head_before": head_before,
+         "select_batches": select_batches, "selected": selected,
          "fid_extracted": fid.extracted,
          "fid_reread": fid_reread,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),

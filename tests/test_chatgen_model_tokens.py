@@ -1,7 +1,9 @@
 """ChatGen-Evo stage 2 (ModelTokens) on a tiny random Llama: the freeze, learning, greedy selection, save/load."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,6 +107,49 @@ def test_head_rows_and_logits(lm):
     loss = model_selection_loss(head, batch)
     expected = torch.nn.functional.cross_entropy(logits[:, -1], batch["labels"] + head.vocab_size)
     assert torch.allclose(loss, expected)
+
+
+def test_the_loss_from_two_vocabulary_numbers_is_the_cross_entropy_over_every_logit():
+    """Hand-worked: hidden e0, model logits m = [3, 0.5, -1], vocabulary logits [1, 2, 0] (logsumexp, max 2)."""
+    rows = torch.zeros(3, 4)
+    rows[:, 0] = torch.tensor([3.0, 0.5, -1.0])
+    lse = math.log(math.e ** 1 + math.e ** 2 + 1)
+    features = torch.tensor([[1.0, 0, 0, 0, lse, 2.0]] * 2 + [[1.0, 0, 0, 0, lse, 3.5]])
+    got = ModelTokenHead.selection_from_features(SimpleNamespace(rows=rows), features, torch.tensor([0, 1, 0]))
+    every = math.log(sum(math.e ** v for v in (1, 2, 0, 3, 0.5, -1)))
+    # per row: every - 3, every - 0.5 and (the same vocabulary sum) every - 3
+    assert got["loss"].item() == pytest.approx(((every - 3) * 2 + every - 0.5) / 3, rel=1e-6)
+    # row 0: 3 beats the vocabulary's 2 and is the right model; row 1: the wrong model; row 2: the vocabulary's 3.5
+    # wins, so greedy decoding writes a word first, though the model logits alone pick the right model
+    assert got["accuracy"].item() == pytest.approx(1 / 3) and got["model_accuracy"].item() == pytest.approx(2 / 3)
+
+
+def test_training_features_give_the_full_logits_loss_and_accuracy(lm):
+    """On the tiny LM, with rows that win for some contexts and not others: the loss and accuracies from
+    `context_features` equal those from the [vocab_size + models] logits greedy decoding reads."""
+    model, tokenizer = lm
+    examples = toy_examples()
+    head = ModelTokenHead(model, MODEL_NAMES, tokenizer)
+    batch = selection_batch(head, tokenizer, examples)
+    with torch.no_grad():
+        features = head.context_features(batch["input_ids"], batch["attention_mask"])
+        hidden = features[:, :-2]
+        # each model's row: the mean hidden state of its examples, scaled so the model token wins some contexts
+        for index, name in enumerate(MODEL_NAMES):
+            mine = [i for i, e in enumerate(examples) if e["model"] == name]
+            head.rows[index] = hidden[mine].mean(0) * 6.0 / hidden[mine].mean(0).norm()
+    assert features.shape == (len(examples), head.hidden_size + 2)
+    got = head.selection_from_features(features, batch["labels"])
+    with torch.no_grad():
+        logits = head(batch["input_ids"], batch["attention_mask"], logits_to_keep=1)[:, -1]
+        target = batch["labels"] + head.vocab_size
+        accuracy = (logits.argmax(-1) == target).float().mean().item()
+        model_accuracy = (logits[:, head.vocab_size:].argmax(-1) == batch["labels"]).float().mean().item()
+        assert got["loss"].item() == pytest.approx(model_selection_loss(head, batch).item(), rel=1e-5)
+    assert 0 < accuracy < 1  # both cases are there
+    assert (got["accuracy"].item(), got["model_accuracy"].item()) == pytest.approx((accuracy, model_accuracy))
+    got["loss"].backward()
+    assert head.rows.grad is not None and head.rows.grad.abs().sum() > 0
 
 
 def test_bad_inputs(lm):

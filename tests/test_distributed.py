@@ -227,6 +227,19 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert sorted(alone["chat_rows"]) == [1, 2, 2] and sorted(split[0]["chat_rows"] + split[1]["chat_rows"]) == [1, 2, 2]
     assert split[0]["chat_rows"] and split[1]["chat_rows"]
     assert split[0]["chat_replies"] == split[1]["chat_replies"] == alone["chat_replies"]
+    # ChatGen's ModelTokens: 3 steps of 4 of the 5 contexts; every context ran through the frozen LM once, on one
+    # process or the other, both processes took the same steps, and those are one process's steps
+    assert alone["token_trained_rows"] == 5 and sorted(s["token_trained_rows"] for s in split)[0] > 0
+    assert sum(s["token_trained_rows"] for s in split) == 5
+    assert split[0]["token_log"] == split[1]["token_log"] and split[0]["token_head"] == split[1]["token_head"]
+    for got, want in zip(split[0]["token_log"], alone["token_log"]):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(split[0]["token_head"], alone["token_head"], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.subtract(alone["token_head"], alone["token_head_before"])).max() > 1e-3  # the rows trained
+    # selection: 3 length batches (2, 2, 1), each decoded whole on one process, the same choices everywhere
+    assert sorted(alone["select_batches"]) == [1, 2, 2] and split[0]["select_batches"] and split[1]["select_batches"]
+    assert sorted(split[0]["select_batches"] + split[1]["select_batches"]) == [1, 2, 2]
+    assert split[0]["selected"] == split[1]["selected"] == alone["selected"]
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn

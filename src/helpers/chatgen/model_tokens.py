@@ -156,15 +156,37 @@ class ModelTokenHead(torch.nn.Module):
         return output.logits.to(self.rows.dtype), hidden.to(self.rows.dtype), output.past_key_values
 
     @torch.no_grad()
-    def context_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """What the frozen LM gives at the position after each context: vocabulary logits [batch, vocab_size] and
-        final hidden state [batch, hidden_size]. Neither depends on the rows, so training can reuse them."""
+    def context_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, hidden_size + 2]: what training needs of the frozen LM at the position after each context.
+
+        The final hidden state, then the logsumexp and the max of the vocabulary logits. The loss over vocabulary
+        + model tokens needs no more of the vocabulary than those two numbers (`selection_from_features`), and
+        none of it depends on the rows, so training keeps and shares these rows instead of [vocab_size] logits.
+        """
         vocab_logits, hidden, _ = self._lm(input_ids, attention_mask, None, logits_to_keep=1)
-        return vocab_logits[:, -1], hidden[:, -1]
+        last = vocab_logits[:, -1]
+        return torch.cat([hidden[:, -1], last.logsumexp(-1, keepdim=True), last.amax(-1, keepdim=True)], dim=-1)
 
     def logits_from_features(self, vocab_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over vocabulary + model tokens: the LM's own, then h @ rows.T."""
         return torch.cat([vocab_logits, hidden @ self.rows.T], dim=-1)
+
+    def selection_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stage 2's loss and accuracies from `context_features` rows, equal to those of the full logits.
+
+        With model logits m = h @ rows.T and target y, the cross-entropy over [vocabulary, m] is
+        logaddexp(logsumexp(vocabulary), logsumexp(m)) - m_y. Greedy decoding writes the target model token only
+        where m_y is the first largest model logit and beats every vocabulary logit (argmax keeps the first of
+        equal values, and the vocabulary comes first): that is `accuracy`; `model_accuracy` looks at m alone.
+        """
+        hidden, vocab_lse, vocab_max = features[:, :-2], features[:, -2], features[:, -1]
+        model_logits = hidden @ self.rows.T
+        target = model_logits.gather(1, labels[:, None])[:, 0]
+        loss = (torch.logaddexp(vocab_lse, model_logits.logsumexp(-1)) - target).mean()
+        with torch.no_grad():
+            right_model = model_logits.argmax(-1) == labels
+            return {"loss": loss, "accuracy": (right_model & (target > vocab_max)).float().mean(),
+                    "model_accuracy": right_model.float().mean()}
 
     # ------------------------------------------------------------------------------------ save / load
 
@@ -230,14 +252,10 @@ def _next_logits(head: ModelTokenHead, batch: Mapping[str, torch.Tensor]) -> tor
     return head(batch["input_ids"], batch["attention_mask"], logits_to_keep=1)[:, -1]
 
 
-def selection_loss_from_logits(next_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Cross-entropy of the target model token (id vocab_size + label) over vocabulary + model tokens."""
-    return torch.nn.functional.cross_entropy(next_logits.float(), labels + vocab_size)
-
-
 def model_selection_loss(head: ModelTokenHead, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Stage 2's loss: CE of the target model token at the position after the context."""
-    return selection_loss_from_logits(_next_logits(head, batch), batch["labels"], head.vocab_size)
+    """Stage 2's loss: CE of the target model token (id vocab_size + label) at the position after the context, over
+    the full logits (training computes the same from `context_features`)."""
+    return torch.nn.functional.cross_entropy(_next_logits(head, batch).float(), batch["labels"] + head.vocab_size)
 
 
 def train_model_tokens(head: ModelTokenHead, tokenizer, examples: Sequence[Mapping[str, Any]], *, steps: int = 100,
@@ -253,9 +271,9 @@ def train_model_tokens(head: ModelTokenHead, tokenizer, examples: Sequence[Mappi
     labels = torch.tensor([head.model_index(e["model"]) for e in examples])
     # Only the rows train, so a context's LM features never change. When examples come round again (more steps
     # than one epoch) and all their features fit in FEATURE_CACHE_BYTES, each context runs through the LM once.
-    feature_bytes = len(examples) * (head.vocab_size + head.hidden_size) * head.rows.element_size()
+    feature_bytes = len(examples) * (head.hidden_size + 2) * head.rows.element_size()
     reuse = steps * batch_size > len(examples) and feature_bytes <= FEATURE_CACHE_BYTES
-    features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    features: dict[int, torch.Tensor] = {}
     # weight decay 0 by default: decay would pull the rows (and so the model tokens' logits) towards zero
     optimizer = torch.optim.AdamW([head.rows], lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -268,23 +286,36 @@ def train_model_tokens(head: ModelTokenHead, tokenizer, examples: Sequence[Mappi
         chosen, order = order[:batch_size], order[batch_size:]
         missing = [i for i in dict.fromkeys(chosen) if i not in features]
         if missing:
-            batch = _left_padded([encoded[i] for i in missing], _pad_id(tokenizer), head.rows.device)
-            features.update(zip(missing, zip(*head.context_features(batch["input_ids"], batch["attention_mask"]))))
-        target = labels[chosen].to(head.rows.device)
-        next_logits = head.logits_from_features(torch.stack([features[i][0] for i in chosen]),
-                                                torch.stack([features[i][1] for i in chosen]))
+            features.update(zip(missing, _shared_features(head, tokenizer, encoded, missing)))
+        rows = torch.stack([features[i] for i in chosen])
         if not reuse:
             features.clear()
-        loss = selection_loss_from_logits(next_logits, target, head.vocab_size)
+        result = head.selection_from_features(rows, labels[chosen].to(head.rows.device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        result["loss"].backward()
         optimizer.step()
-        with torch.no_grad():
-            accuracy = (next_logits.argmax(-1) == target + head.vocab_size).float().mean().item()
-            model_accuracy = (next_logits[:, head.vocab_size:].argmax(-1) == target).float().mean().item()
-        log.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy, "model_accuracy": model_accuracy})
+        log.append({"step": step + 1, **{name: value.item() for name, value in result.items()}})
     head.eval()
     return log
+
+
+def _shared_features(head: ModelTokenHead, tokenizer, encoded: Sequence[list[int]],
+                     wanted: Sequence[int]) -> list[torch.Tensor]:
+    """`context_features` of the contexts `encoded[i]` for i in `wanted`, on the rows' device. Under a launch each
+    process runs one cost-balanced run of them (longest first, so each run pads little) through the LM, and
+    every process gets every row: each then takes the same optimiser step, as data-parallel training would."""
+    from ..distributed import launched_world_size, map_sharded
+
+    apart = launched_world_size() > 1
+
+    def here(share: list[int]) -> list[torch.Tensor]:
+        batch = _left_padded([encoded[i] for i in share], _pad_id(tokenizer), head.rows.device)
+        rows = head.context_features(batch["input_ids"], batch["attention_mask"])
+        return list(rows.cpu() if apart else rows)  # the rows travel between processes as CPU tensors
+
+    by_length = sorted(wanted, key=lambda i: -len(encoded[i]))
+    found = dict(zip(by_length, map_sharded(here, by_length, cost=lambda i: len(encoded[i]))))
+    return [found[i].to(head.rows.device) for i in wanted]
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -352,16 +383,28 @@ def select_models(head: ModelTokenHead, tokenizer, contexts: Sequence[Mapping[st
     wrote before its model token) pairs."""
     if max_new_tokens < 0 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and batch_size={batch_size} >= 1")
+    from ..distributed import map_sharded
+    from ..speed import length_buckets
+
     head.eval()
     eos_ids = _eos_ids(head, tokenizer)
-    results: list[Any] = []
-    for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start:start + batch_size]
-        batch = _left_padded([context_ids(tokenizer, c) for c in chunk], _pad_id(tokenizer), head.rows.device)
-        choice, written = _greedy_choice(head, batch["input_ids"], batch["attention_mask"], max_new_tokens, eos_ids)
-        for index, tokens in zip(choice, written):
+    encoded = [context_ids(tokenizer, c) for c in contexts]
+
+    def here(share: list[list[int]]) -> list[list[tuple[int, list[int]]]]:
+        found = []
+        for chunk in share:
+            batch = _left_padded([encoded[i] for i in chunk], _pad_id(tokenizer), head.rows.device)
+            found.append(list(zip(*_greedy_choice(head, batch["input_ids"], batch["attention_mask"],
+                                                  max_new_tokens, eos_ids))))
+        return found
+
+    # contexts of like length batched together; under a launch each process decodes its share of whole batches
+    batches = length_buckets([len(ids) for ids in encoded], batch_size)
+    results: list[Any] = [None] * len(contexts)
+    for chunk, picks in zip(batches, map_sharded(here, batches)):
+        for i, (index, tokens) in zip(chunk, picks):
             name = head.model_names[index]
-            results.append((name, tokenizer.decode(tokens)) if return_written else name)
+            results[i] = (name, tokenizer.decode(tokens)) if return_written else name
     return results
 
 
