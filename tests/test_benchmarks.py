@@ -102,10 +102,13 @@ def test_committed_results_files_load():
 
 # ------------------------------------------------------------------------------------------ cost model
 
-def _gpu_document() -> dict:
+H100 = "NVIDIA H100 80GB HBM3"  # the name torch gives an H100 SXM
+
+
+def _gpu_document(name: str = H100) -> dict:
     timing = lambda seconds: {"seconds_per_unit": seconds, "units": 1}  # noqa: E731
     plain = ["naive", "project"]
-    return {"schema": 1, "size": "full", "device": {"device": "cuda", "name": "Test GPU"}, "benchmarks": [
+    return {"schema": 1, "size": "full", "device": {"device": "cuda", "name": name}, "benchmarks": [
         {"name": "api_generation", "unit": "s/API", "shapes": {}, "ratio": 500.0, "ratios": {}, "headline": plain,
          "paths": {"naive": timing(4.0), "batched_generate": timing(0.02), "project": timing(0.008)}},
         {"name": "image_generation", "unit": "s/image", "shapes": {}, "ratio": 20.0, "ratios": {}, "headline": plain,
@@ -121,7 +124,7 @@ def _gpu_document() -> dict:
 
 def test_measured_gpu_costs_replace_the_design_figures():
     costs = cost.unit_costs(_gpu_document())
-    assert costs["image"]["project"] == 0.05 and costs["image"]["source"] == "t2ibook bench --size full on Test GPU"
+    assert costs["image"]["project"] == 0.05 and costs["image"]["source"] == f"t2ibook bench --size full on {H100}"
     # 1.344 s for 6 candidates × 224 tokens = 0.001 s per training token
     assert costs["train_token_lora"]["project"] == pytest.approx(1.344 / (6 * 224))
     assert costs["score"]["source"].startswith("FLOP estimate")  # not in this file: estimated
@@ -135,7 +138,7 @@ def test_unit_table_says_what_a_unit_is_and_where_its_seconds_come_from():
     assert set(units.index) == {work.unit for work in cost.paper_work()} and units["one unit is"].str.len().min() > 10
     image = units.loc["image"]
     assert (image["naive s/unit"], image["project s/unit"], image["speed-up"]) == (1.0, 0.05, 20.0)
-    assert image["source"] == "measured on Test GPU" and units.loc["score", "source"] == "FLOP estimate"
+    assert image["source"] == f"measured on {H100}" and units.loc["score", "source"] == "FLOP estimate"
     assert cost.unit_table(None).set_index("unit").loc["image", "source"] == "design notes (H100)"
     # the plot hatches exactly the stages costed by a FLOP estimate, on both paths
     import matplotlib
@@ -161,8 +164,7 @@ def test_stage_hours_are_count_times_seconds():
     diffagent = table[table["method"] == "DiffAgent"]
     assert totals.loc["DiffAgent", "project GPU-h"] == pytest.approx(diffagent["project GPU-h"].sum())
     assert list(totals.index) == ["DiffAgent", "ChatGen", "AGFSync"]
-    assert cost.gpu_results([{"size": "tiny", "device": {"device": "cpu"}}, _gpu_document()])["device"]["name"] == \
-        "Test GPU"
+    assert cost.gpu_results([{"size": "tiny", "device": {"device": "cpu"}}, _gpu_document()])["device"]["name"] == H100
 
 
 def test_cost_model_multipliers_are_the_paper_recipes():
@@ -296,7 +298,7 @@ def test_a_failing_benchmark_is_recorded_and_the_rest_still_run_and_save(tmp_pat
 def test_targets_table_checks_each_bound_against_the_gpu_file():
     targets = cost.targets_table(_gpu_document(), target_hours=6.0).set_index("target")
     api = targets.loc["API generation, s/API"]
-    assert api["measured"] == 0.008 and api["met"] and api["bound"] == "≤ 0.008" and api["measured on"] == "Test GPU"
+    assert api["measured"] == 0.008 and api["met"] and api["bound"] == "≤ 0.008" and api["measured on"] == H100
     # 4.0 s one at a time ÷ 0.008 s = 500×, short of 600×; batched generate 0.02 ÷ 0.008 = 2.5×, just met
     assert targets.loc["API generation, naive ÷ project", "measured"] == pytest.approx(500.0)
     assert not targets.loc["API generation, naive ÷ project", "met"]
@@ -310,6 +312,74 @@ def test_targets_table_checks_each_bound_against_the_gpu_file():
     nothing = cost.targets_table(None)
     assert nothing["measured"].isna().all() and nothing["met"].isna().all()
     assert set(nothing["measured on"]) == {"not measured on a GPU"}
+
+
+def test_datasheet_speeds_next_to_an_h100():
+    speeds = {name: cost.speed_next_to_h100(name) for name in (
+        H100, "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe",
+        "NVIDIA L40S", "NVIDIA L40", "NVIDIA L4", "Tesla V100-SXM2-32GB")}
+    # dense bf16 TFLOP/s: H100 SXM 989, PCIe 756, NVL 835, H200 989, A100 312, L40S 362, L40 181, L4 121
+    assert speeds == pytest.approx({H100: 1.0, "NVIDIA H100 PCIe": 756 / 989, "NVIDIA H100 NVL": 835 / 989,
+                                    "NVIDIA H200": 1.0, "NVIDIA A100-SXM4-80GB": 312 / 989,
+                                    "NVIDIA A100 80GB PCIe": 312 / 989, "NVIDIA L40S": 362 / 989,
+                                    "NVIDIA L40": 181 / 989, "NVIDIA L4": 121 / 989, "Tesla V100-SXM2-32GB": None})
+
+
+def test_an_a100_file_puts_every_hour_on_the_a100_and_the_budget_in_h100_hours():
+    """A cloud A100's results file: what it does not measure is scaled from H100 figures to the A100 (989/312 =
+    3.17× the seconds), so no table adds H100 hours to A100 hours; targets and budget compare as on an H100."""
+    a100 = "NVIDIA A100-SXM4-80GB"
+    speed = 312 / 989
+    document = _gpu_document(a100)
+    document["benchmarks"] = [b for b in document["benchmarks"] if b["name"] != "image_generation"]
+    h100_costs, costs = cost.unit_costs(None), cost.unit_costs(document)
+    assert costs["api"]["project"] == 0.008 and costs["api"]["label"] == f"measured on {a100}"  # its own, as is
+    for unit in ("image", "score", "dpo_pair"):  # a design-note figure and two FLOP estimates, 3.17× the H100's
+        for path in ("naive", "project"):
+            assert costs[unit][path] == pytest.approx(h100_costs[unit][path] / speed)
+    assert costs["image"]["label"] == f"design notes (H100), scaled to {a100}" and "×3.17" in costs["image"]["source"]
+    assert costs["score"]["label"] == f"FLOP estimate, scaled to {a100}" and costs["score"]["estimated"]
+    table = cost.cost_table(document)
+    assert table["estimated"].tolist() == table["cost source"].str.startswith("FLOP estimate").tolist()
+    hours = cost.reproduction_hours(table, "DiffAgent")
+    assert cost.as_h100_hours(hours, document) == pytest.approx(hours * speed)
+    # targets: the A100's 0.008 s/API is 0.0025 s as on an H100; ratios stand as measured
+    targets = cost.targets_table(document, target_hours=6.0).set_index("target")
+    api = targets.loc["API generation, s/API"]
+    assert api["measured"] == 0.008 and api["as on an H100"] == pytest.approx(0.008 * speed) and api["met"]
+    assert api["measured on"] == f"{a100} (×0.32 as on an H100, by datasheet bf16 peaks)"
+    ratio = targets.loc["API generation, naive ÷ project"]
+    assert ratio["as on an H100"] == ratio["measured"] == pytest.approx(500.0) and not ratio["met"]
+    assert targets.loc["image generation, s/image (512 px, 20 steps, CFG)", "measured on"] == "not measured on a GPU"
+    scenarios = cost.budget_scenarios(document, target_hours=6.0).set_index("scenario")
+    at_targets = scenarios.loc["API calls and images at the H100 targets"]
+    assert at_targets["image s/unit"] == pytest.approx(0.055 / speed)  # the H100 target, as A100 seconds
+    assert scenarios.loc["as recorded", "DiffAgent project GPU-h"] == pytest.approx(hours)
+    assert list(scenarios["as H100-hours"]) == pytest.approx(list(scenarios["DiffAgent project GPU-h"] * speed))
+    assert list(scenarios["within budget"]) == [h <= 6.0 for h in scenarios["as H100-hours"]]
+    assert cost.gpu_line(document).endswith("computes at 0.32× an H100 by datasheet bf16 peaks: the figures it did "
+                                            "not measure are scaled to it.")
+    assert cost.gpu_line(None) == "Seconds and hours below are on the H100."
+    line = cost.budget_line(table, document, 6.0)
+    assert f"{hours * speed:.1f} H100-hours on the {a100} ({hours:.1f} GPU-hours there" in line
+    # an H100's file is the one costed when there are both; an A100's alone is used
+    assert cost.gpu_results([document, _gpu_document()])["device"]["name"] == H100
+    assert cost.gpu_results([document])["device"]["name"] == a100
+
+
+def test_a_gpu_without_a_datasheet_figure_is_costed_unscaled_and_says_so():
+    document = _gpu_document("Some Future GPU")
+    costs, h100_costs = cost.unit_costs(document), cost.unit_costs(None)
+    assert costs["score"]["project"] == h100_costs["score"]["project"]
+    assert "Some Future GPU has no datasheet figure" in costs["score"]["source"]
+    targets = cost.targets_table(document).set_index("target")
+    api = targets.loc["API generation, s/API"]
+    assert api["met"] is None and api["measured on"] == "Some Future GPU (no datasheet figure: not compared)"
+    ratio = targets.loc["API generation, naive ÷ project"]
+    assert ratio["met"] is not None and not ratio["met"]  # 500× < 600×: a ratio needs no conversion to compare
+    assert cost.budget_scenarios(document)["within budget"].isna().all()
+    assert "not compared" in cost.budget_line(cost.cost_table(document), document, 6.0)
+    assert "so its totals mix two GPUs" in cost.gpu_line(document)
 
 
 def test_agfsync_evaluation_counts_tifa_answering_and_hps_scoring():

@@ -4,9 +4,14 @@ Seconds per unit come, in this order, from (1) a `t2ibook bench --size full` res
 (2) the H100 measurements recorded in the project's design notes (API generation and images, both paths),
 (3) a FLOP count at a stated share of the H100's bf16 peak. Every cost row says which source it used, so a
 reader sees at once what was measured and what is an estimate.
+
+The hours are on one GPU: the results file's (an H100's if there is one), else the design notes' H100. A file
+from another GPU (a cloud A100, say) gets the H100 figures it does not measure scaled to it by the datasheets'
+bf16 peaks, so no table adds one GPU's hours to another's; the budget and the targets stay in H100 terms.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,13 @@ UTILISATION = {"project": 0.40, "naive": 0.10}  # share of peak assumed where no
 DESIGN_H100 = {"api": {"naive": 5.4, "project": 0.020}, "image": {"naive": 1.07, "project": 0.083}}
 DESIGN_SOURCE = "design notes: H100 measurement"
 ESTIMATE_LABEL = "FLOP estimate"
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (without sparsity), FLOP/s, by a pattern of the name torch
+# reports for the GPU (first match wins). Only their ratios are used: a GPU's speed next to the H100 (SXM) that
+# the design notes measured on.
+DATASHEET_BF16 = ((r"H[12]00 NVL", 835e12), (r"H200", 989e12), (r"H100.*PCIe", 756e12), (r"H100", 989e12),
+                  (r"A100", 312e12), (r"L40S", 362e12), (r"\bL40\b", 181e12), (r"\bL4\b", 121e12))
+H100_DATASHEET_BF16 = 989e12
 
 # FLOP per unit of work, for units without a measurement
 SCORE_FLOP = 2 * (17.6e9 + 61.6e9 + 167.4e9)  # CLIP B/16 + BLIP ViT-L/16 + ViT-H/14 image towers at 224 px (MACs×2)
@@ -370,23 +382,69 @@ def _measured(results: dict[str, Any] | None) -> dict[str, dict[str, float]]:
     return found
 
 
+def speed_next_to_h100(gpu: str) -> float | None:
+    """The datasheet bf16 peak of the GPU named `gpu` ÷ an H100's (0.32 for an A100); None for a GPU not listed in
+    `DATASHEET_BF16`."""
+    for pattern, peak in DATASHEET_BF16:
+        if re.search(pattern, gpu):
+            return peak / H100_DATASHEET_BF16
+    return None
+
+
+def cost_gpu(results: dict[str, Any] | None) -> tuple[str, float | None]:
+    """The GPU the cost model's hours are on and its `speed_next_to_h100`: a full-size GPU results file's GPU, else
+    the design notes' H100 (1.0)."""
+    if not _measured(results):
+        return "H100", 1.0
+    name = str(results["device"].get("name") or "GPU")  # type: ignore[index]
+    return name, speed_next_to_h100(name)
+
+
+def gpu_line(results: dict[str, Any] | None) -> str:
+    """One sentence: which GPU the cost model's seconds and hours are on, and how they relate to an H100."""
+    gpu, speed = cost_gpu(results)
+    if speed is None:
+        return (f"Seconds and hours below are on the {gpu}, which has no datasheet figure in cost.DATASHEET_BF16: "
+                "the figures it did not measure are an H100's, so its totals mix two GPUs.")
+    if speed == 1.0:
+        return f"Seconds and hours below are on the {gpu}."
+    return (f"Seconds and hours below are on the {gpu}, which computes at {speed:.2f}× an H100 by datasheet bf16 "
+            "peaks: the figures it did not measure are scaled to it.")
+
+
+def as_h100_hours(hours: float, results: dict[str, Any] | None) -> float | None:
+    """`hours` on the cost model's GPU as H100-hours (by datasheet peaks); None for a GPU with no datasheet figure."""
+    speed = cost_gpu(results)[1]
+    return None if speed is None else hours * speed
+
+
 def unit_costs(results: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Seconds per unit for each kind of work and path, with the source of each figure (`source`, and in short,
-    `label`: "measured on <GPU>", "design notes (H100)" or "FLOP estimate")."""
+    """Seconds per unit for each kind of work and path, on the GPU of `cost_gpu`, with the source of each figure
+    (`source`, and in short, `label`: "measured on <GPU>", "design notes (H100)" or "FLOP estimate", with
+    ", scaled to <GPU>" where an H100 figure was scaled to another GPU) and `estimated` for FLOP estimates."""
     measured = _measured(results)
-    device = results["device"].get("name", "GPU") if measured else ""
+    gpu, speed = cost_gpu(results)
+    scale = 1.0 if speed is None else 1.0 / speed
+    if scale != 1.0:
+        note, short = f"; scaled to {gpu} by datasheet bf16 peaks (×{scale:.2f})", f", scaled to {gpu}"
+    elif speed is None:  # a GPU missing from DATASHEET_BF16: its own measurements next to H100 seconds, said so
+        note, short = f"; H100 seconds: {gpu} has no datasheet figure in cost.DATASHEET_BF16 to scale them by", ""
+    else:
+        note = short = ""
     costs: dict[str, dict[str, Any]] = {}
     for unit in sorted({w.unit for w in paper_work()}):
         if unit in measured:
-            costs[unit] = {**measured[unit], "source": f"t2ibook bench --size full on {device}",
-                           "label": f"measured on {device}"}
+            costs[unit] = {**measured[unit], "source": f"t2ibook bench --size full on {gpu}",
+                           "label": f"measured on {gpu}"}
         elif unit in DESIGN_H100:
-            costs[unit] = {**DESIGN_H100[unit], "source": DESIGN_SOURCE, "label": "design notes (H100)"}
+            costs[unit] = {**{path: s * scale for path, s in DESIGN_H100[unit].items()},
+                           "source": DESIGN_SOURCE + note, "label": "design notes (H100)" + short}
         else:
             estimate = _flop_seconds(unit)
             share = ", ".join(f"{path} {int(100 * s)}%" for path, s in UTILISATION.items())
-            costs[unit] = {**estimate, "source": f"FLOP estimate at a share of the H100 bf16 peak ({share})",
-                           "label": ESTIMATE_LABEL}
+            costs[unit] = {**{path: s * scale for path, s in estimate.items()},
+                           "source": f"FLOP estimate at a share of the H100 bf16 peak ({share})" + note,
+                           "label": ESTIMATE_LABEL + short, "estimated": True}
     return costs
 
 
@@ -421,7 +479,7 @@ def cost_table(results: dict[str, Any] | None = None, *, project_seconds: dict[s
                      "naive GPU-h": naive_count * cost["naive"] / 3600,
                      "project GPU-h": work.count * cost["project"] / 3600,
                      "count basis": work.basis, "cost source": cost["source"],
-                     "estimated": cost["label"] == ESTIMATE_LABEL})
+                     "estimated": bool(cost.get("estimated"))})
     table = pd.DataFrame(rows)
     table["speed-up"] = table["naive GPU-h"] / table["project GPU-h"]
     return table
@@ -434,52 +492,84 @@ PROJECT_H100_RATIOS = {"api_naive": 600.0, "api_batched_generate": 2.5}
 
 
 def targets_table(results: dict[str, Any] | None, target_hours: float = 6.0):
-    """The H100 targets next to what a full-size GPU results file measured (`met` is None where nothing was)."""
+    """The H100 targets next to what a full-size GPU results file measured (`met` is None where nothing was).
+
+    `measured` is on the file's GPU; `as on an H100` converts times and hours by datasheet bf16 peaks (ratios
+    stand as measured), and `met` compares that with the bound. A GPU without a datasheet figure is compared on
+    the ratios only.
+    """
     import pandas as pd
 
     measured = _measured(results)
+    gpu, speed = cost_gpu(results)
     benches = {b["name"]: b for b in (results or {}).get("benchmarks", [])} if measured else {}
     api_paths = {name: p["seconds_per_unit"] for name, p in benches.get("api_generation", {}).get("paths", {}).items()}
     project_api = api_paths.get("project")
     hours = None
     if "api" in measured and "image" in measured:  # the two units the DiffAgent total hangs on
-        table = cost_table(results)
-        hours = reproduction_hours(table, "DiffAgent")
-    rows = [("API generation, s/API", "≤", PROJECT_H100_TARGETS["api"], project_api),
+        hours = reproduction_hours(cost_table(results), "DiffAgent")
+    # (target, sign, bound, measured, whether it is a time: seconds or hours, which scale with the GPU's speed)
+    rows = [("API generation, s/API", "≤", PROJECT_H100_TARGETS["api"], project_api, True),
             ("API generation, naive ÷ project", "≥", PROJECT_H100_RATIOS["api_naive"],
-             api_paths["naive"] / project_api if project_api else None),
+             api_paths["naive"] / project_api if project_api else None, False),
             ("API generation, batched generate ÷ project", "≥", PROJECT_H100_RATIOS["api_batched_generate"],
-             api_paths["batched_generate"] / project_api if project_api and "batched_generate" in api_paths else None),
+             api_paths["batched_generate"] / project_api if project_api and "batched_generate" in api_paths else None,
+             False),
             ("image generation, s/image (512 px, 20 steps, CFG)", "≤", PROJECT_H100_TARGETS["image"],
-             measured.get("image", {}).get("project")),
-            ("DiffAgent SD 1.5 reproduction, H100-hours", "≤", target_hours, hours)]
-    device = results["device"].get("name") if measured else None
-    return pd.DataFrame([{"target": name, "bound": f"{sign} {bound:g}", "measured": value,
-                          "met": None if value is None else (value <= bound if sign == "≤" else value >= bound),
-                          "measured on": device if value is not None else "not measured on a GPU"}
-                         for name, sign, bound, value in rows])
+             measured.get("image", {}).get("project"), True),
+            ("DiffAgent SD 1.5 reproduction, H100-hours", "≤", target_hours, hours, True)]
+    table = []
+    for name, sign, bound, value, is_time in rows:
+        on_h100 = value if value is None or not is_time else (None if speed is None else value * speed)
+        where = "not measured on a GPU" if value is None else gpu
+        if value is not None and is_time and speed != 1.0:
+            where += (f" (×{speed:.2f} as on an H100, by datasheet bf16 peaks)" if speed is not None
+                      else " (no datasheet figure: not compared)")
+        table.append({"target": name, "bound": f"{sign} {bound:g}", "measured": value, "as on an H100": on_h100,
+                      "met": None if on_h100 is None else (on_h100 <= bound if sign == "≤" else on_h100 >= bound),
+                      "measured on": where})
+    return pd.DataFrame(table)
 
 
 def budget_scenarios(results: dict[str, Any] | None = None, target_hours: float = 6.0):
     """DiffAgent's project-path GPU-hours as things stand, with the H100 targets met, and with one Table 2 seed.
 
-    Shows which change brings the reproduction within `target_hours`, and by how much each one helps.
+    Shows which change brings the reproduction within `target_hours` (H100-hours), and by how much each one helps.
+    Hours and seconds are on the cost model's GPU (`cost_gpu`); the H100 targets are scaled to it.
     """
     import pandas as pd
 
+    speed = cost_gpu(results)[1]
+    on_gpu = {unit: seconds / (speed or 1.0) for unit, seconds in PROJECT_H100_TARGETS.items()}
     recipe_seeds = RECIPE_COUNTS["table2_seeds"]
     rows = []
     for label, overrides, seeds in (("as recorded", None, recipe_seeds),
-                                    ("API calls and images at the H100 targets", PROJECT_H100_TARGETS, recipe_seeds),
+                                    ("API calls and images at the H100 targets", on_gpu, recipe_seeds),
                                     ("one image per Table 2 prompt and system", None, 1),
-                                    ("both", PROJECT_H100_TARGETS, 1)):
+                                    ("both", on_gpu, 1)):
         table = cost_table(results, project_seconds=overrides, table2_seeds=seeds)
         unit = unit_costs(results) if overrides is None else {k: {"project": v} for k, v in overrides.items()}
         hours = reproduction_hours(table, "DiffAgent")
+        h100 = as_h100_hours(hours, results)
         rows.append({"scenario": label, "image s/unit": unit["image"]["project"],
                      "API s/unit": unit["api"]["project"], "Table 2 seeds": seeds,
-                     "DiffAgent project GPU-h": hours, "within budget": hours <= target_hours})
+                     "DiffAgent project GPU-h": hours, "as H100-hours": h100,
+                     "within budget": None if h100 is None else h100 <= target_hours})
     return pd.DataFrame(rows)
+
+
+def budget_line(table, results: dict[str, Any] | None, target_hours: float) -> str:
+    """One sentence: DiffAgent's reproduction on both paths against the budget, in H100-hours."""
+    gpu, speed = cost_gpu(results)
+    hours, naive = (reproduction_hours(table, "DiffAgent", path) for path in ("project", "naive"))
+    if speed is None:
+        return (f"DiffAgent's reproduction on the project's path: {hours:.1f} hours, {gpu} seconds where measured and "
+                f"H100 seconds elsewhere ({gpu} has no datasheet figure to convert them by), against a budget of "
+                f"{target_hours:g} H100-hours: not compared; naive path: {naive:.0f} hours")
+    within = "within" if hours * speed <= target_hours else "over"
+    on = "" if gpu == "H100" else f" on the {gpu} ({hours:.1f} GPU-hours there, ×{speed:.2f} by datasheet bf16 peaks)"
+    return (f"DiffAgent's reproduction on the project's path: {hours * speed:.1f} H100-hours{on} against a budget of "
+            f"{target_hours:g} ({within} budget); naive path: {naive * speed:.0f} H100-hours")
 
 
 def reproduction_hours(table, method: str, path: str = "project") -> float:
@@ -499,8 +589,8 @@ def totals(table) -> "Any":
     return summed
 
 
-def plot_costs(table):
-    """Horizontal bars, log scale: GPU-hours per stage, naive against the project's path, grouped by method.
+def plot_costs(table, gpu: str = "H100"):
+    """Horizontal bars, log scale: GPU-hours on `gpu` per stage, naive against the project's path, by method.
 
     Bars whose seconds per unit are a FLOP estimate (nothing measured them) are hatched."""
     import matplotlib.pyplot as plt
@@ -518,7 +608,7 @@ def plot_costs(table):
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("H100 GPU-hours (log scale)")
+    ax.set_xlabel(f"{gpu} GPU-hours (log scale)")
     ax.set_title("Cost to reproduce at paper scale, per stage")
     ax.legend(handles=[Patch(color="#c44e52", label="naive path"), Patch(color="#4c72b0", label="project's path"),
                        Patch(facecolor="#999999", edgecolor="white", hatch="///", label="FLOP estimate (not measured)")],
@@ -557,5 +647,7 @@ def load_all(folder: Path) -> list[dict[str, Any]]:
 
 
 def gpu_results(documents: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first full-size GPU results document, if any."""
-    return next((d for d in documents if d["size"] == "full" and str(d["device"]["device"]).startswith("cuda")), None)
+    """The full-size GPU results document the cost model uses: the first H100's (the targets are an H100's), else
+    the first of any GPU."""
+    found = [d for d in documents if d["size"] == "full" and str(d["device"]["device"]).startswith("cuda")]
+    return next((d for d in found if "H100" in str(d["device"].get("name", ""))), found[0] if found else None)
