@@ -222,3 +222,40 @@ def test_a_failed_compile_decodes_on_eagerly_with_the_same_tokens(lm, monkeypatc
     with pytest.raises(RuntimeError, match="eager failure"):  # without compile, errors are not swallowed
         monkeypatch.setattr(model, "generate", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("eager failure")))
         speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=8, settings=speed.DecodeSettings(4))
+
+
+def test_a_batch_that_runs_out_of_memory_is_decoded_again_in_halves(lm, monkeypatch, caplog):
+    """8 prompts at batch size 8 on a device that holds 2 rows: 8 fail, then 4, then pairs go through, and the
+    tokens are those of a batch size of 2 from the start (the same batches); one row that does not fit raises."""
+    model, tokenizer = lm
+    pad, prompts = tokenizer.pad_token_id, _prompts(8, seed=3)
+    want = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=6, settings=speed.DecodeSettings(2))
+    real_generate, rows = model.generate, []
+
+    def generate(**kwargs):
+        rows.append(len(kwargs["input_ids"]))
+        if len(kwargs["input_ids"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    settings = speed.DecodeSettings(8)
+    with caplog.at_level("WARNING", logger="helpers.speed"):
+        got = speed.greedy_decode(model, prompts, pad_id=pad, max_new_tokens=6, settings=settings)
+    assert got == want and rows == [8, 4, 2, 2, 2, 2] and settings.batch_size == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"decoding ran out of accelerator memory with {n} rows at once; going on with at most {n // 2} (lower the "
+        "recipe's batch size to skip the failed attempt)" for n in (8, 4)]
+    monkeypatch.setattr(model, "generate", lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
+    with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit cannot be split
+        speed.greedy_decode(model, prompts[:3], pad_id=pad, max_new_tokens=6, settings=speed.DecodeSettings(4))
+
+
+def test_what_counts_as_running_out_of_memory():
+    assert speed.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert speed.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert speed.out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                            "allocate memory: you tried to allocate 8 bytes. Error code 12 (Cannot "
+                                            "allocate memory)")) is False
+    assert not speed.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not speed.out_of_memory(ValueError("out of memory"))

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -814,3 +815,51 @@ def test_a_failed_batch_still_leaves_the_images_drawn_before_it_on_disk(executor
     monkeypatch.undo()
     again = executor.generate(requests, progress=False)
     assert [g.cached for g in again] == [True, False]  # the first one was written before the failure
+
+
+def test_a_batch_that_runs_out_of_memory_is_drawn_again_in_halves(run_ctx, catalog, monkeypatch):
+    """5 images at batch size 8 on a device that holds 2: the 5 fail, then 2 + 2 + 1 are drawn, exactly the images
+    of batch size 2 from the start, and later batches are planned at 2 without failing first."""
+    requests = [t2i.Request(api(), f"a lighthouse in fog {i}", "", 40 + i) for i in range(5)]
+    small = t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=2)
+    small.cache = t2i.ImageCache(run_ctx.runs_dir / "fits_cache")
+    want = small.generate(requests, progress=False)
+    executor = t2i.Executor.for_run(run_ctx, catalog, max_side=32, batch_size=8)
+    executor.cache = t2i.ImageCache(run_ctx.runs_dir / "out_of_memory_cache")
+    real_render, sizes = t2i.render, []
+
+    def render(pipeline, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return real_render(pipeline, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(t2i, "render", render)
+    got = executor.generate(requests, progress=False)
+    assert sizes == [5, 2, 2, 1] and executor.stats["out_of_memory_retries"] == 1 and executor.images_per_call == 2
+    assert executor.stats["generated"] == 5 and all(not g.cached for g in got)
+    for a, b in zip(got, want):
+        assert np.array_equal(_pixels(a), _pixels(b))
+    more = [t2i.Request(api(), f"a windmill at dusk {i}", "", 60 + i) for i in range(4)]
+    executor.generate(more, progress=False)
+    assert sizes[4:] == [2, 2] and executor.stats["out_of_memory_retries"] == 1
+
+
+def test_after_running_out_of_memory_larger_images_come_fewer_per_call(executor, monkeypatch):
+    """4 of 8 SDXL images at 1024 px fit: the setting becomes 16, which is 4 per call at 1024 px and 16 at 512."""
+    group = lambda size: (None, None, "SDXL 1.0", "Euler a", 20, 7.0, size)  # noqa: E731
+    monkeypatch.setattr(executor.config, "batch_size", 32)
+    monkeypatch.setattr(executor, "images_per_call", None)
+    monkeypatch.setattr(executor, "stats", Counter())
+
+    def draw(group, batch):
+        if len(batch) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {key: None for key, _ in batch}
+
+    monkeypatch.setattr(executor, "_draw", draw)
+    items = [(f"key{i}", i) for i in range(8)]
+    assert list(executor._draw_fitting(group((1024, 1024)), items)) == [key for key, _ in items]
+    assert executor.images_per_call == 16 and executor.stats["out_of_memory_retries"] == 1
+    assert [len(b) for b in executor._batches(group((1024, 1024)), items * 2)] == [4, 4, 4, 4]
+    assert [len(b) for b in executor._batches(group((512, 512)), items * 3)] == [16, 8]

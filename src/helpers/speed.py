@@ -64,6 +64,29 @@ def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int, device) -> 
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the accelerator running out of memory: torch's OutOfMemoryError, or an allocation failure
+    of a library kernel that reaches Python as a plain RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+def fewer_rows(failed: int, work: str, limit: int) -> int:
+    """The batch limit after a batch of `failed` rows ran out of memory: half of it (and never above `limit`). Frees
+    the allocator's cached blocks and says so; a run of hours goes on at the smaller size instead of stopping."""
+    import gc
+
+    smaller = min(limit, max(1, failed // 2))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.warning("%s ran out of accelerator memory with %d rows at once; going on with at most %d (lower the "
+                   "recipe's batch size to skip the failed attempt)", work, failed, smaller)
+    return smaller
+
+
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_new_tokens: int,
                   settings: DecodeSettings | None = None, progress=None, batches: Sequence[Sequence[int]] | None = None,
                   **generate_kwargs) -> list[list[int]]:
@@ -74,6 +97,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
     filled up to `batch_size` (repeating its last prompt), so the decoding step has one shape: its CUDA graph is
     captured once and replayed for the rest of the run. `progress` is called with the batch size after each.
     `generate_kwargs` go to `generate` last, so `do_sample=True, temperature=...` samples instead (seed first).
+    A batch that runs out of accelerator memory is decoded again in halves, and `settings.batch_size` stays at the
+    size that fitted for the rest of the call (`fewer_rows`).
 
     `batches` (positions into `prompts`): decode only these batches, as given, and leave None for the prompts
     they do not name. The cache is still sized for the longest of all `prompts`, so a process decoding its share
@@ -100,22 +125,39 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_n
     else:
         options["disable_compile"] = True
     results: list[list[int] | None] = [None] * len(prompts)
-    for chunk in batches if batches is not None else length_buckets([len(p) for p in prompts], settings.batch_size):
+    planned = batches if batches is not None else length_buckets([len(p) for p in prompts], settings.batch_size)
+    pending = [list(chunk) for chunk in planned]
+    while pending:
+        chunk = pending.pop(0)
+        if len(chunk) > settings.batch_size:  # planned before an out-of-memory retry lowered the batch size
+            pending[:0] = [chunk[i:i + settings.batch_size] for i in range(0, len(chunk), settings.batch_size)]
+            continue
         rows = [prompts[i] for i in chunk]
         if compiled:
             rows += [rows[-1]] * (settings.batch_size - len(rows))
         width = padded_width(max(len(r) for r in rows), settings.bucket)
         batch = left_pad(rows, width, pad_id, model.device)
+        output, out_of_room, failure = None, False, None
         try:
             with torch.inference_mode():
                 output = model.generate(**batch, **options)
-        except Exception as error:  # noqa: BLE001 - any compiler or CUDA-graph failure; an eager retry decides
-            if not compiled:
+        except Exception as error:  # noqa: BLE001 - out of memory, or a compiler or CUDA-graph failure
+            if out_of_memory(error) and len(rows) > 1:
+                out_of_room = True
+            elif compiled and not out_of_memory(error):
+                failure = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            else:
                 raise
+        if out_of_room:  # handled once outside `except`, where the failed batch's tensors can be freed
+            del batch
+            settings.batch_size = fewer_rows(len(rows), "decoding", settings.batch_size)
+            pending.insert(0, chunk)
+            continue
+        if failure is not None:
             # a failed compile (or a CUDA graph whose output was overwritten) costs speed, not the run: this
             # batch and every later one decode eagerly with the same static cache, so the tokens are the same
-            settings.compile_error = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-            logger.warning("compiled decoding failed (%s); decoding on without CUDA graphs", settings.compile_error)
+            settings.compile_error = failure
+            logger.warning("compiled decoding failed (%s); decoding on without CUDA graphs", failure)
             compiled = False
             options.pop("compile_config")
             options["disable_compile"] = True
