@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-H100_BF16_PEAK = 790e12  # FLOP/s, dense bf16 (the design notes' figure)
+H100_BF16_PEAK = 790e12  # FLOP/s: the bf16 matmul peak the design notes measured on their H100 (datasheet: 989)
 UTILISATION = {"project": 0.40, "naive": 0.10}  # share of peak assumed where nothing was measured
 
 # H100 (random weights) measurements from the design notes: s/unit for the plain and the project's path.
