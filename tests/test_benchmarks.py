@@ -250,7 +250,16 @@ def test_measured_table_lists_naive_project_and_ratio(tiny_results):
     row = table.set_index("benchmark").loc["api_generation"]
     assert row["naive ÷ project"] == tiny_results["benchmarks"][0]["ratio"]
     assert "batched_generate/project" in row["other"]
+    assert table["naive peak GiB"].isna().all() and table["project peak GiB"].isna().all()  # a CPU holds no GPU peak
     json.dumps(table.to_dict())  # plain values, ready for the chapter's CSV
+    # on a GPU each path's peak memory: RRHF's LoRA step in the columns, its full fine-tune's in `other`
+    document = _gpu_document()
+    rrhf = next(b for b in document["benchmarks"] if b["name"] == "rrhf_step")
+    for path, peak in {"naive_lora": 31.5, "project_lora": 24.25, "naive_full": 79.0, "project_full": 61.0}.items():
+        rrhf["paths"][path]["peak_memory_gib"] = peak
+    row = cost.measured_table([document]).set_index("benchmark").loc["rrhf_step"]
+    assert (row["naive peak GiB"], row["project peak GiB"]) == (31.5, 24.25)
+    assert row["other"] == "naive_full peak 79 GiB; project_full peak 61 GiB"
 
 
 def test_a_failing_benchmark_is_recorded_and_the_rest_still_run_and_save(tmp_path, monkeypatch, capsys):

@@ -618,24 +618,34 @@ def plot_costs(table, gpu: str = "H100"):
 
 
 def measured_table(documents: list[dict[str, Any]]):
-    """One row per benchmark per results file: device, size, naive and project s/unit, ratio."""
+    """One row per benchmark per results file: device, size, naive and project s/unit, ratio, and each path's peak
+    GPU memory in GiB (NaN on a CPU): what tells a 40 GB card from an 80 GB one. `other` holds the further ratios,
+    and the peak memory of paths beyond the two compared (RRHF's full fine-tune next to its LoRA step)."""
     import pandas as pd
 
     from .harness import headline
 
+    nan = float("nan")
     rows = []
     for document in documents:
         for bench in document["benchmarks"]:
             naive, project = headline(bench)
+            others = [f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project"]
+            others += [f"{name} peak {path['peak_memory_gib']:g} GiB" for name, path in bench["paths"].items()
+                       if path not in (naive, project) and path.get("peak_memory_gib") is not None]
             rows.append({"device": document["device"].get("name"), "size": document["size"],
                          "benchmark": bench["name"], "unit": bench["unit"],
                          "naive": naive["seconds_per_unit"], "project": project["seconds_per_unit"],
                          "naive ÷ project": bench["ratio"],
-                         "other": "; ".join(f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project")})
+                         "naive peak GiB": nan if naive.get("peak_memory_gib") is None else naive["peak_memory_gib"],
+                         "project peak GiB": nan if project.get("peak_memory_gib") is None
+                         else project["peak_memory_gib"],
+                         "other": "; ".join(others)})
         for failure in document.get("failed", []):  # a benchmark that raised: its row says so instead of a time
             rows.append({"device": document["device"].get("name"), "size": document["size"],
-                         "benchmark": failure["name"], "unit": "", "naive": float("nan"), "project": float("nan"),
-                         "naive ÷ project": float("nan"), "other": f"failed: {failure['error']}"})
+                         "benchmark": failure["name"], "unit": "", "naive": nan, "project": nan,
+                         "naive ÷ project": nan, "naive peak GiB": nan, "project peak GiB": nan,
+                         "other": f"failed: {failure['error']}"})
     return pd.DataFrame(rows)
 
 
