@@ -401,6 +401,36 @@ def test_vqa_scores_batch_images_encode_each_once_and_reuse_the_cache(tiny_ctx, 
     assert calls == [2, 3] and len(shared.values) == before + 1
 
 
+def test_vqa_images_that_run_out_of_memory_are_asked_again_in_halves(tiny_ctx, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from helpers import scoring
+    from helpers.models import resolve
+    from helpers.scorers import vqa
+
+    scorer = vqa.load_vqa(resolve("vqa", tiny_ctx))
+    rng = np.random.default_rng(5)
+    generated = [SimpleNamespace(key=f"oom{i}", image=Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+                 for i in range(4)]
+    questions = [["a cat?", "red?"], ["a dog?"], ["night?", "blue sky?"], ["a boat?"]]
+    expected = agfsync.vqa_scores(generated, questions, tiny_ctx, images_per_batch=1, scorer=scorer,
+                                  cache=scoring.ScoreCache(tmp_path / "one_at_a_time.jsonl"))
+    ask, calls = scorer.yes_probability, []
+
+    def short_of_memory(images, qs):
+        calls.append(len(qs))
+        if len(qs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return ask(images, qs)
+
+    monkeypatch.setattr(scorer, "yes_probability", short_of_memory)
+    got = agfsync.vqa_scores(generated, questions, tiny_ctx, images_per_batch=4, scorer=scorer,
+                             cache=scoring.ScoreCache(tmp_path / "halves.jsonl"))
+    assert got == pytest.approx(expected, abs=1e-6)
+    # 4 images (6 questions) fail, then 2 images (3 questions) fail, then one image at a time for the rest
+    assert calls == [6, 3, 2, 1, 2, 1]
+
+
 def test_aesthetic_clip_and_weighted_score_by_hand():
     assert agfsync.aesthetic_100(6.2) == pytest.approx(62.0)
     np.testing.assert_allclose(agfsync.aesthetic_100([1.0, 10.0]), [10.0, 100.0])

@@ -216,3 +216,22 @@ def test_the_language_tower_keeps_the_chat_models_dtype(vlm, tmp_path):
     tower = AutoModelForCausalLM.from_pretrained(language_tower(half, tmp_path / "tower"), dtype="auto")
     assert tower.dtype == torch.bfloat16  # a 7B chat model's text model is not written out at twice its size
     assert torch.equal(tower.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+def test_chat_replies_that_run_out_of_memory_are_answered_in_halves(folders, monkeypatch):
+    llama, _, _ = folders
+    chat = load_chat_model(llama)
+    chats = [CHAT, [{"role": "user", "content": "now a castle at night, please"}],
+             [{"role": "user", "content": "a harbour in the rain"}]]
+    one_by_one = chat.generate(chats, max_new_tokens=4, batch_size=1)
+    real_generate, rows = chat.model.generate, []
+
+    def generate(**kwargs):
+        rows.append(len(kwargs["input_ids"]))
+        if len(kwargs["input_ids"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(chat.model, "generate", generate)
+    assert chat.generate(chats, max_new_tokens=4, batch_size=4) == one_by_one
+    assert rows == [3, 1, 1, 1]

@@ -259,3 +259,24 @@ def test_what_counts_as_running_out_of_memory():
                                             "allocate memory)")) is False
     assert not speed.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not speed.out_of_memory(ValueError("out of memory"))
+
+
+def test_fitting_batches_halve_a_part_that_runs_out_of_memory_and_keep_to_the_size_that_fitted():
+    tried, done = [], []
+
+    def squares(part):
+        tried.append(len(part))
+        if len(part) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [x * x for x in part]
+
+    results, limit = speed.fitting_batches(squares, list(range(10)), 4, "squaring", done.append)
+    assert results == [x * x for x in range(10)] and limit == 2
+    assert tried == [4, 2, 2, 2, 2, 2] and done == [2, 2, 2, 2, 2]  # 0-3 failed once; 4-7 was cut before it ran
+    never_fits = lambda part: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))  # noqa: E731
+    with pytest.raises(torch.OutOfMemoryError):
+        speed.fitting_batches(never_fits, [1, 2, 3], 4, "failing")  # 3, then 1: nothing smaller than one item
+    with pytest.raises(ValueError, match="not memory"):
+        speed.fitting_batches(lambda part: (_ for _ in ()).throw(ValueError("not memory")), [1, 2], 2, "failing")
+    with pytest.raises(RuntimeError, match="losing: 1 results for 2 items"):
+        speed.fitting_batches(lambda part: part[:1], [1, 2], 2, "losing")

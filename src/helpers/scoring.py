@@ -16,6 +16,7 @@ import torch
 from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
 from .scorers.base import local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .speed import fitting_batches
 from .t2i import decoded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,18 +171,20 @@ def cached_answers(generated, questions: Sequence[Sequence[Any]], names: Sequenc
     if not todo:
         return values
 
-    def ask(share: list[int]) -> list[list[float | str]]:
+    def ask_batch(batch: list[int]) -> list[list[float | str]]:
+        pictures = dict(zip(batch, decoded([generated[i] for i in batch])))  # cached ones read in threads
+        flat = list(answer(model, [pictures[i] for i in batch for _ in questions[i]],
+                           [q for i in batch for q in questions[i]]))
         answered = []
-        for start in tqdm(range(0, len(share), images_per_batch), desc=desc, unit="batch",
-                          disable=len(share) <= images_per_batch):
-            batch = share[start:start + images_per_batch]
-            pictures = dict(zip(batch, decoded([generated[i] for i in batch])))  # cached ones read in threads
-            flat = list(answer(model, [pictures[i] for i in batch for _ in questions[i]],
-                               [q for i in batch for q in questions[i]]))
-            for i in batch:
-                answered.append([cache_value(v) for v in flat[:len(questions[i])]])
-                flat = flat[len(questions[i]):]
+        for i in batch:
+            answered.append([cache_value(v) for v in flat[:len(questions[i])]])
+            flat = flat[len(questions[i]):]
         return answered
+
+    def ask(share: list[int]) -> list[list[float | str]]:
+        # `images_per_batch` images per call, in halves where the GPU runs out of memory
+        with tqdm(total=len(share), desc=desc, unit="image", disable=len(share) <= images_per_batch) as bar:
+            return fitting_batches(ask_batch, share, images_per_batch, desc, bar.update)[0]
 
     fresh = map_sharded(ask, todo, chunk=images_per_batch)
     cache.put_many([(keys[i], name, weights, v) for i, row in zip(todo, fresh) for name, v in zip(names[i], row)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -85,6 +85,39 @@ def fewer_rows(failed: int, work: str, limit: int) -> int:
     logger.warning("%s ran out of accelerator memory with %d rows at once; going on with at most %d (lower the "
                    "recipe's batch size to skip the failed attempt)", work, failed, smaller)
     return smaller
+
+
+def fitting_batches(run: Callable[[list], Sequence], items: Sequence, limit: int, work: str,
+                    progress: Callable[[int], Any] | None = None) -> tuple[list, int]:
+    """`run(part)` over consecutive parts of `items`, at most `limit` at a time; (the results in order, the limit
+    it ended with). A part that runs out of accelerator memory is run again in halves, and the parts after it keep
+    to the size that fitted (`fewer_rows`). `progress(n)` after each part that ran."""
+    if limit < 1:
+        raise ValueError(f"limit={limit} must be at least 1")
+    results: list = []
+    pending = [list(items[start:start + limit]) for start in range(0, len(items), limit)]
+    while pending:
+        part = pending.pop(0)
+        if len(part) > limit:  # cut before a part ran out of memory
+            pending[:0] = [part[start:start + limit] for start in range(0, len(part), limit)]
+            continue
+        out_of_room = False
+        try:
+            found = list(run(part))
+        except Exception as error:  # noqa: BLE001 - only running out of memory is retried, with fewer items
+            if not out_of_memory(error) or len(part) == 1:
+                raise
+            out_of_room = True
+        if out_of_room:  # outside `except`, so the failed part's tensors can be freed first
+            limit = fewer_rows(len(part), work, limit)
+            pending.insert(0, part)
+            continue
+        if len(found) != len(part):
+            raise RuntimeError(f"{work}: {len(found)} results for {len(part)} items")
+        results += found
+        if progress is not None:
+            progress(len(part))
+    return results, limit
 
 
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_new_tokens: int,

@@ -25,6 +25,7 @@ import torch
 
 from ..device import place
 from ..distributed import link_main_output
+from ..speed import fitting_batches
 
 IMAGE_TOKEN = "<image>"
 # ChatML as in helpers.models.CHAT_TEMPLATE (text turns render identically), plus image parts: a user turn's content
@@ -214,12 +215,14 @@ class ChatModel:
             images = [None] * len(conversations)
         pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id
-        replies = []
-        for start in range(0, len(conversations), batch_size):
-            batch = self.inputs(conversations[start:start + batch_size], images[start:start + batch_size])
+        def reply(part: list[int]) -> list[str]:
+            batch = self.inputs([conversations[i] for i in part], [images[i] for i in part])
             output = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                          pad_token_id=pad_token_id, **generate_kwargs)
-            replies += self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+        # batches of `batch_size`, in halves where the GPU runs out of memory
+        replies, _ = fitting_batches(reply, list(range(len(conversations))), batch_size, "chat replies")
         return replies[0] if single else replies
 
 
