@@ -28,8 +28,8 @@ from PIL import Image
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
 from .display import say
 from .manifest import atomic_write_json, sha256_json
-from .speed import (PipelineSettings, clip_overflow, fewer_rows, optimize_pipeline, out_of_memory,
-                    quiet_clip_truncation, render)
+from .speed import (PipelineSettings, clip_overflow, fitting_batches, optimize_pipeline, quiet_clip_truncation,
+                    render)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunContext
@@ -945,32 +945,19 @@ class Executor:
         return [items[i:i + size] for i in range(0, len(items), size)]
 
     def _draw_fitting(self, group, batch) -> dict[str, Image.Image]:
-        """`_draw` a batch, in parts where the accelerator runs out of memory: the batch is drawn again in halves,
-        and later batches are planned at the size that fitted (`images_per_call`), so a long run goes on. Each
-        image keeps its own seed's noise; only the batch it shares its arithmetic with changes."""
-        drawn: dict[str, Image.Image] = {}
-        pending = [batch]
-        while pending:
-            part = pending.pop(0)
-            fitting = self._batches(group, part)  # planned before a retry lowered images_per_call
-            if len(fitting) > 1:
-                pending[:0] = fitting
-                continue
-            out_of_room = False
-            try:
-                drawn.update(self._draw(group, part))
-            except Exception as error:  # noqa: BLE001 - only out of memory is retried, and only with fewer images
-                if not out_of_memory(error) or len(part) == 1:
-                    raise
-                out_of_room = True
-            if out_of_room:  # outside `except`, so the failed call's tensors can be freed first
-                half = fewer_rows(len(part), "image drawing", len(part))
-                width, height = group[-1]  # the setting that gives `half` images per call at this size
-                setting = half * max(BATCH_REFERENCE_PIXELS, width * height) // BATCH_REFERENCE_PIXELS
-                self.images_per_call = max(1, min(self.images_per_call or setting, setting))
-                self.stats["out_of_memory_retries"] += 1
-                pending[:0] = [part[:half], part[half:]]
-        return drawn
+        """`_draw` a batch, in parts where the accelerator runs out of memory (`speed.fitting_batches`): a part that
+        does not fit is drawn again in halves, and later batches are planned at the size that fitted
+        (`images_per_call`), so a long run goes on. Each image keeps its own seed's noise; only the batch it shares
+        its arithmetic with changes."""
+        fits = len(self._batches(group, batch)[0])  # images per call at this size, as things stand
+        drawn, fitted = fitting_batches(lambda part: list(self._draw(group, part).items()), batch, fits,
+                                        "image drawing")
+        if fitted < fits:  # the setting that gives `fitted` images per call at this size
+            width, height = group[-1]
+            setting = fitted * max(BATCH_REFERENCE_PIXELS, width * height) // BATCH_REFERENCE_PIXELS
+            self.images_per_call = max(1, min(self.images_per_call or setting, setting))
+            self.stats["out_of_memory_retries"] += 1
+        return dict(drawn)
 
     def _draw(self, group, batch) -> dict[str, Image.Image]:
         checkpoint, lora, architecture, sampler, steps, cfg, (width, height) = group

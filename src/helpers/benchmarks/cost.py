@@ -632,7 +632,7 @@ def measured_table(documents: list[dict[str, Any]]):
             naive, project = headline(bench)
             others = [f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project"]
             others += [f"{name} peak {path['peak_memory_gib']:g} GiB" for name, path in bench["paths"].items()
-                       if path not in (naive, project) and path.get("peak_memory_gib") is not None]
+                       if name not in bench["headline"] and path.get("peak_memory_gib") is not None]
             rows.append({"device": document["device"].get("name"), "size": document["size"],
                          "benchmark": bench["name"], "unit": bench["unit"],
                          "naive": naive["seconds_per_unit"], "project": project["seconds_per_unit"],
