@@ -68,6 +68,7 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
 def test_summary_names_device_and_every_benchmark(tiny_results):
     text = "\n".join(summary_lines(tiny_results))
     assert "CPU" in text and all(name in text for name in NAMES)
+    assert cost.verdict_lines(tiny_results) == []  # tiny shapes on a CPU say nothing about the H100 targets
 
 
 def test_bench_refuses_full_size_without_a_gpu_and_unknown_names(tmp_path, capsys, monkeypatch):
@@ -321,6 +322,42 @@ def test_targets_table_checks_each_bound_against_the_gpu_file():
     nothing = cost.targets_table(None)
     assert nothing["measured"].isna().all() and nothing["met"].isna().all()
     assert set(nothing["measured on"]) == {"not measured on a GPU"}
+
+
+def test_a_full_size_gpu_run_prints_each_target_and_the_budget_with_its_timings(tmp_path, capsys, monkeypatch):
+    """What a researcher on a cloud GPU (and the GPU check's log) sees at the end of `t2ibook bench`: notebook 14's
+    targets and budget line, without building the book."""
+    import helpers.device
+    from helpers.benchmarks import suite
+
+    document = {**_gpu_document(), "failed": []}
+    document["benchmarks"][0]["paths"]["project"]["seconds_per_unit"] = 0.010  # 0.010 s/API: over 0.008
+
+    def measured(size, device, names, progress, *, keep_going, on_update):
+        assert (size, device) == ("full", "cuda")
+        on_update(document)
+        return document
+    monkeypatch.setattr(helpers.device, "pick_device", lambda: "cuda")
+    monkeypatch.setattr(suite, "run", measured)
+    assert cli.main(["bench", "--out", str(tmp_path / "h100.json")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert load_results(tmp_path / "h100.json") == document
+    rows = {line[:50].strip(): line[50:].split() for line in printed if line[:50].strip() in set(
+        cost.targets_table(None)["target"])}
+    assert rows["API generation, s/API"] == ["≤", "0.008", "0.01", "0.01", "NOT", "met"]
+    assert rows["API generation, naive ÷ project"] == ["≥", "600", "400", "400", "NOT", "met"]  # 4.0 ÷ 0.010
+    assert rows["API generation, batched generate ÷ project"] == ["≥", "2.5", "2", "2", "NOT", "met"]
+    assert rows["image generation, s/image (512 px, 20 steps, CFG)"] == ["≤", "0.055", "0.05", "0.05", "met"]
+    hours = cost.reproduction_hours(cost.cost_table(document), "DiffAgent")
+    assert rows["DiffAgent SD 1.5 reproduction, H100-hours"][2] == f"{hours:.4g}"
+    assert f"Seconds and hours below are on the {H100}." in printed
+    assert any(line.startswith(f"DiffAgent's reproduction on the project's path: {hours:.1f} H100-hours on the "
+                               f"{H100} against a budget of 6") for line in printed)
+    # a run that measured API calls but no images has no total to hold against the budget, and says why
+    document["benchmarks"] = document["benchmarks"][:1]
+    lines = cost.verdict_lines(document)
+    assert lines[-1].endswith("needs api_generation and image_generation measured")
+    assert [line.endswith("not measured") for line in lines[2:-1]] == [False, False, False, True, True]
 
 
 def test_datasheet_speeds_next_to_an_h100():

@@ -208,6 +208,7 @@ def _add_bench(commands) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import benchmarks
+    from .benchmarks import cost
     from .benchmarks.harness import results_document, summary_lines
     from .benchmarks.suite import check_names
     from .config import repo_root
@@ -231,6 +232,8 @@ def _bench(args: argparse.Namespace) -> int:
     document = benchmarks.run(size, device, names, progress=lambda line: print(line, flush=True),
                               keep_going=not args.fail_fast, on_update=lambda doc: benchmarks.save_results(doc, out))
     print("\n".join(summary_lines(document)))
+    for line in cost.verdict_lines(document):  # full size on a GPU: the H100 targets and the budget, at once
+        print(line)
     print(f"t2ibook bench: results -> {out}")
     return 1 if document["failed"] else 0
 

@@ -567,9 +567,33 @@ def budget_line(table, results: dict[str, Any] | None, target_hours: float) -> s
                 f"H100 seconds elsewhere ({gpu} has no datasheet figure to convert them by), against a budget of "
                 f"{target_hours:g} H100-hours: not compared; naive path: {naive:.0f} hours")
     within = "within" if hours * speed <= target_hours else "over"
-    on = "" if gpu == "H100" else f" on the {gpu} ({hours:.1f} GPU-hours there, ×{speed:.2f} by datasheet bf16 peaks)"
+    on = ("" if gpu == "H100" else f" on the {gpu}" if speed == 1.0 else
+          f" on the {gpu} ({hours:.1f} GPU-hours there, ×{speed:.2f} by datasheet bf16 peaks)")
     return (f"DiffAgent's reproduction on the project's path: {hours * speed:.1f} H100-hours{on} against a budget of "
             f"{target_hours:g} ({within} budget); naive path: {naive * speed:.0f} H100-hours")
+
+
+def verdict_lines(results: dict[str, Any] | None, target_hours: float = 6.0) -> list[str]:
+    """What `t2ibook bench --size full` prints after its timings: which GPU the hours are on, each H100 target
+    with what the run measured, and DiffAgent's reproduction against the budget, as notebook 14 shows them. Empty
+    for a file that measured nothing on a GPU (a CPU or tiny run: the targets are about full-size shapes)."""
+    if not _measured(results):
+        return []
+
+    def missing(value) -> bool:
+        return value is None or value != value  # None or NaN (pandas stores a missing float as NaN)
+    verdict = {True: "met", False: "NOT met"}
+    lines = [gpu_line(results), f"{'H100 target':<50} {'bound':>8} {'measured':>10} {'as on H100':>10}  verdict"]
+    for row in targets_table(results, target_hours).to_dict("records"):
+        measured, on_h100 = (("—" if missing(v) else f"{v:.4g}") for v in (row["measured"], row["as on an H100"]))
+        said = ("not measured" if missing(row["measured"]) else
+                "not compared" if missing(row["met"]) else verdict[bool(row["met"])])
+        lines.append(f"{row['target']:<50} {row['bound']:>8} {measured:>10} {on_h100:>10}  {said}")
+    if "api" in _measured(results) and "image" in _measured(results):
+        lines.append(budget_line(cost_table(results), results, target_hours))
+    else:
+        lines.append("DiffAgent's reproduction against the budget: needs api_generation and image_generation measured")
+    return lines
 
 
 def reproduction_hours(table, method: str, path: str = "project") -> float:
