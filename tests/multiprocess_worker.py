@@ -243,7 +243,8 @@ def main(out: Path, llm: str) -> None:
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "reward_clip": reward_table["clip"].tolist(), "reward_again_clip": reward_again["clip"].tolist(),
-            "reward_left": reward_left, "reward_removed": only_scores.removed,
+            "reward_left": reward_left,
+            "reward_removed": rewarding.stats["removed_once_scored"] + again.stats["removed_once_scored"],
             "dpo_log": dpo_log, "dpo_resumed_log": resumed_log, "dpo_synced_in": sorted(set(synced_in)), "proposals": proposals, "dpo_base": str(t2i.weights_store(ctx).base("SD 1.5").path)}))
         np.save(folder / "fid_rows.npy", fid_rows)
     # every process reports its own share of the drawing and of the FID features, so the test sees the work split

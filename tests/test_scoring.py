@@ -148,7 +148,8 @@ def test_scores_only_images_leave_the_cache_once_scored_and_are_not_drawn_again(
     run = scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
     table = run.generate_and_score(first, requests, block_size=2, keep={1}.__contains__)
     assert table["key"].tolist() == keys and first.stats["generated"] == 5 - 1  # 4 was found, the repeat reused
-    assert [cache.has(key) for key in keys] == [False, True, False, False, True, True] and run.removed == 3
+    assert [cache.has(key) for key in keys] == [False, True, False, False, True, True]
+    assert first.stats["removed_once_scored"] == 3
     # the same scores as a run that keeps every image, in a cache of its own
     other = tiny_ctx.runs_dir / "elsewhere"
     keeping = Executor(catalog, first.weights, ImageCache(other), first.config)
@@ -167,7 +168,7 @@ def test_scores_only_images_leave_the_cache_once_scored_and_are_not_drawn_again(
     third, once_more = executor(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
     np.testing.assert_allclose(once_more.generate_and_score(third, requests, block_size=2, keep={1}.__contains__)[
         "clip"], table["clip"], rtol=1e-5)
-    assert third.stats["generated"] == 1 and once_more.computed == 1 and once_more.removed == 1
+    assert third.stats["generated"] == 1 and once_more.computed == 1 and third.stats["removed_once_scored"] == 1
     assert not cache.has(keys[2])
     with pytest.raises(FileNotFoundError, match="only its cached scores were asked for"):
         again.generate([requests[0]], progress=False, needed=lambda key: False)[0].image
@@ -189,7 +190,7 @@ def test_fid_features_kept_on_disk_let_images_go_and_a_rerun_reads_them_back(tin
     first, embedded, run = executor(), features(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
     table = run.generate_and_score(first, requests, block_size=2, keep=lambda i: False, also=[embedded])
     keys, cache = table["key"].tolist(), ImageCache(tiny_ctx.runs_dir / "image_cache")
-    assert first.stats["generated"] == 4 and embedded.extracted == 4 and run.removed == 4
+    assert first.stats["generated"] == 4 and embedded.extracted == 4 and first.stats["removed_once_scored"] == 4
     assert not any(cache.has(key) for key in keys)
     files = sorted(embedded.store.glob("*.npz"))
     assert len(files) == 2 and embedded.store.parent == store  # one file per block, under the features' identity
@@ -211,7 +212,7 @@ def test_fid_features_kept_on_disk_let_images_go_and_a_rerun_reads_them_back(tin
     third, partial, once_more = executor(), features(), scoring.ScoringRun.for_run(tiny_ctx, names=("clip",))
     once_more.generate_and_score(third, requests, block_size=2, keep=lambda i: False, also=[partial])
     assert third.stats["generated"] == 2 and partial.extracted == 2 and once_more.computed == 0
-    assert once_more.removed == 2 and not any(cache.has(key) for key in keys)
+    assert third.stats["removed_once_scored"] == 2 and not any(cache.has(key) for key in keys)
     np.testing.assert_array_equal(partial.rows(keys), rows)
     # features of another size are another set, and a key never embedded is named with the fix
     assert features().features_id != FidFeatures(tiny_ctx.model_path("clip"), image_size=64, store=store).features_id

@@ -1016,7 +1016,7 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
         return run.scored(keys[i]) and all(run.cache.get(keys[i], name, vqa.weights_id) is not None
                                            for name in names)
     return score_then_remove(executor, requests, score_block, scored=scored, keep=keep, block_size=block_size,
-                             keys=keys, spare=spare)[0]
+                             keys=keys, spare=spare)
 
 
 def pair_rows(table, image_for, weights: Sequence[float] = PAPER_WEIGHTS) -> list[dict]:

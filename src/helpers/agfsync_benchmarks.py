@@ -342,7 +342,7 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
             table = score_in_blocks(executor, requests, score_block, block_size)
         else:
             table = score_then_remove(executor, requests, score_block, scored=scored, keep=lambda i: keys[i] in kept,
-                                      block_size=block_size, keys=keys, owned=owned, spare=later)[0]
+                                      block_size=block_size, keys=keys, owned=owned, spare=later)
         tables.append(pd.DataFrame(owners).assign(key=table["key"], metric=metric, value=table["value"]))
     columns = ["benchmark", "source", "system", "prompt_id", "category", "prompt", "seed", "key", "metric", "value"]
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)

@@ -140,7 +140,7 @@ def reward_candidates(rows: list[dict[str, Any]], ctx, catalog: ModelCatalog, *,
         owner["reward"] = sum(owner["unified"]) / len(owner["unified"])
     return {"images": len(requests), "images_drawn": executor.stats["generated"],
             "scores_computed": scorer.computed, "scores_reused": scorer.reused,
-            **({} if keep_images else {"images_removed_once_scored": scorer.removed})}
+            **({} if keep_images else {"images_removed_once_scored": executor.stats["removed_once_scored"]})}
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

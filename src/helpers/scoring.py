@@ -210,7 +210,6 @@ class ScoringRun:
     cache: ScoreCache
     computed: int = 0
     reused: int = 0
-    removed: int = 0  # images `generate_and_score` removed once scored (`keep`)
 
     @classmethod
     def for_run(cls, ctx: "RunContext", names: Sequence[str] = ("clip", "hps", "image_reward")) -> "ScoringRun":
@@ -270,18 +269,16 @@ class ScoringRun:
         if keep is None:
             return score_in_blocks(executor, requests, score_block, block_size)
         keys = [executor.key(request) for request in requests]
-        table, removed = score_then_remove(
+        return score_then_remove(
             executor, requests, score_block, keep=keep, block_size=block_size, keys=keys,
             scored=lambda i: self.scored(keys[i]) and all(features.has(keys[i]) for features in also))
-        self.removed += removed
-        return table
 
 
 def score_then_remove(executor, requests: Sequence["Request"], score_block, *, scored: Callable[[int], bool],
                       keep: Callable[[int], bool], block_size: int | None = None,
                       keys: Sequence[str] | None = None, owned: Collection[str] = (),
                       spare: Collection[str] = ()):
-    """`score_in_blocks` for a stage that needs the scores, not the pictures; (table, images removed).
+    """`score_in_blocks` for a stage that needs the scores, not the pictures.
 
     An image this call draws leaves the image cache once its block is scored (`score_block` has cached what it
     needs), unless `keep(index)`; an image found in the cache stays, since another stage may show it, unless it is
@@ -289,7 +286,7 @@ def score_then_remove(executor, requests: Sequence["Request"], score_block, *, s
     here, without being drawn for it (a later call asks for it too, and removes it). An image is
     drawn only when kept or when `scored(index)` is False for one of its requests, so a rerun draws only what has
     a score missing. Under a multi-process launch the main process removes the images, after the block's scores
-    have reached every process; it alone counts them, also in `executor.stats["removed_once_scored"]`. `keys`: the
+    have reached every process; it alone counts them, in `executor.stats["removed_once_scored"]`. `keys`: the
     requests' image keys, if already computed.
     """
     keys = list(keys) if keys is not None else [executor.key(request) for request in requests]
@@ -297,21 +294,18 @@ def score_then_remove(executor, requests: Sequence["Request"], score_block, *, s
     for i, key in enumerate(keys):
         indices_of.setdefault(key, []).append(i)
     kept = {keys[i] for i in range(len(requests)) if keep(i)}
-    removed = 0
 
     def block(indices: list[int], generated: Sequence["Generated"]):
-        nonlocal removed
         table = score_block(indices, generated)
         if is_main_process():  # every process has scored its share of the block by now
-            gone = executor.cache.discard(g.key for g in generated if (not g.cached or g.key in owned)
-                                          and g.key not in kept and g.key not in spare)
-            removed += gone
-            executor.stats["removed_once_scored"] += gone
+            executor.stats["removed_once_scored"] += executor.cache.discard(
+                g.key for g in generated if (not g.cached or g.key in owned) and g.key not in kept
+                and g.key not in spare)
         return table
 
     def needed(key: str) -> bool:
         return key in kept or not all(scored(i) for i in indices_of[key])
-    return score_in_blocks(executor, requests, block, block_size, needed=needed), removed
+    return score_in_blocks(executor, requests, block, block_size, needed=needed)
 
 
 def score_in_blocks(executor, requests: Sequence["Request"], score_block, block_size: int | None = None,
