@@ -46,10 +46,12 @@ def test_aesthetic_loader_keeps_the_saved_mlp_and_scores_like_a_hand_computation
     for key, tensor in scorer.mlp.state_dict().items():
         assert torch.equal(tensor, saved[key]), key
     images = _noise_images(3)
-    scores = scorer.score(images, ["ignored"] * 3, batch_size=2)
+    scorer.batch_size = 2
+    scores = scorer.score(images, ["ignored"] * 3)
     assert scores.shape == (3,) and np.isfinite(scores).all()
-    np.testing.assert_array_equal(scores, scorer.score(images, batch_size=2))  # repetition changes nothing
+    np.testing.assert_array_equal(scores, scorer.score(images))  # repetition changes nothing
     # batching changes nothing beyond float rounding (a batch of 3 may take other matmul kernels than 2 + 1)
+    scorer.batch_size = 32
     np.testing.assert_allclose(scores, scorer.score(images), rtol=1e-6, atol=1e-7)
 
     with torch.no_grad():  # by hand: CLIP image features, L2 norm, then the five linear layers (no activations)

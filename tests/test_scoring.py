@@ -250,3 +250,44 @@ def test_scorers_preprocess_images_in_threads_with_the_scores_of_one_call(tiny_c
     for name in scorers:
         np.testing.assert_array_equal(scores[3][name], scores[1][name], err_msg=name)
     assert any(name.startswith("preprocess") for name in threads) and threading.main_thread().name in threads
+
+
+def test_every_scorer_scores_a_batch_that_runs_out_of_memory_in_halves_and_keeps_the_size_that_fitted(
+        tiny_ctx, caplog):
+    """The paper recipe's scoring batches are sized for an 80 GB GPU: on a smaller one a batch that runs out of
+    memory is scored again in halves (`scorers.base.in_fitting_batches`), with the same values, and the scorer
+    keeps the size that fitted. Out of memory is simulated: any image batch of more than 2 fails to allocate."""
+    import torch
+
+    from helpers.scorers.fid import FidFeatures
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(5)]
+    prompts = [f"a lighthouse in a storm, {i}" for i in range(5)]
+    scorers = {name: scoring.load_scorer(name, tiny_ctx) for name in ("clip", "hps", "image_reward", "aesthetic")}
+    scorers["fid"] = FidFeatures(tiny_ctx.model_path("clip"), image_size=32)
+    score = lambda name: np.asarray(scorers[name]._embed(images) if name == "fid" else  # noqa: E731
+                                    scorers[name].score(images, prompts), dtype=np.float64)
+    for name, scorer in scorers.items():
+        scorer.batch_size = 2
+        fitting = score(name)
+        scorer.batch_size = 4
+        failures = []
+
+        def too_many(module, args):
+            if args[0].shape[0] > 2:  # the patch embedding (or stem) of each image tower sees the image batch
+                failures.append(args[0].shape[0])
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        modules = {id(m): m for value in vars(scorer).values() if isinstance(value, torch.nn.Module)
+                   for m in value.modules() if isinstance(m, torch.nn.Conv2d)}
+        hooks = [module.register_forward_pre_hook(too_many) for module in modules.values()]
+        caplog.clear()
+        try:
+            halved = score(name)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert failures == [4], name  # the first batch of 4 failed once; then 2, 2 and the last 1 fitted
+        assert scorer.batch_size == 2, name
+        np.testing.assert_allclose(halved, fitting, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert "ran out of accelerator memory with 4 rows at once; going on with at most 2" in caplog.text, name

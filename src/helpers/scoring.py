@@ -15,7 +15,7 @@ import torch
 
 from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
-from .scorers.base import local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .scorers.base import in_fitting_batches, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
 from .speed import fitting_batches
 from .t2i import decoded
 
@@ -103,17 +103,15 @@ class ClipScorer:
     @torch.no_grad()
     def cosine(self, images, prompts: Sequence[str]) -> np.ndarray:
         """Cosine of each image with its own prompt."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = self.processor(text=list(prompts[start:start + self.batch_size]), return_tensors="pt",
-                                   padding=True, truncation=True).to(self.device)
+        def batch_cosine(images, prompts):
+            text = self.processor(text=prompts, return_tensors="pt", padding=True, truncation=True).to(self.device)
             pixels = pixels_in_threads(lambda chunk: self.processor(images=rgb(chunk), return_tensors="pt")[
-                "pixel_values"], images[start:start + self.batch_size])
-            image = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
-            text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            image, text = pooled(image), pooled(text)
-            out.append(torch.nn.functional.cosine_similarity(image.float(), text.float()).cpu().numpy())
-        return np.concatenate(out).astype(np.float64)
+                "pixel_values"], images)
+            image = pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype)))
+            words = pooled(self.model.get_text_features(input_ids=text["input_ids"],
+                                                        attention_mask=text["attention_mask"]))
+            return torch.nn.functional.cosine_similarity(image.float(), words.float())
+        return np.asarray(in_fitting_batches(self, batch_cosine, images, list(prompts)), dtype=np.float64)
 
     def score(self, images, prompts: Sequence[str]) -> np.ndarray:
         return clip_score(self.cosine(images, prompts))

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..device import place
-from .base import fetch, is_local, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .base import fetch, in_fitting_batches, is_local, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 PAPER_CLIP = "openai/clip-vit-large-patch14"
@@ -48,8 +48,9 @@ class AestheticScorer:
 
     name = "aesthetic"
 
-    def __init__(self, clip, processor, mlp: AestheticMLP, weights: str):
+    def __init__(self, clip, processor, mlp: AestheticMLP, weights: str, batch_size: int = 32):
         self.clip, self.processor, self.mlp, self.weights_id = clip, processor, mlp, weights
+        self.batch_size = batch_size
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -60,12 +61,11 @@ class AestheticScorer:
         return nn.functional.normalize(features.float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None,
-              batch_size: int = 32) -> np.ndarray:
-        """Aesthetic score per image (raw LAION scale, roughly 1–10 on real CLIP weights)."""
-        scores = [self.mlp(self.embed(images[i:i + batch_size]).to(self.device))[:, 0]
-                  for i in range(0, len(images), batch_size)]
-        return torch.cat(scores).cpu().numpy() if scores else np.zeros(0, dtype=np.float32)
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None) -> np.ndarray:
+        """Aesthetic score per image (raw LAION scale, roughly 1–10 on real CLIP weights); prompts are not used."""
+        def batch_scores(images, _):
+            return self.mlp(self.embed(images).to(self.device))[:, 0]
+        return np.asarray(in_fitting_batches(self, batch_scores, images), dtype=np.float32)
 
     @property
     def device(self) -> torch.device:

@@ -131,6 +131,25 @@ def pixels_in_threads(transform, images: Sequence, workers: int | None = None) -
     return torch.cat(chunks_in_threads(transform, images, workers))
 
 
+def in_fitting_batches(owner, score_batch, images: Sequence, prompts: Sequence[str] | None = None) -> list:
+    """`score_batch(images, prompts)` (a tensor, one value or row per image) over batches of at most
+    `owner.batch_size` images; the rows as float32 numpy, in input order (prompts None: `score_batch` gets None).
+
+    A batch that runs out of accelerator memory is scored again in halves, and `owner.batch_size` keeps the size
+    that fitted for later calls (`speed.fitting_batches`): the paper recipe's batches are sized for an 80 GB GPU."""
+    from ..speed import fitting_batches
+
+    if prompts is not None and len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
+
+    def batch(indices: list[int]) -> list:
+        found = score_batch([images[i] for i in indices], None if prompts is None else [prompts[i] for i in indices])
+        return list(found.detach().float().cpu().numpy())
+    rows, owner.batch_size = fitting_batches(batch, range(len(images)), owner.batch_size,
+                                             f"{getattr(owner, 'name', type(owner).__name__)} scoring")
+    return rows
+
+
 def normalize(pixels: "torch.Tensor", mean=CLIP_MEAN, std=CLIP_STD) -> "torch.Tensor":
     """(B, 3, H, W) pixels in [0, 1] → normalised with per-channel mean and std."""
     import torch

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from ..distributed import is_main_process
-from .base import pixels_in_threads, pooled
+from .base import in_fitting_batches, pixels_in_threads, pooled
 
 INCEPTION = "inception"
 
@@ -132,14 +132,13 @@ class FidFeatures:
         return np.stack([self.by_key[key] for key in keys]).astype(dtype, copy=False) if keys else np.zeros((0, 0))
 
     def _embed(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
-        rows = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            with torch.no_grad():
-                found = self.extractor(pixels_in_threads(lambda chunk: as_uint8(chunk, self.image_size),
-                                                         batch).to(self.device))
-            # kept as the network gives them (float32), so the store holds them exactly; FID reads float64
-            rows.extend(found.float().cpu().numpy().reshape(len(batch), -1))
+        @torch.no_grad()
+        def features(batch, _):
+            found = self.extractor(pixels_in_threads(lambda chunk: as_uint8(chunk, self.image_size), batch).to(
+                self.device))
+            return found.reshape(len(batch), -1)
+        # kept as the network gives them (float32), so the store holds them exactly; FID reads float64
+        rows = in_fitting_batches(self, features, images)
         self.extracted += len(images)
         return rows
 

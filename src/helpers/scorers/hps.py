@@ -218,13 +218,9 @@ class HpsScorer:
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One raw cosine per image (float64), each against its own prompt."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            scores.append((self.image_features(images[batch]) * self.text_features(prompts[batch])).sum(-1))
-        return torch.cat(scores).double().cpu().numpy() if scores else np.zeros(0)
+        return np.asarray(base.in_fitting_batches(
+            self, lambda images, prompts: (self.image_features(images) * self.text_features(prompts)).sum(-1),
+            images, prompts), dtype=np.float64)
 
 
 def load_hps(source: str, device: str = "cpu", dtype: torch.dtype | None = None,

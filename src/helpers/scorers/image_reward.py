@@ -223,11 +223,9 @@ class ImageRewardScorer:
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray:
         """One normalised reward per image (float64), each against its own prompt."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image")
-        rewards = [self.model(**self.inputs(images[i:i + self.batch_size], prompts[i:i + self.batch_size]))
-                   for i in range(0, len(images), self.batch_size)]
-        return torch.cat(rewards).double().cpu().numpy() if rewards else np.zeros(0)
+        def batch_rewards(images, prompts):
+            return self.model(**self.inputs(images, prompts))
+        return np.asarray(base.in_fitting_batches(self, batch_rewards, images, prompts), dtype=np.float64)
 
 
 def load_image_reward(source: str, device: str = "cpu", dtype: torch.dtype | None = None,
