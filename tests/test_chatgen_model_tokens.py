@@ -268,6 +268,28 @@ def test_greedy_selection_matches_an_oracle(lm):
     assert len(names_seen) >= 2 and names_seen <= set(MODEL_NAMES)
 
 
+def test_a_selection_batch_that_runs_out_of_memory_is_decoded_again_in_halves(lm, monkeypatch, caplog):
+    """The same choices and texts as batches that fit; the first batch of 4 fails once, and the rest keep to 2.
+    Out of memory is simulated: the head fails on more than 2 rows at once."""
+    from helpers.chatgen import model_tokens
+
+    model, tokenizer = lm
+    contexts = [{"messages": e["messages"], "prompt": e["prompt"]} for e in toy_examples()[:6]]
+    head = ModelTokenHead(model, MODEL_NAMES, tokenizer)
+    fitting = select_models(head, tokenizer, contexts, max_new_tokens=3, batch_size=2, return_written=True)
+    choose, rows = model_tokens._greedy_choice, []
+
+    def too_many(head, input_ids, *args):
+        rows.append(len(input_ids))
+        if len(input_ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return choose(head, input_ids, *args)
+    monkeypatch.setattr(model_tokens, "_greedy_choice", too_many)
+    assert select_models(head, tokenizer, contexts, max_new_tokens=3, batch_size=4, return_written=True) == fitting
+    assert rows == [4, 2, 2, 2]  # batches of 4 and 2 by length: the 4 failed, then ran as 2 + 2; the 2 fitted
+    assert "ChatGen model selection ran out of accelerator memory with 4 rows" in caplog.text
+
+
 def test_save_load_round_trip(lm, llama_folder, tmp_path):
     model, tokenizer = lm
     examples = toy_examples()

@@ -380,22 +380,28 @@ def select_models(head: ModelTokenHead, tokenizer, contexts: Sequence[Mapping[st
                   max_new_tokens: int = 0, batch_size: int = 16,
                   return_written: bool = False) -> list[str] | list[tuple[str, str]]:
     """The catalog model chosen for each context ({messages, prompt}); with `return_written`, (name, text the model
-    wrote before its model token) pairs."""
+    wrote before its model token) pairs. A batch that runs out of GPU memory is decoded again in halves, and the
+    later batches keep to the size that fitted (`speed.fitting_batches`)."""
     if max_new_tokens < 0 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and batch_size={batch_size} >= 1")
     from ..distributed import map_sharded
-    from ..speed import length_buckets
+    from ..speed import fitting_batches, length_buckets
 
     head.eval()
     eos_ids = _eos_ids(head, tokenizer)
     encoded = [context_ids(tokenizer, c) for c in contexts]
+    fits = batch_size
+
+    def decode(part: list[int]) -> list[tuple[int, list[int]]]:
+        batch = _left_padded([encoded[i] for i in part], _pad_id(tokenizer), head.rows.device)
+        return list(zip(*_greedy_choice(head, batch["input_ids"], batch["attention_mask"], max_new_tokens, eos_ids)))
 
     def here(share: list[list[int]]) -> list[list[tuple[int, list[int]]]]:
+        nonlocal fits
         found = []
         for chunk in share:
-            batch = _left_padded([encoded[i] for i in chunk], _pad_id(tokenizer), head.rows.device)
-            found.append(list(zip(*_greedy_choice(head, batch["input_ids"], batch["attention_mask"],
-                                                  max_new_tokens, eos_ids))))
+            picks, fits = fitting_batches(decode, chunk, fits, "ChatGen model selection")
+            found.append(picks)
         return found
 
     # contexts of like length batched together; under a launch each process decodes its share of whole batches
