@@ -559,3 +559,41 @@ def test_catalog_weights_sum_each_callable_version_and_each_loras_base_once(tmp_
     assert rows[("Checkpoint", "SD 1.5")]["hours to download"] == pytest.approx(20.48 / 3600)
     assert cost.crawl_source(crawl / "models.jsonl") == "local"
     assert cost.CATALOG_FILES == ("01_crawl_civitai/models.jsonl", "04_build_dabench/dabench.jsonl")
+
+
+def test_a_path_whose_batch_runs_out_of_memory_in_the_warm_up_records_the_batch_it_was_timed_at(monkeypatch):
+    """On a smaller GPU the project's batches halve in the warm-up (`speed.fitting_batches`); the results file then
+    says which batch the seconds are for, and which the plan asked for. Out of memory is simulated: any batch of
+    more than 8 rows (prompts, or images through a vision tower's patch embedding) fails to allocate."""
+    import torch
+
+    from helpers.benchmarks import shapes, suite
+
+    def too_many(module, args, kwargs):
+        rows = (args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+        if rows is not None and rows.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def limited(build):
+        def built(*args, **kwargs):
+            made = build(*args, **kwargs)
+            for model in made.values() if isinstance(made, dict) else [made]:
+                model = getattr(model, "model", model)
+                hooked = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)] or [model]
+                for module in hooked:
+                    module.register_forward_pre_hook(too_many, with_kwargs=True)
+            return made
+        return built
+    monkeypatch.setattr(shapes, "causal_lm", limited(shapes.causal_lm))
+    monkeypatch.setattr(shapes, "unified_reward_scorers", limited(shapes.unified_reward_scorers))
+    api = suite.bench_api_generation("tiny", "cpu")["paths"]  # plan: batches of 16
+    assert api["naive"]["settings"].get("batch") is None  # one prompt at a time: never too many
+    for name in ("batched_generate", "project"):
+        assert (api[name]["settings"]["batch"], api[name]["settings"]["batch_asked"]) == (8, 16), name
+    scoring = suite.bench_scoring("tiny", "cpu")
+    naive, project = scoring["paths"]["naive"]["settings"], scoring["paths"]["project"]["settings"]
+    assert naive["batch"] == 1 and "batch_asked" not in naive and (project["batch"], project["batch_asked"]) == (8, 16)
+    # the summary and notebook 14's table say so
+    document = {"device": {"device": "cpu", "name": "CPU"}, "size": "tiny", "benchmarks": [scoring]}
+    assert summary_lines(document)[-1].endswith("project at batch 8 (asked 16: out of memory)")
+    assert cost.measured_table([document])["other"].tolist() == ["project at batch 8 (asked 16: out of memory)"]

@@ -644,10 +644,11 @@ def plot_costs(table, gpu: str = "H100"):
 def measured_table(documents: list[dict[str, Any]]):
     """One row per benchmark per results file: device, size, naive and project s/unit, ratio, and each path's peak
     GPU memory in GiB (NaN on a CPU): what tells a 40 GB card from an 80 GB one. `other` holds the further ratios,
-    and the peak memory of paths beyond the two compared (RRHF's full fine-tune next to its LoRA step)."""
+    the peak memory of paths beyond the two compared (RRHF's full fine-tune next to its LoRA step), and any path
+    timed at a smaller batch than planned because the GPU ran out of memory."""
     import pandas as pd
 
-    from .harness import headline
+    from .harness import headline, smaller_batches
 
     nan = float("nan")
     rows = []
@@ -657,6 +658,7 @@ def measured_table(documents: list[dict[str, Any]]):
             others = [f"{k} {v:g}" for k, v in bench["ratios"].items() if k != "naive/project"]
             others += [f"{name} peak {path['peak_memory_gib']:g} GiB" for name, path in bench["paths"].items()
                        if name not in bench["headline"] and path.get("peak_memory_gib") is not None]
+            others += smaller_batches(bench)
             rows.append({"device": document["device"].get("name"), "size": document["size"],
                          "benchmark": bench["name"], "unit": bench["unit"],
                          "naive": naive["seconds_per_unit"], "project": project["seconds_per_unit"],

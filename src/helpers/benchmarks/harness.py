@@ -70,6 +70,16 @@ def time_path(name: str, run: Callable[[], int], device: str, *, warmup: Callabl
                       round(peak, 2) if peak is not None else None, settings or {})
 
 
+def ran_at(timing: PathTiming, asked: Any, ran: Any) -> PathTiming:
+    """Record in `timing.settings["batch"]` the batch size its timed run used: a path whose batch ran out of GPU
+    memory in the warm-up goes on at a smaller one (`speed.fitting_batches`), and then its seconds are for that
+    size; `batch_asked` keeps the size the plan asked for."""
+    timing.settings["batch"] = ran
+    if ran != asked:
+        timing.settings["batch_asked"] = asked
+    return timing
+
+
 def row(name: str, unit: str, shapes: dict[str, Any], paths: list[PathTiming], notes: str = "") -> dict[str, Any]:
     """A results row; `ratio` = first path ÷ second (naive ÷ project), plus every other path ÷ the project's."""
     by_name = {p.path: p.__dict__ for p in paths}
@@ -125,6 +135,13 @@ def _seconds(value: float) -> str:
     return f"{value:.4g} s"
 
 
+def smaller_batches(bench: dict[str, Any]) -> list[str]:
+    """"<path> at batch N (asked M: out of memory)" for each path of a results row timed at a smaller batch than
+    its plan asked for (`ran_at`)."""
+    return [f"{name} at batch {path['settings']['batch']} (asked {path['settings']['batch_asked']}: out of memory)"
+            for name, path in bench["paths"].items() if "batch_asked" in path.get("settings", {})]
+
+
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """The results as a text table: benchmark, unit, every path's time per unit, naive ÷ project."""
     device = document["device"]
@@ -132,8 +149,8 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
              f"{'benchmark':<18} {'unit':<8} {'naive':>12} {'project':>12} {'ratio':>8}  other paths"]
     for bench in document["benchmarks"]:
         naive, project = headline(bench)
-        others = ", ".join(f"{name} {_seconds(p['seconds_per_unit'])}" for name, p in bench["paths"].items()
-                           if name not in bench["headline"])
+        others = ", ".join([f"{name} {_seconds(p['seconds_per_unit'])}" for name, p in bench["paths"].items()
+                            if name not in bench["headline"]] + smaller_batches(bench))
         lines.append(f"{bench['name']:<18} {bench['unit']:<8} {_seconds(naive['seconds_per_unit']):>12} "
                      f"{_seconds(project['seconds_per_unit']):>12} {bench['ratio']:>7.2f}x  {others}")
     lines += [f"{failure['name']:<18} FAILED   {failure['error']}" for failure in document.get("failed", [])]

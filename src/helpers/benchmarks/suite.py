@@ -20,7 +20,7 @@ import torch
 
 from .. import speed
 from . import photos, shapes
-from .harness import PathTiming, row, synchronize, time_path
+from .harness import PathTiming, ran_at, row, synchronize, time_path
 
 # work per benchmark and size: enough units that the timed part dominates, little enough for CI on two cores
 PLAN: dict[str, dict[str, dict[str, Any]]] = {
@@ -94,9 +94,12 @@ def bench_api_generation(size: str, device: str) -> dict[str, Any]:
                        settings={"batch": plan["batch"], "cache": "dynamic"}),
              time_path("project", batched(project), device, warmup=lambda: warm(project),
                        settings={"batch": plan["batch"], "cache": "static", "bucket": project.bucket})]
-    # what ran, not what was asked: greedy_decode decodes eagerly if compiling failed in the warm-up
+    # what ran, not what was asked: greedy_decode decodes eagerly if compiling failed in the warm-up, and in
+    # smaller batches if a batch ran out of memory there
     paths[-1].settings.update(cuda_graphs=project.compile and project.compile_error is None,
                               compile_error=project.compile_error)
+    for timing, settings in zip(paths[1:], (dynamic, project)):
+        ran_at(timing, plan["batch"], settings.batch_size)
     params = sum(p.numel() for p in model.parameters())
     return row("api_generation", "s/API", {"parameters": params, "dtype": str(_half(device)), **plan}, paths,
                "greedy decoding; project = helpers.speed.greedy_decode as helpers.agent uses it")
@@ -170,6 +173,8 @@ def bench_scoring(size: str, device: str) -> dict[str, Any]:
                                                                             prompts[:plan["batch"]])
                                                                     for s in scorers.values()],
                         settings={"batch": plan["batch"], "dtype": str(_half(device))})
+    ran = {name: scorer.batch_size for name, scorer in scorers.items()}  # smaller where the warm-up ran out of memory
+    ran_at(project, plan["batch"], ran.popitem()[1] if len(set(ran.values())) == 1 else ran)
     params = {name: sum(p.numel() for p in s.model.parameters()) for name, s in scorers.items()}
     return row("scoring", "s/image", {"parameters": params, **plan}, [naive, project],
                "CLIP + ImageReward + HPS v2 per image (the unified reward's three scorers)")
