@@ -597,3 +597,31 @@ def test_a_path_whose_batch_runs_out_of_memory_in_the_warm_up_records_the_batch_
     document = {"device": {"device": "cpu", "name": "CPU"}, "size": "tiny", "benchmarks": [scoring]}
     assert summary_lines(document)[-1].endswith("project at batch 8 (asked 16: out of memory)")
     assert cost.measured_table([document])["other"].tolist() == ["project at batch 8 (asked 16: out of memory)"]
+
+
+def test_the_flop_estimates_rest_on_what_torch_counts_for_the_paper_shapes():
+    """SD 1.5's UNet at 512 px and Llama-7B, built on the meta device (no memory, no compute): the constants the
+    FLOP estimates use are torch's own counts, and a Diffusion-DPO pair is hand-worked from them: winner and loser
+    each trained (3 forwards) with the checkpointing recompute (1), and the frozen reference's 2 forwards."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.benchmarks.shapes import LLAMA_7B, SD15_UNET
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        llama = LlamaForCausalLM(LlamaConfig(**LLAMA_7B, tie_word_embeddings=False))
+        latents, text = torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 768)
+    with FlopCounterMode(display=False) as forward:
+        unet(latents, torch.tensor([500], device="meta"), text)
+    with FlopCounterMode(display=False) as trained:
+        unet(latents, torch.tensor([500], device="meta"), text).sample.sum().backward()
+    assert forward.get_total_flops() == pytest.approx(cost.SD15_UNET_FORWARD_FLOP, rel=0.01)
+    assert trained.get_total_flops() == pytest.approx(cost.SD15_UNET_TRAIN_FLOP, rel=0.01)
+    assert sum(p.numel() for p in unet.parameters()) == pytest.approx(cost.SD15_UNET_PARAMS, rel=1e-4)
+    assert sum(p.numel() for p in llama.parameters()) == pytest.approx(cost.LLAMA7B_PARAMS, rel=0.01)
+    flop = lambda unit: cost._flop_seconds(unit)["project"] * cost.H100_BF16_PEAK * cost.UTILISATION["project"]  # noqa
+    assert flop("dpo_pair") == pytest.approx(2 * (3 + 1) * 0.80e12 + 2 * 0.80e12)  # 8.0 TFLOP
+    assert flop("train_token_lora") == pytest.approx(6 * 6.7e9) and flop("train_token_full") == pytest.approx(8 * 6.7e9)

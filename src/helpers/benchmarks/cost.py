@@ -43,7 +43,10 @@ TIFA_QUESTIONS, TIFA_TEXTS = 25_000, 4_081  # TIFA v1.0: ~25K questions on 4,081
 TIFA_FLOP = TIFA_QUESTIONS / TIFA_TEXTS * (2 * 1.2e9 * 72 + 5 * 30 * 2 * 1.6e9) + 2 * 1.0e9 * 257
 LLAMA7B_PARAMS = 6.7e9
 INTERNVL2_2B_PARAMS = 2.2e9
-SD15_UNET_TRAIN_FLOP = 3 * 2 * 0.8e12  # one 512-px UNet forward ≈ 0.8 TFLOP (1.6 with CFG); training ≈ 3× forward
+SD15_UNET_FORWARD_FLOP = 0.80e12  # one 512-px UNet forward, 77 text tokens (torch's FlopCounterMode: 0.803e12)
+SD15_UNET_TRAIN_FLOP = 3 * SD15_UNET_FORWARD_FLOP  # forward + backward of one image (FlopCounterMode: 2.41e12)
+# Every paper-recipe trainer checkpoints activations (notebooks 06, 07, 11 and 13): the backward pass runs each
+# forward again, one more forward's FLOP per token or image
 SD15_UNET_PARAMS = 859.5e6
 SD15_VAE_ENCODE_FLOP = 1.08e12  # one 512-px image through the SD 1.5 VAE encoder (torch's FlopCounterMode)
 SD15_POSTERIOR_BYTES = 2 * 4 * 64 * 64 * 4  # a 512-px image's posterior mean and std, 4×64×64 each, in float32
@@ -57,11 +60,11 @@ UNIT_WORK = {
     "score": "one image through CLIP B/16 + ImageReward + HPS v2",
     "vqa": "one image's ~8 yes/no questions on BLIP-2 (AGFSync)",
     "tifa": "one image's ~6 TIFA questions, free-form answers, 5 beams",
-    "train_token_lora": "one training token, 7B with LoRA",
-    "train_token_full": "one training token, 7B, all weights",
-    "train_token_full_2b": "one training token, 2B (InternVL2), all weights",
+    "train_token_lora": "one training token, 7B with LoRA, activations checkpointed",
+    "train_token_full": "one training token, 7B, all weights, activations checkpointed",
+    "train_token_full_2b": "one training token, 2B (InternVL2), all weights, activations checkpointed",
     "forward_token_2b": "one token through the frozen 2B model (ModelTokens: only the new head rows learn)",
-    "dpo_pair": "one Diffusion-DPO preference pair at 512 px from its latents (SD 1.5 UNet)",
+    "dpo_pair": "one Diffusion-DPO preference pair at 512 px from its latents (SD 1.5 UNet, checkpointed)",
     "vae_encode": "one 512-px image through the SD 1.5 VAE encoder",
 }
 
@@ -347,10 +350,12 @@ def catalog_weights(crawl_models: Path, dabench: Path, download_mb_per_s: float 
 
 def _flop_seconds(unit: str) -> dict[str, float] | None:
     flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP, "tifa": TIFA_FLOP,
-            "train_token_lora": 4 * LLAMA7B_PARAMS,  # forward + activation gradients; frozen weights get none
-            "train_token_full": 6 * LLAMA7B_PARAMS, "train_token_full_2b": 6 * INTERNVL2_2B_PARAMS,
+            # forward, its recompute, activation gradients; frozen weights get none
+            "train_token_lora": (2 + 2 + 2) * LLAMA7B_PARAMS,
+            "train_token_full": (6 + 2) * LLAMA7B_PARAMS, "train_token_full_2b": (6 + 2) * INTERNVL2_2B_PARAMS,
             "forward_token_2b": 2 * INTERNVL2_2B_PARAMS,  # no weight gradients; the head rows' are negligible
-            "dpo_pair": 2 * SD15_UNET_TRAIN_FLOP + 2 * 0.8e12,  # winner + loser, + the reference's forwards
+            # winner + loser trained (with the recompute), + the frozen reference's forwards
+            "dpo_pair": 2 * (SD15_UNET_TRAIN_FLOP + SD15_UNET_FORWARD_FLOP) + 2 * SD15_UNET_FORWARD_FLOP,
             "vae_encode": SD15_VAE_ENCODE_FLOP}.get(unit)
     if flop is None:
         return None
