@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,3 +434,36 @@ def test_baseline_prompt_is_few_shot(text_chat, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- Table 6
+
+
+def test_vlm_micro_batches_train_the_same_steps_as_the_whole_batch(folders, tmp_path):
+    """3 chats a step as 3 passes of 1 (notebook 11's sft_micro_batch_size): the same losses and weight updates as
+    3 at once; the Trainer normalises the reply-token loss over the whole step. Plain SGD without clipping, in
+    fp32, so the weights move by the gradient itself: a wrongly scaled one (3x) would show."""
+    from safetensors.torch import load_file
+
+    from helpers.sft import micro_batches
+
+    _, vlm = folders
+    losses, saved = [], []
+    for micro in (0, 1):
+        config = sft_config(tmp_path / str(micro), max_steps=2, optim="sgd", max_grad_norm=0.0, bf16=False,
+                            **micro_batches(3, micro))
+        result = evo.train_stage1(str(vlm), TRAIN, config, tmp_path / f"stage1-{micro}", image_for=image_for)
+        assert result["steps"] == 2
+        losses.append([row["loss"] for row in json.loads((tmp_path / f"stage1-{micro}" / "log_history.json")
+                                                         .read_text()) if "loss" in row])
+        saved.append(load_file(tmp_path / f"stage1-{micro}" / "model.safetensors"))
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    before = load_file(next(Path(vlm).glob("*.safetensors")))
+    compared = 0
+    for name, tensor in saved[0].items():
+        whole, split = tensor - before[name], saved[1][name] - before[name]
+        if name.endswith("self_attn.k_proj.bias"):  # softmax ignores a key bias: its gradient is float noise
+            continue
+        if whole.norm() == 0:  # the vision tower's last layer: LLaVA reads the features of the one before
+            assert split.norm() == 0, name
+            continue
+        assert (split - whole).norm() / whole.norm() < 1e-2, name
+        compared += 1
+    assert compared > len(saved[0]) // 2

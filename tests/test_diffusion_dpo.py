@@ -420,3 +420,19 @@ def test_ablation_variants_without_pairs_are_named_with_their_weights():
     require_pairs({"VQA only": [{"prompt": "a"}], "CLIP only": [{"prompt": "a"}], "mix": [{"prompt": "a"}]}, variants)
     with pytest.raises(ValueError, match=r"'VQA only' \(weights 1,0,0\), 'mix' \(weights 0.35,0.55,0.1\);.*ablation"):
         require_pairs({"VQA only": [], "CLIP only": [{"prompt": "a"}], "mix": []}, variants)
+
+
+def test_training_that_runs_out_of_gpu_memory_names_the_recipe_setting_to_change(sd_folder, tmp_path, monkeypatch):
+    from helpers import config as book_config
+    from helpers import diffusion_dpo
+
+    def out_of_memory(self, rows):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+    monkeypatch.setattr(DiffusionDPOTrainer, "compute_loss", out_of_memory)
+    ctx = book_config.setup("tiny", 0, quiet=True)
+    settings = tiny_config(tmp_path, gradient_accumulation_steps=3)
+    with pytest.raises(torch.OutOfMemoryError, match=r"Diffusion-DPO ran out of GPU memory with 2 examples per "
+                                                     r"forward pass \(3 passes per optimizer step\): give the "
+                                                     r"notebook 1 example per pass .* each optimizer step still "
+                                                     r"sees 6, in 6 passes"):
+        diffusion_dpo.train_variant(ctx, str(sd_folder), pairs(2), settings, tmp_path / "aligned")

@@ -363,3 +363,26 @@ def test_train_agent_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken
                                                                                       "model.safetensors")
     for name, tensor in unbroken.items():
         torch.testing.assert_close(ended[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_micro_batches_train_the_same_steps_as_the_whole_batch(llm_folder, tokenizer, tmp_path):
+    """4 prompts a step as 2 passes of 2 (notebook 07's micro_batch_size): the same losses and weight updates as 4
+    at once. Plain SGD without clipping, so the weights move by the gradient itself: a wrongly scaled one shows."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers.sft import micro_batches
+
+    before = AutoModelForCausalLM.from_pretrained(llm_folder).state_dict()
+    losses, updates = [], []
+    for micro in (0, 2):
+        model = AutoModelForCausalLM.from_pretrained(llm_folder)
+        args = rrhf_args(tmp_path / str(micro), max_steps=2, optim="sgd", max_grad_norm=0.0,
+                         **micro_batches(4, micro))
+        trainer = RRHFTrainer(model=model, args=args, train_dataset=build_rrhf_dataset(THREE_CANDIDATE_ROWS),
+                              processing_class=tokenizer)
+        trainer.train()
+        losses.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
+        updates.append({name: tensor - before[name] for name, tensor in model.state_dict().items()})
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, whole in updates[0].items():
+        assert whole.norm() > 0 and (updates[1][name] - whole).norm() / whole.norm() < 1e-2, name

@@ -148,3 +148,43 @@ def test_a_cpu_launch_of_several_processes_trains_data_parallel(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     sft.launch_device_default(args)
     assert args.use_cpu is True and distributed.cpu_launch()
+
+
+def test_micro_batches_split_the_step_into_accumulated_passes_or_name_a_divisor():
+    assert sft.micro_batches(16) == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}
+    assert sft.micro_batches(16, 4) == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}
+    with pytest.raises(ValueError,
+                       match=r"sft_micro_batch_size=3 must divide sft_batch_size=8 \(one of \[1, 2, 4, 8\]"):
+        sft.micro_batches(8, 3, names=("sft_batch_size", "sft_micro_batch_size"))
+
+
+def test_micro_batches_train_the_same_steps_as_the_whole_batch(llm, tmp_path):
+    """Batch 4 as 2 passes of 2: the same losses and weights as 4 at once, so a smaller GPU runs the recipe's
+    optimizer steps unchanged (TRL normalises the token loss over the whole step). Plain SGD without clipping, so
+    the weights move by the gradient itself: a wrongly scaled one (2x) would show."""
+    losses, weights = [], []
+    for micro in (0, 2):
+        config = _config(tmp_path / str(micro), max_steps=2, optim="sgd", max_grad_norm=0.0,
+                         **sft.micro_batches(4, micro))
+        sft.train(llm, sft.sft_dataset(RECORDS), config, tmp_path / f"agent{micro}")
+        losses.append([row["loss"] for row in json.loads((tmp_path / f"agent{micro}" / "log_history.json").read_text())
+                       if "loss" in row])
+        weights.append(models.load_causal_lm(str(tmp_path / f"agent{micro}"))[0].state_dict())
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    before = models.load_causal_lm(llm)[0].state_dict()
+    for name, tensor in weights[0].items():  # each tensor's update, the same within float summation order
+        whole, split = tensor - before[name], weights[1][name] - before[name]
+        assert whole.norm() > 0 and (split - whole).norm() / whole.norm() < 1e-2, name
+
+
+def test_sft_that_runs_out_of_gpu_memory_names_the_recipe_setting_to_change(llm, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    def out_of_memory(self, model, inputs, num_items_in_batch=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(Trainer, "training_step", out_of_memory)
+    config = _config(tmp_path, **sft.micro_batches(4, 2))
+    with pytest.raises(torch.OutOfMemoryError, match=r"SFT ran out of GPU memory with 2 examples per forward pass "
+                                                     r"\(2 passes per optimizer step\): give the notebook 1 "
+                                                     r"example per pass"):
+        sft.train(llm, sft.sft_dataset(RECORDS), config, tmp_path / "agent")

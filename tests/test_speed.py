@@ -261,6 +261,25 @@ def test_what_counts_as_running_out_of_memory():
     assert not speed.out_of_memory(ValueError("out of memory"))
 
 
+def test_training_that_runs_out_of_memory_says_which_recipe_setting_to_change():
+    allocator = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        with speed.training_memory_hint("SFT", per_pass=16, accumulation=2, checkpointing=False):
+            raise allocator
+    said = str(caught.value)
+    assert said.startswith("SFT ran out of GPU memory with 16 examples per forward pass (2 passes per optimizer step)")
+    assert "give the notebook 8 examples per pass in the recipe (06_sft and 07_rrhf: micro_batch_size;" in said
+    assert "each optimizer step still sees 32, in 4 passes" in said and "activation checkpointing" in said
+    assert caught.value.__cause__ is allocator  # the allocator's own report stays in the traceback
+    with pytest.raises(torch.OutOfMemoryError, match="one example per pass is already the least") as caught:
+        with speed.training_memory_hint("RRHF", per_pass=1, accumulation=4, checkpointing=True):
+            raise RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+    assert "activation checkpointing" not in str(caught.value)  # already on
+    with pytest.raises(ValueError, match="not memory"):  # anything else passes through untouched
+        with speed.training_memory_hint("SFT", per_pass=4, accumulation=1, checkpointing=False):
+            raise ValueError("not memory")
+
+
 def test_fitting_batches_halve_a_part_that_runs_out_of_memory_and_keep_to_the_size_that_fitted():
     tried, done = [], []
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .display import say
 from .distributed import launched_world_size, world
 from .manifest import resume_point
-from .speed import quiet_clip_truncation
+from .speed import quiet_clip_truncation, training_memory_hint
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCES = ("copy", "lora-disabled")
@@ -793,7 +793,9 @@ def train_variant(ctx, base_path: str, rows, config: DiffusionDPOConfig, out: Pa
         say(f"Diffusion-DPO: {out} was trained with these settings, data and code; kept")
         return kept
     done.unlink(missing_ok=True)
-    log = trainer.train()
+    with training_memory_hint("Diffusion-DPO", config.train_batch_size, config.gradient_accumulation_steps,
+                              config.gradient_checkpointing):
+        log = trainer.train()
     trainer.save(out / "unet")
     pipeline_with_unet(base_path, out / "unet", out / "pipeline")
     atomic_write_json(out / "log.json", log)

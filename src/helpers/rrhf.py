@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .generation import user_message
-from .sft import LoraArguments, save_trained, trainer_resume_point, training_defaults
+from .sft import LoraArguments, memory_hint_for, save_trained, trainer_resume_point, training_defaults
 
 IGNORE_INDEX = -100
 
@@ -334,9 +334,10 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
             model = get_peft_model(model, config.peft_config())
     trainer = RRHFTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
                           processing_class=tokenizer)
-    before = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset, code=(__name__,)))
-    after = trainer.evaluate()
+    with memory_hint_for("RRHF", config):
+        before = trainer.evaluate()
+        result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset, code=(__name__,)))
+        after = trainer.evaluate()
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]

@@ -82,6 +82,30 @@ def training_defaults(args) -> None:
         args.dataloader_pin_memory = False
 
 
+def micro_batches(batch_size: int, micro_batch_size: int = 0, *, names: tuple[str, str] = ("batch_size",
+                                                                                          "micro_batch_size")
+                  ) -> dict[str, int]:
+    """TrainingArguments' `per_device_train_batch_size` and `gradient_accumulation_steps` for `batch_size` examples
+    per optimizer step, taken `micro_batch_size` at a time (0: all at once). The same steps on the same examples
+    in less GPU memory: the paper recipe's batches are sized for an 80 GB GPU. `names`: the notebook's parameters,
+    for the error."""
+    micro = micro_batch_size or batch_size
+    if batch_size < 1 or micro < 1 or batch_size % micro:
+        fits = [d for d in range(1, batch_size + 1) if batch_size % d == 0] if batch_size >= 1 else []
+        raise ValueError(f"{names[1]}={micro_batch_size} must divide {names[0]}={batch_size} (one of {fits}; 0 takes "
+                         f"the whole batch at once), so that every optimizer step still sees {names[0]} examples")
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": batch_size // micro}
+
+
+def memory_hint_for(work: str, args):
+    """`speed.training_memory_hint` with a TrainingArguments' pass size, accumulation and checkpointing."""
+    from .speed import training_memory_hint
+
+    checkpointing = bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+    return training_memory_hint(work, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                checkpointing)
+
+
 # TrainingArguments fields that do not change what a run trains: a resume point stays valid when they change
 RESUME_FREE = frozenset({"output_dir", "logging_dir", "run_name", "logging_steps", "logging_strategy",
                          "logging_first_step", "save_steps", "save_strategy", "save_total_limit", "report_to",
@@ -144,7 +168,8 @@ def train(model_path: str, dataset, config: AgentSFTConfig, output: Path) -> dic
     model = AutoModelForCausalLM.from_pretrained(model_path)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=config.peft_config())
-    result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset))
+    with memory_hint_for("SFT", config):
+        result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset))
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     _model_card(Path(output), model_path, config, len(dataset), losses)

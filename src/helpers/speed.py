@@ -120,6 +120,38 @@ def fitting_batches(run: Callable[[list], Sequence], items: Sequence, limit: int
     return results, limit
 
 
+# the recipe parameters that set a trainer's forward-pass size and its activation checkpointing, per notebook
+MICRO_BATCH_SETTINGS = ("06_sft and 07_rrhf: micro_batch_size; 11_chatgen_evo: sft_micro_batch_size; "
+                        "13_diffusion_dpo: train_batch_size, with gradient_accumulation_steps raised to match")
+CHECKPOINTING_SETTINGS = "06_sft, 07_rrhf, 13_diffusion_dpo: gradient_checkpointing; 11_chatgen_evo: " \
+                         "sft_gradient_checkpointing"
+
+
+@contextmanager
+def training_memory_hint(work: str, per_pass: int, accumulation: int, checkpointing: bool):
+    """Inside: training that runs out of accelerator memory stops with what to change in the recipe, instead of
+    the allocator's report alone (kept as the cause). A trainer is not retried in halves as decoding is: a
+    smaller pass changes the step unless accumulation makes up for it, and the recipe should say so for a rerun."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only running out of memory gets the hint
+        if not out_of_memory(error):
+            raise
+        if per_pass > 1:
+            half = per_pass // 2
+            fix = (f"give the notebook {half} example{'s' * (half > 1)} per pass in the recipe "
+                   f"({MICRO_BATCH_SETTINGS}): each optimizer step still sees {per_pass * accumulation}, in "
+                   f"{2 * accumulation} passes")
+        else:
+            fix = "one example per pass is already the least; a shorter max_length, LoRA or a larger GPU is left"
+        if not checkpointing:
+            fix += f"; turning on activation checkpointing saves more ({CHECKPOINTING_SETTINGS})"
+        raise torch.OutOfMemoryError(
+            f"{work} ran out of GPU memory with {per_pass} examples per forward pass ({accumulation} passes per "
+            f"optimizer step): {fix}. Checkpoints of other settings are not resumed: the run trains from step 0."
+        ) from error
+
+
 def greedy_decode(model, prompts: Sequence[Sequence[int]], *, pad_id: int, max_new_tokens: int,
                   settings: DecodeSettings | None = None, progress=None, batches: Sequence[Sequence[int]] | None = None,
                   **generate_kwargs) -> list[list[int]]:

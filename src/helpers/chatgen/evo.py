@@ -160,7 +160,7 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
     from ..distributed import cpu_launch
-    from ..sft import trainer_resume_point
+    from ..sft import memory_hint_for, trainer_resume_point
 
     if steps < 1 or batch_size < 1 or not conversations:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and conversations non-empty")
@@ -191,7 +191,8 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
         trainer = _resuming_trainer(Trainer)(model=model, args=args, train_dataset=rows,
                           data_collator=lambda batch: final_reply_batch(processor, [r["messages"] for r in batch],
                                                                         pictures(batch)))
-        trained = trainer.train(resume_from_checkpoint=trainer_resume_point(args, rows, code=(__name__,)))
+        with memory_hint_for(title, args):
+            trained = trainer.train(resume_from_checkpoint=trainer_resume_point(args, rows, code=(__name__,)))
     output = Path(output)
     trainer.model.save_pretrained(output)  # under a launch transformers writes on the main process only
     processor.save_pretrained(output)
