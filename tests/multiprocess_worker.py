@@ -50,7 +50,7 @@ def main(out: Path, llm: str) -> None:
     night = [f"a {animal} at night" for animal in ("fox", "owl", "cat")]
     cache = ApiCallCache(out / f"calls_world{world_size}_rank{rank}.jsonl")
     if rank == 0:
-        cache.put_many([(ApiCallCache.key(trained.model_id, night[0], {"strategy": "greedy", "max_new_tokens": 6}),
+        cache.put_many([(ApiCallCache.key(trained.model_id, night[0], trained.decoding(6)),
                          "cached answer")])
     (out / f"sft_loads_world{world_size}_rank{rank}.json").write_text(json.dumps({
         "weights": trained.model.model.embed_tokens.weight[:2, :3].tolist(),

@@ -46,6 +46,29 @@ def test_other_decoding_settings_are_other_cache_entries(tiny_agent):
         ApiCallCache.key(tiny_agent.model_id, "p", {"max_new_tokens": 9})
 
 
+def test_a_run_loads_its_agent_in_the_runs_dtype_unless_every_weight_trains(llm_folder, tmp_path, monkeypatch):
+    """On a GPU the run's dtype is bf16 (forced here on the CPU): the agent decodes in it, as `t2ibook bench`
+    times decoding; one that trains in all its weights next (RRHF without LoRA) is loaded in fp32. An answer
+    written in one dtype is not read back for the other."""
+    import torch
+
+    from helpers import config, device
+
+    monkeypatch.setattr(device, "pick_dtype", lambda name: torch.bfloat16)
+    ctx = config.setup("tiny", 0, quiet=True)
+    assert ctx.dtype == torch.bfloat16
+    decoding = Agent.for_run(llm_folder, ctx)
+    training = Agent.for_run(llm_folder, ctx, trains_all_weights=True)
+    assert {p.dtype for p in decoding.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in training.model.parameters()} == {torch.float32}
+    assert decoding.decoding(8) == {"strategy": "greedy", "max_new_tokens": 8, "dtype": "bfloat16"}
+    cache = ApiCallCache(tmp_path / "calls.jsonl")
+    written = training.api_calls(["a heron"], max_new_tokens=4, cache=cache, progress=False)
+    monkeypatch.setattr(decoding, "_decode", lambda todo, *a: {key: "decoded in bf16" for key in todo})
+    assert decoding.api_calls(["a heron"], max_new_tokens=4, cache=cache, progress=False) == ["decoded in bf16"]
+    assert training.api_calls(["a heron"], max_new_tokens=4, cache=cache, progress=False) == written
+
+
 def test_a_very_long_prompt_is_cut_to_fit_the_context(tiny_agent):
     prompt = "castle " * 5000
     budget = tiny_agent.prompt_budget(16)

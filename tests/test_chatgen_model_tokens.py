@@ -330,3 +330,18 @@ def test_a_saved_head_names_a_local_base_model_relative_to_itself_so_the_run_fol
     with pytest.raises(ValueError, match="names no base model; pass base_model_path"):
         ModelTokenHead.load(tmp_path / "moved" / "tokens")
 
+
+
+def test_a_head_on_a_bf16_lm_keeps_fp32_rows_and_trains_them(llama_folder):
+    """Stage 2 loads the frozen LM on the run's device in its dtype (bf16 on a GPU, here on the CPU): the rows stay
+    fp32, the features they train on are fp32, and the rows move while the LM does not."""
+    head, tokenizer = ModelTokenHead.from_base(llama_folder, MODEL_NAMES, "cpu", torch.bfloat16)
+    assert {p.dtype for p in head.model.parameters()} == {torch.bfloat16} and head.rows.dtype == torch.float32
+    examples = toy_examples()
+    features = head.context_features(torch.tensor([context_ids(tokenizer, examples[0])]))
+    assert features.dtype == torch.float32 and features.shape == (1, head.hidden_size + 2)
+    frozen = {name: p.detach().clone() for name, p in head.model.named_parameters()}
+    rows = head.rows.detach().clone()
+    log = train_model_tokens(head, tokenizer, examples, steps=3, lr=1e-2, batch_size=4, progress=False)
+    assert all(math.isfinite(row["loss"]) for row in log) and not torch.equal(head.rows.detach(), rows)
+    assert all(torch.equal(p, frozen[name]) for name, p in head.model.named_parameters())

@@ -447,3 +447,11 @@ def test_a_model_loaded_on_use_loads_once_and_only_when_used():
     assert not loads
     assert lazy.get("answer") == 42 and lazy.get("other") is None
     assert loads == [1] and lazy.loaded  # loaded on first use, once
+
+
+def test_blip2_answers_in_the_runs_bf16_but_never_in_fp16():
+    from helpers.scorers.vqa import vqa_dtype
+
+    # bf16 as the run and the VQA benchmark; Flan-T5 overflows in fp16 (older GPUs' dtype), so fp32 there
+    assert [vqa_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == \
+        [torch.bfloat16, torch.float32, torch.float32]

@@ -89,6 +89,20 @@ class Agent:
         model, tokenizer = load_causal_lm(str(path), device, dtype)
         return cls(model, tokenizer, model_identity(path), str(path))
 
+    @classmethod
+    def for_run(cls, path: str | Path, ctx, *, trains_all_weights: bool = False) -> "Agent":
+        """`load` on the run's device in its dtype: bf16 on a GPU, the precision `t2ibook bench` times decoding
+        in (fp32 doubles the weights' and the static cache's memory: a 7B agent and its cache for 128 prompts no
+        longer fit 80 GB). fp32 for an agent whose every weight trains next (AdamW on bf16 weights loses small
+        updates); LoRA adapters train in fp32 on the frozen bf16 base."""
+        return cls.load(path, ctx.device, torch.float32 if trains_all_weights else ctx.dtype)
+
+    def decoding(self, max_new_tokens: int) -> dict[str, Any]:
+        """What, besides the model and the prompt, decides a greedy answer (part of its `ApiCallCache` key): an
+        answer written in fp32 is not reused for the same agent decoding in bf16."""
+        return {"strategy": "greedy", "max_new_tokens": max_new_tokens,
+                "dtype": str(self.model.dtype).removeprefix("torch.")}
+
     @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
@@ -103,7 +117,7 @@ class Agent:
         """The agent's greedy answer to each prompt, decoded in length-sorted batches; cached answers are reused."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
-        decoding = {"strategy": "greedy", "max_new_tokens": max_new_tokens}
+        decoding = self.decoding(max_new_tokens)
         budget = self.prompt_budget(max_new_tokens)
         keys = [ApiCallCache.key(self.model_id, prompt, decoding) for prompt in prompts]
         answers: dict[str, str] = {}

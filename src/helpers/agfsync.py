@@ -948,12 +948,13 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     open already (at paper scale the file holds millions of rows: read it once per stage, not once per scorer).
     """
     from .models import resolve
-    from .scorers.vqa import load_vqa_on_use
+    from .scorers.vqa import load_vqa_on_use, vqa_dtype
     from .scoring import ScoreCache, cached_answers
 
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [vqa_names(asked) for asked in questions]
-    scorer = scorer if scorer is not None else load_vqa_on_use(resolve("vqa", ctx), ctx.device)
+    if scorer is None:
+        scorer = load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
     probabilities = cached_answers(
         generated, questions, names, scorer.weights_id, cache, desc="VQA", images_per_batch=images_per_batch,
         model=scorer, answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
@@ -998,11 +999,11 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
     keeps them all.
     """
     from .models import resolve
-    from .scorers.vqa import load_vqa_on_use
+    from .scorers.vqa import load_vqa_on_use, vqa_dtype
     from .scoring import ScoringRun, score_in_blocks, score_then_remove
 
     run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
-    vqa = load_vqa_on_use(resolve("vqa", ctx), ctx.device)
+    vqa = load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
 
     def score_block(indices, generated):
         return score_images(generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run,

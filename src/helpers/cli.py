@@ -104,7 +104,7 @@ def _suggest(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no DABench at {dabench_path} to check the call against; run notebook 04 first "
                                     f"(t2ibook run --config configs/{args.profile}.yaml --to 04)")
         catalog = ModelCatalog.from_dabench(dabench_path)
-        result = suggest(Agent.load(path, ctx.device), args.prompt, catalog, args.max_new_tokens)
+        result = suggest(Agent.for_run(path, ctx), args.prompt, catalog, args.max_new_tokens)
     except (FileNotFoundError, ValueError, OSError) as error:
         print(f"t2ibook suggest: {error}", file=sys.stderr)
         return 2

@@ -256,7 +256,7 @@ def run_stage(folder: Path, ctx, dabench_path: Path, agents: Mapping[str, Path],
     cache = ApiCallCache(ctx.runs_dir / "agent_cache" / "api_calls.jsonl")
     texts: dict[str, dict[str, list[str]]] = {}
     for name, path in {**agents, **variants}.items():
-        agent = Agent.load(path, ctx.device)
+        agent = Agent.for_run(path, ctx)
         chosen = sets if name in agents else {"dabench_test": sets["dabench_test"]}  # variants: DABench test only
         texts[name] = {s: agent.api_calls([p["prompt"] for p in items], batch_size=decode_batch_size,
                                           max_new_tokens=max_new_tokens, cache=cache) for s, items in chosen.items()}

@@ -369,7 +369,8 @@ def run_stage(folder: Path, ctx, dabench_path: Path, sft_model: Path, proposal: 
     records = read_jsonl(dabench_path)
     catalog = ModelCatalog.from_records(records)
     align = [record for record in records if record["split"] == "align"][:num_prompts or None]
-    agent = Agent.load(sft_model, ctx.device)
+    full = not trainer_kwargs.get("use_lora", False)  # an agent trained in all its weights is loaded in fp32
+    agent = Agent.for_run(sft_model, ctx, trains_all_weights=full)
     texts = propose(agent, [r["instruction"]["prompt"] for r in align], seed=ctx.seed, **proposal)
     rows = [{"record": r["id"], "prompt": r["instruction"]["prompt"], "negative_prompt": r["instruction"]["negative_prompt"],
              "architecture": r["architecture"], "raw": raw,
@@ -387,7 +388,7 @@ def run_stage(folder: Path, ctx, dabench_path: Path, sft_model: Path, proposal: 
     counts.update(train_agent(agent.model, agent.tokenizer, dataset, folder / "model", **trainer_kwargs))
     del agent
     for rank_weight, ce_weight in weight_variants:
-        variant = Agent.load(sft_model, ctx.device)
+        variant = Agent.for_run(sft_model, ctx, trains_all_weights=full)
         name = variant_name(rank_weight, ce_weight)
         kwargs = {**trainer_kwargs, "rank_loss_weight": rank_weight, "ce_loss_weight": ce_weight}
         counts[f"variant_{name}_last_loss"] = train_agent(variant.model, variant.tokenizer, dataset,

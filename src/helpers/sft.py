@@ -253,7 +253,7 @@ def check_agents(folder: Path, agents: dict[str, str], records: Sequence[dict[st
     rows = [{"prompt": prompt, "reference": answer_text(record["api"])} for prompt, record in zip(prompts, records)]
     rates = {}
     for name, path in agents.items():
-        agent = Agent.load(path, ctx.device)
+        agent = Agent.for_run(path, ctx)
         for row, text in zip(rows, agent.api_calls(prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                    cache=cache)):
             row[name] = text

@@ -45,8 +45,6 @@ def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_co
           token_lr: float, token_batch_size: int, image_for) -> dict[str, Any]:
     """ChatGen-Base (one SFT model answering everything), Evo stage 1 (prompt writing) and Evo stage 2 (ModelTokens
     on the text model of the stage-1 model, only the new rows train). Stage 3 needs no training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..distributed import is_main_process
     from ..manifest import atomic_write_json
     from .evo import train_base, train_stage1
@@ -63,9 +61,9 @@ def train(folder: Path, ctx, samples: list[ChatSample], chat_source: str, sft_co
         shutil.rmtree(sft_config.output_dir, ignore_errors=True)
     shutil.rmtree(folder / STAGE2_BASE, ignore_errors=True)  # a text-only stage 1 leaves none: no stale copy either
     tower = language_tower(folder / "stage1", folder / STAGE2_BASE)
-    tokenizer = AutoTokenizer.from_pretrained(tower)
     names = sorted({s.target["model"] for s in samples})
-    head = ModelTokenHead(AutoModelForCausalLM.from_pretrained(tower), names, tokenizer)
+    # on the run's device: at paper scale stage 2 runs ~38 million tokens through the frozen 2B LM (cost model)
+    head, tokenizer = ModelTokenHead.from_base(tower, names, ctx.device, ctx.dtype)
     log = train_model_tokens(head, tokenizer, [selection_example(s) for s in train_samples], steps=token_steps,
                              lr=token_lr, batch_size=token_batch_size, seed=ctx.seed)
     head.save(folder / "model_tokens")
@@ -86,12 +84,12 @@ def predict(folder: Path, ctx, samples: list[ChatSample], records, catalog, chat
     test = [s for s in samples if s.split == "test"]
     train_samples = [s for s in samples if s.split == "train"]
     demonstrations = [r for r in records if r["split"] == "train"]
-    head, tokenizer = ModelTokenHead.load(folder / "model_tokens", stage2_base(folder), ctx.device)
-    evo = run_evo(load_chat_model(folder / "stage1", ctx.device), head, tokenizer, test, catalog, demonstrations,
-                  image_for, k=k, prompt_tokens=max_new_tokens)
-    base = run_base(load_chat_model(folder / "base", ctx.device), test, catalog, image_for,
+    head, tokenizer = ModelTokenHead.load(folder / "model_tokens", stage2_base(folder), ctx.device, ctx.dtype)
+    evo = run_evo(load_chat_model(folder / "stage1", ctx.device, ctx.dtype), head, tokenizer, test, catalog,
+                  demonstrations, image_for, k=k, prompt_tokens=max_new_tokens)
+    base = run_base(load_chat_model(folder / "base", ctx.device, ctx.dtype), test, catalog, image_for,
                     max_new_tokens=max_new_tokens + 64)
-    baseline = run_baseline(load_chat_model(chat_source, ctx.device), test, catalog,
+    baseline = run_baseline(load_chat_model(chat_source, ctx.device, ctx.dtype), test, catalog,
                             examples=train_samples[:baseline_examples], image_for=image_for,
                             max_new_tokens=max_new_tokens)
     by_id = {s.id: s for s in test}

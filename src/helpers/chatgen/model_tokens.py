@@ -211,6 +211,17 @@ class ModelTokenHead(torch.nn.Module):
         return folder
 
     @classmethod
+    def from_base(cls, base_model_path: str | Path, model_names: Sequence[str], device: str = "cpu",
+                  dtype: torch.dtype | None = None):
+        """(head, tokenizer): new rows, initialised from the model names, on the causal LM at `base_model_path`,
+        loaded on `device` in `dtype`. The frozen LM may run in bf16 on a GPU; the rows, the only weights that
+        train, stay fp32, and the features they train on are computed in fp32 (`_lm`)."""
+        from ..models import load_causal_lm
+
+        model, tokenizer = load_causal_lm(str(base_model_path), device=device, dtype=dtype)
+        return cls(model, model_names, tokenizer), tokenizer
+
+    @classmethod
     def load(cls, folder: str | Path, base_model_path: str | Path | None = None, device: str = "cpu",
              dtype: torch.dtype | None = None):
         """(head, tokenizer): the base causal LM from `base_model_path` with the saved rows on top. Without

@@ -253,6 +253,12 @@ def load_vqa(source: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     return VqaScorer(place(model, device), processor, vqa_weights_id(source))
 
 
+def vqa_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BLIP-2 answers in for a run in `dtype`: bf16 as the run (the precision `t2ibook bench` times it
+    in), fp32 instead of fp16, in which Flan-T5's activations overflow."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def load_vqa_on_use(source: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """`load_vqa(source)` deferred to its first use (`LoadedOnUse`); its weights id is known at once, so a run whose
     answers are all cached never loads BLIP-2, and the blocks of a long run share one copy."""
