@@ -947,14 +947,13 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     loaded only when something is left to ask (or passed in as `scorer`). `cache`: the run's `ScoreCache`, if one is
     open already (at paper scale the file holds millions of rows: read it once per stage, not once per scorer).
     """
-    from .models import resolve
-    from .scorers.vqa import load_vqa_on_use, vqa_dtype
+    from .scorers.vqa import load_vqa_for_run
     from .scoring import ScoreCache, cached_answers
 
     cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [vqa_names(asked) for asked in questions]
     if scorer is None:
-        scorer = load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
+        scorer = load_vqa_for_run(ctx)
     probabilities = cached_answers(
         generated, questions, names, scorer.weights_id, cache, desc="VQA", images_per_batch=images_per_batch,
         model=scorer, answer=lambda model, images, asked: model.yes_probability(images, asked).tolist())
@@ -998,12 +997,11 @@ def generate_and_score_images(executor, requests, owners: Sequence[Mapping[str, 
     (`scoring.score_then_remove`, with `spare`); the count is in `executor.stats["removed_once_scored"]`. None
     keeps them all.
     """
-    from .models import resolve
-    from .scorers.vqa import load_vqa_on_use, vqa_dtype
+    from .scorers.vqa import load_vqa_for_run
     from .scoring import ScoringRun, score_in_blocks, score_then_remove
 
     run = ScoringRun.for_run(ctx, ("clip", "aesthetic"))
-    vqa = load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
+    vqa = load_vqa_for_run(ctx)
 
     def score_block(indices, generated):
         return score_images(generated, [owners[i] for i in indices], questions_by_prompt, ctx, weights, run=run,

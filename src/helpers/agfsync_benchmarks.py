@@ -190,11 +190,11 @@ def tifa_models(ctx, answering: str, scorer=None, encoder=None) -> tuple[Any, An
     run's BLIP-2 and TIFA encoder, each loaded on its first use (`LoadedOnUse`)."""
     from .models import load_text_encoder, resolve
     from .scorers.base import LoadedOnUse, local_weight_files, weights_id
-    from .scorers.vqa import load_vqa_on_use, vqa_dtype
+    from .scorers.vqa import load_vqa_for_run
 
     check_answering(answering)
     if scorer is None:
-        scorer = load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
+        scorer = load_vqa_for_run(ctx)
     if answering == "likeliest":
         return scorer, None
     if encoder is None:

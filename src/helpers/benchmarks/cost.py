@@ -45,8 +45,6 @@ LLAMA7B_PARAMS = 6.7e9
 INTERNVL2_2B_PARAMS = 2.2e9
 SD15_UNET_FORWARD_FLOP = 0.80e12  # one 512-px UNet forward, 77 text tokens (torch's FlopCounterMode: 0.803e12)
 SD15_UNET_TRAIN_FLOP = 3 * SD15_UNET_FORWARD_FLOP  # forward + backward of one image (FlopCounterMode: 2.41e12)
-# Every paper-recipe trainer checkpoints activations (notebooks 06, 07, 11 and 13): the backward pass runs each
-# forward again, one more forward's FLOP per token or image
 SD15_UNET_PARAMS = 859.5e6
 SD15_VAE_ENCODE_FLOP = 1.08e12  # one 512-px image through the SD 1.5 VAE encoder (torch's FlopCounterMode)
 SD15_POSTERIOR_BYTES = 2 * 4 * 64 * 64 * 4  # a 512-px image's posterior mean and std, 4×64×64 each, in float32
@@ -349,6 +347,8 @@ def catalog_weights(crawl_models: Path, dabench: Path, download_mb_per_s: float 
 
 
 def _flop_seconds(unit: str) -> dict[str, float] | None:
+    # Every paper-recipe trainer checkpoints activations (notebooks 06, 07, 11 and 13): the backward pass runs each
+    # forward again, one more forward's FLOP per training token or image
     flop = {"score": SCORE_FLOP, "vqa": VQA_FLOP, "tifa": TIFA_FLOP,
             # forward, its recompute, activation gradients; frozen weights get none
             "train_token_lora": (2 + 2 + 2) * LLAMA7B_PARAMS,
@@ -582,7 +582,8 @@ def verdict_lines(results: dict[str, Any] | None, target_hours: float = 6.0) -> 
     """What `t2ibook bench --size full` prints after its timings: which GPU the hours are on, each H100 target
     with what the run measured, and DiffAgent's reproduction against the budget, as notebook 14 shows them. Empty
     for a file that measured nothing on a GPU (a CPU or tiny run: the targets are about full-size shapes)."""
-    if not _measured(results):
+    measured = _measured(results)
+    if not measured:
         return []
 
     def missing(value) -> bool:
@@ -590,11 +591,11 @@ def verdict_lines(results: dict[str, Any] | None, target_hours: float = 6.0) -> 
     verdict = {True: "met", False: "NOT met"}
     lines = [gpu_line(results), f"{'H100 target':<50} {'bound':>8} {'measured':>10} {'as on H100':>10}  verdict"]
     for row in targets_table(results, target_hours).to_dict("records"):
-        measured, on_h100 = (("—" if missing(v) else f"{v:.4g}") for v in (row["measured"], row["as on an H100"]))
+        value, on_h100 = (("—" if missing(v) else f"{v:.4g}") for v in (row["measured"], row["as on an H100"]))
         said = ("not measured" if missing(row["measured"]) else
                 "not compared" if missing(row["met"]) else verdict[bool(row["met"])])
-        lines.append(f"{row['target']:<50} {row['bound']:>8} {measured:>10} {on_h100:>10}  {said}")
-    if "api" in _measured(results) and "image" in _measured(results):
+        lines.append(f"{row['target']:<50} {row['bound']:>8} {value:>10} {on_h100:>10}  {said}")
+    if "api" in measured and "image" in measured:
         lines.append(budget_line(cost_table(results), results, target_hours))
     else:
         lines.append("DiffAgent's reproduction against the budget: needs api_generation and image_generation measured")

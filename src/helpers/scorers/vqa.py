@@ -267,6 +267,13 @@ def load_vqa_on_use(source: str | Path, device: str = "cpu", dtype: torch.dtype 
     return LoadedOnUse(lambda: load_vqa(source, device, dtype), vqa_weights_id(source))
 
 
+def load_vqa_for_run(ctx):
+    """The run's BLIP-2 (`models.resolve("vqa")`) on its device, in `vqa_dtype`, loaded on its first use."""
+    from ..models import resolve
+
+    return load_vqa_on_use(resolve("vqa", ctx), ctx.device, vqa_dtype(ctx.dtype))
+
+
 def vqa_weights_id(source: str | Path) -> str:
     """The id a VqaScorer from `source` caches its answers under (read without loading the model)."""
     return weights_id(source, *local_weight_files(source))
