@@ -1067,8 +1067,6 @@ def run_preferences_stage(folder, ctx, generator, *, per_category: int, dedup_th
     """Notebook 12: prompts → dedup → QA → candidates → scores → best/worst pairs as an HF dataset."""
     from pathlib import Path
 
-    import pandas as pd
-
     from .manifest import append_jsonl
     from .models import load_text_encoder, resolve
     from .t2i import Executor, ModelCatalog, default_api

@@ -381,7 +381,6 @@ class DiffusionDPOTrainer:
         prepared = rows if isinstance(rows, _Prepared) else self._prepare(rows)
         sizes, crops, prompts = prepared.sizes, prepared.crops, prepared.prompts
         generators = [self._pair_generator(position) for position in prepared.positions]
-        num_pairs = len(prepared.positions)
         # each pair's draws in a fixed order: winner latent, loser latent, noise, timestep
         latents = self._latents(prepared, generators + generators)
         shape = latents.shape[1:]
@@ -742,7 +741,7 @@ def pipeline_with_unet(base: str | Path, unet_folder: Path, out: Path) -> Path:
 class AlignedWeights:
     """A weights store that runs named extra models (the DPO-aligned pipelines) and defers the rest to `inner`."""
 
-    def __init__(self, inner, extra: Mapping[str, "Weights"]):
+    def __init__(self, inner, extra: Mapping[str, Any]):
         self.inner, self.extra = inner, dict(extra)
 
     def checkpoint(self, model):

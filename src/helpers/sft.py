@@ -153,19 +153,25 @@ class AgentSFTConfig(SFTConfig, LoraArguments):
                              "(TRL then masks the prompt for prompt–completion data)")
 
 
-def train(model_path: str, dataset, config: AgentSFTConfig, output: Path) -> dict[str, Any]:
+def train(model_path: str, dataset, config: AgentSFTConfig, output: Path, base_dtype=None) -> dict[str, Any]:
     """Fine-tune the causal LM at `model_path` on `dataset`; save model (LoRA merged) + tokenizer + card to `output`.
 
-    With `save_steps` set, a run that stopped resumes from the last checkpoint in `config.output_dir` left by the
+    `base_dtype`: the weights' dtype as loaded (None: fp32). Only for LoRA, whose base stays frozen: a bf16 base
+    halves its memory (13.5 GB for a 7B model) while PEFT keeps the adapters, which train, in fp32. With
+    `save_steps` set, a run that stopped resumes from the last checkpoint in `config.output_dir` left by the
     same settings and data (`trainer_resume_point`).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    if base_dtype not in (None, torch.float32) and not config.use_lora:
+        raise ValueError(f"base_dtype={base_dtype} would train every weight in {base_dtype}, where AdamW loses small "
+                         "updates; load in fp32 (base_dtype=None) or train LoRA adapters (use_lora=True)")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=base_dtype or torch.float32)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=config.peft_config())
     with memory_hint_for("SFT", config):
@@ -274,7 +280,9 @@ def run_stage(folder: Path, ctx, dabench_path: Path, config: AgentSFTConfig, tra
 
     records = read_jsonl(dabench_path)
     base = ctx.model_path("agent_llm")
-    counts = train(base, sft_dataset(records, "train", train_limit or None), config, folder / "model")
+    # LoRA trains fp32 adapters on the frozen base in the run's dtype (bf16 on a GPU), as RRHF does next
+    counts = train(base, sft_dataset(records, "train", train_limit or None), config, folder / "model",
+                   base_dtype=ctx.dtype if config.use_lora else None)
     shutil.rmtree(config.output_dir, ignore_errors=True)  # resume points; the finished model is saved
     test = [record for record in records if record["split"] == "test"][:eval_limit or None]
     counts.update(check_agents(folder, {"base": base, "sft": str(folder / "model")}, test,

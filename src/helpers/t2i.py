@@ -27,7 +27,7 @@ from PIL import Image
 
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
 from .display import say
-from .manifest import atomic_write_json, sha256_json
+from .manifest import sha256_json
 from .speed import (PipelineSettings, clip_overflow, fitting_batches, optimize_pipeline, quiet_clip_truncation,
                     render)
 
