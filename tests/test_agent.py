@@ -5,6 +5,7 @@ import pytest
 
 from helpers import agent as agent_module, models
 from helpers.agent import Agent, ApiCallCache, fit_prompt, model_identity
+from helpers.sft import training_base_dtype
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,19 @@ def test_other_decoding_settings_are_other_cache_entries(tiny_agent):
         ApiCallCache.key(tiny_agent.model_id, "p", {"max_new_tokens": 9})
 
 
+def test_a_model_that_trains_next_is_loaded_in_fp32_unless_a_lora_base_outside_fsdp(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    ctx = SimpleNamespace(dtype=torch.bfloat16)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert training_base_dtype(ctx, use_lora=True) == torch.bfloat16
+    assert training_base_dtype(ctx, use_lora=False) == torch.float32
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --config_file fsdp.yaml` sets it
+    assert training_base_dtype(ctx, use_lora=True) == torch.float32
+
+
 def test_a_run_loads_its_agent_in_the_runs_dtype_unless_every_weight_trains(llm_folder, tmp_path, monkeypatch):
     """On a GPU the run's dtype is bf16 (forced here on the CPU): the agent decodes in it, as `t2ibook bench`
     times decoding; one that trains in all its weights next (RRHF without LoRA) is loaded in fp32. An answer
@@ -58,7 +72,7 @@ def test_a_run_loads_its_agent_in_the_runs_dtype_unless_every_weight_trains(llm_
     ctx = config.setup("tiny", 0, quiet=True)
     assert ctx.dtype == torch.bfloat16
     decoding = Agent.for_run(llm_folder, ctx)
-    training = Agent.for_run(llm_folder, ctx, trains_all_weights=True)
+    training = Agent.for_run(llm_folder, ctx, dtype=training_base_dtype(ctx, use_lora=False))
     assert {p.dtype for p in decoding.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in training.model.parameters()} == {torch.float32}
     assert decoding.decoding(8) == {"strategy": "greedy", "max_new_tokens": 8, "dtype": "bfloat16"}

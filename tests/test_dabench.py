@@ -1,6 +1,5 @@
 """DABench filters and assembly on hand-made records, then on a crawl of the local server."""
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

@@ -90,12 +90,11 @@ class Agent:
         return cls(model, tokenizer, model_identity(path), str(path))
 
     @classmethod
-    def for_run(cls, path: str | Path, ctx, *, trains_all_weights: bool = False) -> "Agent":
+    def for_run(cls, path: str | Path, ctx, *, dtype: torch.dtype | None = None) -> "Agent":
         """`load` on the run's device in its dtype: bf16 on a GPU, the precision `t2ibook bench` times decoding
         in (fp32 doubles the weights' and the static cache's memory: a 7B agent and its cache for 128 prompts no
-        longer fit 80 GB). fp32 for an agent whose every weight trains next (AdamW on bf16 weights loses small
-        updates); LoRA adapters train in fp32 on the frozen bf16 base."""
-        return cls.load(path, ctx.device, torch.float32 if trains_all_weights else ctx.dtype)
+        longer fit 80 GB). `dtype` instead for an agent that trains next (`sft.training_base_dtype`)."""
+        return cls.load(path, ctx.device, dtype or ctx.dtype)
 
     def decoding(self, max_new_tokens: int) -> dict[str, Any]:
         """What, besides the model and the prompt, decides a greedy answer (part of its `ApiCallCache` key): an

@@ -41,6 +41,13 @@ def cpu_launch() -> bool:
     return not torch.cuda.is_available()
 
 
+def fsdp_launch() -> bool:
+    """Launched with an FSDP config (`configs/accelerate/fsdp.yaml`): the Trainers will shard the model. FSDP 1
+    flattens each wrapped layer's weights into one tensor of one dtype, so a model it trains is loaded in one dtype
+    throughout (no bf16 base beside fp32 LoRA adapters)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), joining the launcher's process group on first use (gloo on CPU, NCCL on GPUs)."""
     if launched_world_size() == 1:

@@ -362,15 +362,15 @@ def run_stage(folder: Path, ctx, dabench_path: Path, sft_model: Path, proposal: 
     from .candidates import candidate_set, propose, reward_candidates
     from .civitai import read_jsonl
     from .manifest import append_jsonl
-    from .sft import answer_text
+    from .sft import answer_text, training_base_dtype
     from .t2i import ModelCatalog
 
     folder = Path(folder)
     records = read_jsonl(dabench_path)
     catalog = ModelCatalog.from_records(records)
     align = [record for record in records if record["split"] == "align"][:num_prompts or None]
-    full = not trainer_kwargs.get("use_lora", False)  # an agent trained in all its weights is loaded in fp32
-    agent = Agent.for_run(sft_model, ctx, trains_all_weights=full)
+    dtype = training_base_dtype(ctx, trainer_kwargs.get("use_lora", False))  # the proposing agent trains next
+    agent = Agent.for_run(sft_model, ctx, dtype=dtype)
     texts = propose(agent, [r["instruction"]["prompt"] for r in align], seed=ctx.seed, **proposal)
     rows = [{"record": r["id"], "prompt": r["instruction"]["prompt"], "negative_prompt": r["instruction"]["negative_prompt"],
              "architecture": r["architecture"], "raw": raw,
@@ -388,7 +388,7 @@ def run_stage(folder: Path, ctx, dabench_path: Path, sft_model: Path, proposal: 
     counts.update(train_agent(agent.model, agent.tokenizer, dataset, folder / "model", **trainer_kwargs))
     del agent
     for rank_weight, ce_weight in weight_variants:
-        variant = Agent.for_run(sft_model, ctx, trains_all_weights=full)
+        variant = Agent.for_run(sft_model, ctx, dtype=dtype)
         name = variant_name(rank_weight, ce_weight)
         kwargs = {**trainer_kwargs, "rank_loss_weight": rank_weight, "ce_loss_weight": ce_weight}
         counts[f"variant_{name}_last_loss"] = train_agent(variant.model, variant.tokenizer, dataset,

@@ -68,6 +68,17 @@ class LoraArguments:
                           lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
+def training_base_dtype(ctx, use_lora: bool):
+    """The dtype a model that trains next is loaded in. LoRA: the run's (bf16 on a GPU), for the frozen base beside
+    PEFT's fp32 adapters (a 7B base in 13.5 GB, not 27). fp32 when every weight trains (AdamW on bf16 weights
+    loses small updates) and under an FSDP launch, which flattens each layer's weights into one dtype."""
+    import torch
+
+    from .distributed import fsdp_launch
+
+    return ctx.dtype if use_lora and not fsdp_launch() else torch.float32
+
+
 def training_defaults(args) -> None:
     """What the project's training configs settle before `TrainingArguments.__post_init__`: the launch's device
     (`launch_device_default`), transformers 5's name for gradient checkpointing (the old name, TRL's default on,
@@ -156,8 +167,8 @@ class AgentSFTConfig(SFTConfig, LoraArguments):
 def train(model_path: str, dataset, config: AgentSFTConfig, output: Path, base_dtype=None) -> dict[str, Any]:
     """Fine-tune the causal LM at `model_path` on `dataset`; save model (LoRA merged) + tokenizer + card to `output`.
 
-    `base_dtype`: the weights' dtype as loaded (None: fp32). Only for LoRA, whose base stays frozen: a bf16 base
-    halves its memory (13.5 GB for a 7B model) while PEFT keeps the adapters, which train, in fp32. With
+    `base_dtype`: the weights' dtype as loaded (None: fp32; `training_base_dtype`): bf16 only for LoRA, whose
+    base stays frozen while PEFT keeps the adapters, which train, in fp32. With
     `save_steps` set, a run that stopped resumes from the last checkpoint in `config.output_dir` left by the
     same settings and data (`trainer_resume_point`).
     """
@@ -280,9 +291,8 @@ def run_stage(folder: Path, ctx, dabench_path: Path, config: AgentSFTConfig, tra
 
     records = read_jsonl(dabench_path)
     base = ctx.model_path("agent_llm")
-    # LoRA trains fp32 adapters on the frozen base in the run's dtype (bf16 on a GPU), as RRHF does next
     counts = train(base, sft_dataset(records, "train", train_limit or None), config, folder / "model",
-                   base_dtype=ctx.dtype if config.use_lora else None)
+                   base_dtype=training_base_dtype(ctx, config.use_lora))
     shutil.rmtree(config.output_dir, ignore_errors=True)  # resume points; the finished model is saved
     test = [record for record in records if record["split"] == "test"][:eval_limit or None]
     counts.update(check_agents(folder, {"base": base, "sft": str(folder / "model")}, test,
