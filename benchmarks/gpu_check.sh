@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call on a machine without internet access (the wheels it lacks in .whl/):
-# the full-size benchmarks, each saved the moment it finishes, then the GPU tests of the fast paths.
+# The GPU measurements in one call on a machine without internet access (the wheels it lacks in .whl/, from
+# benchmarks/device_wheels.sh): the full-size benchmarks, each saved the moment it finishes, then the GPU tests
+# of the fast paths.
 # Usage, from the repo root on the GPU machine:  benchmarks/gpu_check.sh OUT_FOLDER [SECONDS]
 # SECONDS (default 540) bounds the whole script, so it ends, with its log and results, inside a caller's limit.
 # GPU_CHECK_SIZE=tiny rehearses the script on a CPU in a minute (its GPU tests then fail: there is no GPU).
@@ -19,8 +20,17 @@ else
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-python3 -c 'import torch, transformers, diffusers, trl; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"| transformers", transformers.__version__, "| diffusers", diffusers.__version__, "| trl", trl.__version__)' || exit 1
+python3 -c 'import torch, transformers, diffusers, trl, peft, accelerate; print("torch", torch.__version__, "cuda",
+torch.version.cuda, "| transformers", transformers.__version__, "| diffusers", diffusers.__version__, "| trl",
+trl.__version__, "| peft", peft.__version__, "| accelerate", accelerate.__version__)' || exit 1
+# the pins CI tests (pyproject.toml): another version here runs other library code (benchmarks/device_wheels.sh)
+python3 - <<'PINS'
+import importlib.metadata as md, re
+pins = dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', open("pyproject.toml").read()))
+off = [f"{name} {md.version(name)} (pinned {pin})" for name, pin in pins.items()
+       if name in ("transformers", "peft", "accelerate", "diffusers", "trl") and md.version(name) != pin]
+print("gpu_check: versions differ from pyproject.toml: " + "; ".join(off) if off else "gpu_check: library pins match")
+PINS
 # the benchmarks the targets and the cost model need most come first; the tests get the last 100 s
 timeout --signal=INT --kill-after=20 $((budget - 100 - SECONDS)) python3 -m helpers.cli bench --size "${GPU_CHECK_SIZE:-full}" \
   --only image_generation api_generation scoring dpo_step rrhf_step vqa_scoring host_io \

@@ -91,6 +91,23 @@ def test_the_gpu_check_script_runs_every_benchmark():
     assert sorted(words) == sorted(BENCHMARKS) and len(words) == len(set(words))
 
 
+def test_the_gpu_machines_wheels_are_the_pinned_versions():
+    """The wheels benchmarks/README.md has a GPU machine install, and those device_wheels.sh adds to the shared
+    set, are the versions pyproject.toml pins: the GPU check runs the library code CI tests."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pins = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', (root / "pyproject.toml").read_text()))
+    block = re.search(r"pip download (.*?)\n# on the GPU machine", (root / "benchmarks" / "README.md").read_text(),
+                      re.S).group(1)
+    named = dict(re.findall(r"([a-z0-9_.-]+)==([0-9][^\s']*)", block))
+    assert {"trl", "diffusers", "datasets", "transformers", "peft"} <= set(named)
+    assert {name: version for name, version in named.items() if name in pins} == \
+        {name: pins[name] for name in named if name in pins}
+    script = (root / "benchmarks" / "device_wheels.sh").read_text()
+    assert "pin transformers" in script and "pin peft" in script
+
+
 def test_committed_results_files_load():
     from pathlib import Path
 
