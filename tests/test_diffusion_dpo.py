@@ -337,6 +337,21 @@ def test_each_training_image_goes_through_the_vae_once_for_every_epoch_and_model
     assert other.encoded == 6
 
 
+def test_an_image_in_two_pairs_of_a_micro_batch_is_encoded_once(sd_folder, tmp_path):
+    """Pairs 0 and 1 share their winner: with a posterior cache the micro-batch encodes 3 images, not 4, and the
+    step is the one that encodes all 4 (the same posterior, so the same latents and loss)."""
+    rows = pairs(2)
+    rows[1]["chosen"] = rows[0]["chosen"].copy()
+    settings = dict(max_steps=1, train_batch_size=2, learning_rate=1e-3)
+    plain = DiffusionDPOTrainer(load(sd_folder), tiny_config(tmp_path / "plain", **settings), rows)
+    plain_log = plain.train()
+    assert plain.encoded == 4
+    cached = DiffusionDPOTrainer(load(sd_folder), tiny_config(tmp_path / "cached", posterior_cache=str(
+        tmp_path / "posteriors"), **settings), rows)
+    assert cached.train() == plain_log
+    assert cached.encoded == 3 and len(list(cached.posteriors.folder.glob("*/*.safetensors"))) == 3
+
+
 # ------------------------------------------------------------------------------------------ resume points
 
 class Crash(RuntimeError):

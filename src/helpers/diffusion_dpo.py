@@ -319,13 +319,21 @@ class DiffusionDPOTrainer:
         if self.posteriors is not None:  # prepared ahead: the micro-batches since may have encoded some of these
             found = [posterior or self.posteriors.get(key) for posterior, key in zip(found, prepared.keys)]
         missing = [row for row, posterior in enumerate(found) if posterior is None]
-        if missing:
-            posterior = vae.encode(prepared.pixels[missing].to(self.device, vae.dtype)).latent_dist
-            self.encoded += len(missing)
-            for place, row in enumerate(missing):
+        # an image in two of the micro-batch's pairs (same pixels, same key) is encoded once
+        same = (lambda row: prepared.keys[row]) if prepared.keys else (lambda row: row)
+        first: dict[Any, int] = {}
+        for row in missing:
+            first.setdefault(same(row), row)
+        encode = sorted(first.values())
+        if encode:
+            posterior = vae.encode(prepared.pixels[encode].to(self.device, vae.dtype)).latent_dist
+            self.encoded += len(encode)
+            for place, row in enumerate(encode):
                 found[row] = (posterior.mean[place], posterior.std[place])
                 if self.posteriors is not None:
                     self.posteriors.put(prepared.keys[row], *found[row])
+            for row in missing:
+                found[row] = found[first[same(row)]]
         mean = torch.stack([m.to(self.device) for m, _ in found])
         latents = mean
         if self.config.sample_latents:
