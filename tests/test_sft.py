@@ -100,41 +100,6 @@ def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
                            for k in changed)
 
 
-def test_lora_on_a_bf16_base_trains_fp32_adapters_and_saves_the_merged_agent_in_bf16(llm, tmp_path):
-    from transformers import Trainer
-
-    seen = {}
-    train = Trainer.train
-
-    def record(trainer, *args, **kwargs):
-        seen.update({name: p.dtype for name, p in trainer.model.named_parameters()},
-                    trainable={name for name, p in trainer.model.named_parameters() if p.requires_grad})
-        return train(trainer, *args, **kwargs)
-
-    base = models.load_causal_lm(llm)[0].state_dict()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "train", record)
-        result = sft.train(llm, sft.sft_dataset(RECORDS), _config(tmp_path, use_lora=True, lora_r=4, bf16=False),
-                           tmp_path / "agent", base_dtype=torch.bfloat16)
-    trainable = seen.pop("trainable")
-    assert trainable and all("lora_" in name for name in trainable)
-    assert {seen[name] for name in trainable} == {torch.float32}
-    assert {dtype for name, dtype in seen.items() if name not in trainable} == {torch.bfloat16}
-    assert math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
-    from safetensors.torch import load_file
-
-    merged = load_file(tmp_path / "agent" / "model.safetensors")
-    assert not any("lora" in k for k in merged) and {v.dtype for v in merged.values()} == {torch.bfloat16}
-    changed = [k for k, v in merged.items() if not torch.equal(v, base[k].to(torch.bfloat16))]
-    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
-                           for k in changed)
-
-
-def test_all_weights_are_not_trained_in_bf16(llm, tmp_path):
-    with pytest.raises(ValueError, match="use_lora=True"):
-        sft.train(llm, sft.sft_dataset(RECORDS), _config(tmp_path), tmp_path / "agent", base_dtype=torch.bfloat16)
-
-
 def test_bad_lora_rank_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lora_r=0"):
         _config(tmp_path, use_lora=True, lora_r=0)
