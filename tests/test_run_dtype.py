@@ -176,3 +176,39 @@ def test_clip_scores_in_bf16_are_the_fp32_scores_to_bf16_precision(device, tmp_p
     half = ClipScorer(str(tmp_path / "clip"), device, BF16).cosine(images, prompts)
     assert half.dtype == full.dtype and np.isfinite(half).all()
     np.testing.assert_allclose(half, full, atol=0.03)  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("text_model", ["llama", "t5"])  # t5: encoder-decoder, as the paper's Flan-T5 BLIP-2
+def test_blip2_answers_in_bf16_as_in_fp32_to_bf16_precision(device, text_model, tmp_path):
+    from helpers.scorers import vqa
+
+    vqa.build_tiny_vqa(tmp_path / "vqa", seed=0, text_model=text_model)
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    questions = ["is there a cat?", "is the sky blue?", "red?"]
+    assert vqa.vqa_dtype(BF16) == BF16 and vqa.vqa_dtype(torch.float16) == torch.float32
+    full = vqa.load_vqa(tmp_path / "vqa", device, torch.float32).yes_probability(images, questions)
+    half = vqa.load_vqa(tmp_path / "vqa", device, BF16).yes_probability(images, questions)
+    assert np.isfinite(half).all()
+    np.testing.assert_allclose(half, full, atol=0.03)
+
+
+def test_chatgen_image_text_sft_trains_fp32_weights_under_bf16_autocast_with_checkpointing(llm, device, tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers.chatgen import evo
+    from helpers.chatgen.vlm import build_tiny_vlm
+
+    build_tiny_vlm(tmp_path / "vlm", llm, seed=0)
+    before = load_file(tmp_path / "vlm" / "model.safetensors")
+    rng = np.random.default_rng(3)
+    chats = [[{"role": "user", "content": f"make it look like this, with a {animal}"},
+              {"role": "assistant", "content": f"a {animal}, watercolour, soft light"}] for animal in ["fox", "owl"]]
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), None]
+    result = evo.train_vlm_sft(str(tmp_path / "vlm"), chats, images, tmp_path / "model", steps=2, lr=1e-2,
+                               batch_size=2, use_cpu=device == "cpu", disable_tqdm=True, bf16=True,
+                               gradient_checkpointing=True)
+    assert result["steps"] == 2 and math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
+    after = load_file(tmp_path / "model" / "model.safetensors")
+    assert {t.dtype for t in after.values()} == {torch.float32}  # AdamW updated fp32 weights
+    assert any(not torch.equal(t, before[name]) for name, t in after.items() if name in before)
