@@ -212,3 +212,17 @@ def test_chatgen_image_text_sft_trains_fp32_weights_under_bf16_autocast_with_che
     after = load_file(tmp_path / "model" / "model.safetensors")
     assert {t.dtype for t in after.values()} == {torch.float32}  # AdamW updated fp32 weights
     assert any(not torch.equal(t, before[name]) for name, t in after.items() if name in before)
+
+
+def test_images_drawn_in_bf16_are_the_fp32_images_to_within_a_level(device, tmp_path):
+    from helpers import speed
+
+    models.build_tiny_stable_diffusion(tmp_path / "sd", seed=0)
+    drawn = {}
+    for dtype in (torch.float32, BF16):
+        pipeline = models.load_sd_pipeline(str(tmp_path / "sd"), device, dtype)
+        drawn[dtype] = speed.render(pipeline, ["a red fox", "a blue whale"], [""] * 2, [3, 4], steps=3, cfg=7.0,
+                                    width=64, height=64, device=device)
+    for full, half in zip(drawn[torch.float32], drawn[BF16]):
+        full, half = np.asarray(full, dtype=int), np.asarray(half, dtype=int)
+        assert full.std() > 10 and np.abs(full - half).mean() < 3  # a picture, not a flat or NaN-black one
