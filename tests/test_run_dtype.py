@@ -165,17 +165,26 @@ def test_diffusion_dpo_trains_an_fp32_unet_under_bf16_autocast_with_checkpointin
     assert all(torch.equal(t, before[name]) for name, t in trainer.reference_unet.state_dict().items())
 
 
-def test_clip_scores_in_bf16_are_the_fp32_scores_to_bf16_precision(device, tmp_path):
+@pytest.mark.parametrize("name", ["clip", "hps", "image_reward", "aesthetic"])
+def test_reward_scores_in_bf16_are_the_fp32_scores_to_bf16_precision(device, name, tmp_path):
+    """The scorers `scoring.load_scorer` loads in the run's dtype on a GPU (cosines and rewards of order 0.1-1)."""
+    from helpers.scorers import aesthetic, hps, image_reward
     from helpers.scoring import ClipScorer
 
-    models.build_tiny_clip(tmp_path / "clip", seed=0)
+    build, load = {"clip": (models.build_tiny_clip, lambda *a: ClipScorer(*a).cosine),
+                   "hps": (hps.build_tiny_hps, lambda *a: hps.load_hps(*a).score),
+                   "image_reward": (image_reward.build_tiny_image_reward,
+                                    lambda *a: image_reward.load_image_reward(*a).score),
+                   "aesthetic": (aesthetic.build_tiny_aesthetic,
+                                 lambda *a: lambda images, _: aesthetic.load_aesthetic(*a).score(images))}[name]
+    build(tmp_path / name, seed=0)
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
     prompts = ["a red fox", "a blue whale", "a castle", "a bowl of soup"]
-    full = ClipScorer(str(tmp_path / "clip"), device, torch.float32).cosine(images, prompts)
-    half = ClipScorer(str(tmp_path / "clip"), device, BF16).cosine(images, prompts)
-    assert half.dtype == full.dtype and np.isfinite(half).all()
-    np.testing.assert_allclose(half, full, atol=0.03)  # bf16 keeps ~3 significant digits
+    full = load(str(tmp_path / name), device, torch.float32)(images, prompts)
+    half = load(str(tmp_path / name), device, BF16)(images, prompts)
+    assert half.shape == full.shape == (4,) and np.isfinite(half).all()
+    np.testing.assert_allclose(half, full, atol=0.02)  # bf16 keeps ~3 significant digits
 
 
 @pytest.mark.parametrize("text_model", ["llama", "t5"])  # t5: encoder-decoder, as the paper's Flan-T5 BLIP-2
