@@ -1,5 +1,7 @@
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +150,46 @@ def test_a_cpu_launch_of_several_processes_trains_data_parallel(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     sft.launch_device_default(args)
     assert args.use_cpu is True and distributed.cpu_launch()
+
+
+def test_under_the_fsdp_recipe_fsdp_checkpoints_the_layers_and_the_model_does_not(monkeypatch, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (its environment made here by accelerate's own
+    launch code) turns on FSDP's activation checkpointing; the paper recipe's SFT and RRHF ask for the model's
+    gradient checkpointing too, which the Trainer refuses beside FSDP's. The configs leave it to FSDP, the memory
+    hint still counts the layers as checkpointed, and the trained model is loaded in one dtype (fp32)."""
+    from types import SimpleNamespace
+
+    import yaml
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from helpers import distributed, speed
+    from helpers.rrhf import RRHFConfig
+
+    root = Path(__file__).resolve().parents[1]
+    parsed = launch_command_parser().parse_args(["--config_file", str(root / "configs/accelerate/fsdp.yaml"),
+                                                 "-m", "helpers.cli", "run"])
+    for name, value in prepare_multi_gpu_env(_validate_launch_command(parsed)[0]).items():
+        if name.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+            monkeypatch.setenv(name, value)
+    assert distributed.fsdp_launch() and distributed.fsdp_checkpoints_activations()
+    # what accelerate's FSDP plugin reads (it needs a GPU to be built)
+    fsdp_checkpoints = os.environ["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    assert fsdp_checkpoints
+    recipe = yaml.safe_load((root / "configs/paper.yaml").read_text())["notebooks"]
+    assert recipe["06_sft"]["gradient_checkpointing"] and recipe["07_rrhf"]["gradient_checkpointing"]
+    hints = []
+    monkeypatch.setattr(speed, "training_memory_hint", lambda *args: hints.append(args[-1]))
+    for config in (_config(tmp_path, gradient_checkpointing=True),
+                   RRHFConfig(output_dir=str(tmp_path / "rrhf"), gradient_checkpointing=True, report_to="none")):
+        # transformers' Trainer.__init__ raises when both are on
+        assert not (fsdp_checkpoints and config.activation_checkpointing)
+        assert not config.gradient_checkpointing
+        sft.memory_hint_for("SFT", config)
+    assert hints == [True, True]
+    assert sft.training_base_dtype(SimpleNamespace(dtype=torch.bfloat16), use_lora=True) == torch.float32
+    monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING")  # a config without it: the model checkpoints, as asked
+    assert _config(tmp_path, gradient_checkpointing=True).activation_checkpointing
 
 
 def test_micro_batches_split_the_step_into_accumulated_passes_or_name_a_divisor():

@@ -48,6 +48,12 @@ def fsdp_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
 
 
+def fsdp_checkpoints_activations() -> bool:
+    """An FSDP launch whose config recomputes each wrapped layer's activations itself (`fsdp_activation_checkpointing`
+    in `configs/accelerate/fsdp.yaml`), in place of the model's own gradient checkpointing."""
+    return fsdp_launch() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1", "yes")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), joining the launcher's process group on first use (gloo on CPU, NCCL on GPUs)."""
     if launched_world_size() == 1:

@@ -82,13 +82,19 @@ def training_base_dtype(ctx, use_lora: bool):
 def training_defaults(args) -> None:
     """What the project's training configs settle before `TrainingArguments.__post_init__`: the launch's device
     (`launch_device_default`), transformers 5's name for gradient checkpointing (the old name, TRL's default on,
-    keeps its value without a deprecation warning on every training page), and no pinned memory without a GPU
-    (it only speeds up copies to one; torch warns on CPU)."""
+    keeps its value without a deprecation warning on every training page), no model checkpointing under an FSDP
+    launch that checkpoints each layer itself (the Trainer refuses both at once: the paper recipe's
+    `gradient_checkpointing: true` under `configs/accelerate/fsdp.yaml` stopped before its first step), and no
+    pinned memory without a GPU (it only speeds up copies to one; torch warns on CPU)."""
     import torch
+
+    from .distributed import fsdp_checkpoints_activations
 
     launch_device_default(args)
     if getattr(args, "activation_checkpointing", False) is None:
         args.activation_checkpointing = args.gradient_checkpointing
+    if fsdp_checkpoints_activations():
+        args.activation_checkpointing = args.gradient_checkpointing = False
     if not torch.cuda.is_available():
         args.dataloader_pin_memory = False
 
@@ -110,9 +116,11 @@ def micro_batches(batch_size: int, micro_batch_size: int = 0, *, names: tuple[st
 
 def memory_hint_for(work: str, args):
     """`speed.training_memory_hint` with a TrainingArguments' pass size, accumulation and checkpointing."""
+    from .distributed import fsdp_checkpoints_activations
     from .speed import training_memory_hint
 
-    checkpointing = bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+    checkpointing = bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+                         or fsdp_checkpoints_activations())
     return training_memory_hint(work, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                 checkpointing)
 
