@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements in one call on a machine without internet access (the wheels it lacks in .whl/, from
 # benchmarks/device_wheels.sh): the full-size benchmarks, each saved the moment it finishes, then the GPU tests
-# of the fast paths and of the run's bf16 paths.
+# of the fast paths, the run's bf16 paths and the FSDP recipe.
 # Usage, from the repo root on the GPU machine:  benchmarks/gpu_check.sh OUT_FOLDER [SECONDS]
 # SECONDS (default 540) bounds the whole script, so it ends, with its log and results, inside a caller's limit.
 # GPU_CHECK_SIZE=tiny rehearses the script on a CPU in a minute (its GPU tests then fail: there is no GPU).
@@ -31,16 +31,16 @@ off = [f"{name} {md.version(name)} (pinned {pin})" for name, pin in pins.items()
        if name in ("transformers", "peft", "accelerate", "diffusers", "trl") and md.version(name) != pin]
 print("gpu_check: versions differ from pyproject.toml: " + "; ".join(off) if off else "gpu_check: library pins match")
 PINS
-# the benchmarks the targets and the cost model need most come first; the tests get the last 130 s
-timeout --signal=INT --kill-after=20 $((budget - 130 - SECONDS)) python3 -m helpers.cli bench --size "${GPU_CHECK_SIZE:-full}" \
+# the benchmarks the targets and the cost model need most come first; the tests get the last 150 s
+timeout --signal=INT --kill-after=20 $((budget - 150 - SECONDS)) python3 -m helpers.cli bench --size "${GPU_CHECK_SIZE:-full}" \
   --only image_generation api_generation scoring dpo_step rrhf_step vqa_scoring host_io \
   lora_switching --out "$out"
 echo "gpu_check: bench exit $? after ${SECONDS} s"
 left=$((budget - SECONDS - 5))
 if [ "$left" -gt 30 ]; then
-  # the run's bf16 paths (quick) before the compiled fast paths
-  timeout --kill-after=10 "$left" python3 -m pytest -m gpu tests/test_run_dtype.py tests/test_speed.py -q \
-    -p no:cacheprovider -o addopts="" --timeout "$left"
+  # the run's bf16 paths (quick), the compiled fast paths, then the FSDP recipe (an accelerate launch per test)
+  timeout --kill-after=10 "$left" python3 -m pytest -m gpu tests/test_run_dtype.py tests/test_speed.py \
+    tests/test_distributed.py -q -p no:cacheprovider -o addopts="" --timeout "$left"
   echo "gpu_check: gpu tests exit $? after ${SECONDS} s"
 else
   echo "gpu_check: no time left for the gpu tests"

@@ -112,6 +112,29 @@ def test_two_processes_ask_a_hosted_llm_each_question_once(book_root, tmp_path, 
     assert sorted(cached) == sorted(word.upper() for word in words + ["word9"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_fsdp_recipe_trains_and_saves_a_whole_agent(book_root, tmp_path, lora):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (one GPU process here; FSDP needs GPUs) runs
+    notebook 06's SFT: FSDP shards the model, its layer checkpointing stands in for the model's own, every weight is
+    fp32 (FSDP flattens one dtype per layer), and the main process saves the gathered agent, LoRA merged."""
+    models.build_tiny_llama(tmp_path / "llm", seed=0)
+    out = tmp_path / "out"
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    _run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(recipe),
+          "--num_processes", "1", "--main_process_port", str(_free_port()),
+          str(Path(__file__).with_name("fsdp_worker.py")), str(out), str(tmp_path / "llm"), "lora" if lora else "full"],
+         book_root)
+    result = json.loads((out / "result.json").read_text())
+    assert result["fsdp"] and not result["model_checkpointing"] and result["dtypes"] == ["torch.float32"]
+    assert result["steps"] == 2 and np.isfinite([result["first_loss"], result["last_loss"]]).all()
+    base, saved = load_file(tmp_path / "llm" / "model.safetensors"), load_file(out / "agent" / "model.safetensors")
+    assert saved.keys() == base.keys()  # whole, adapters merged
+    changed = [name for name in saved if not torch.equal(saved[name].float(), base[name].float())]
+    assert changed and (all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed) if lora
+                        else len(changed) > 2)
+
+
 LEAVER = """
 import atexit, json, os, sys
 from pathlib import Path
