@@ -40,6 +40,16 @@ def main(out: Path, llm: str) -> None:
                                   disable_tqdm=True, seed=0, dataloader_drop_last=False)
     saved_to = folder / "sft" if rank == 0 else out / f"scratch{rank}"
     summary = sft.train(llm, sft.sft_dataset(records), settings, saved_to)
+    # the paper recipe's SFT under DDP: LoRA adapters with gradient checkpointing (recomputed blocks whose
+    # gradients DDP all-reduces once per step), merged into the saved agent
+    lora_settings = sft.AgentSFTConfig(output_dir=str(out / f"lora_trainer{world_size}-{rank}"), max_steps=1,
+                                       per_device_train_batch_size=8 // world_size, learning_rate=1e-1,
+                                       report_to="none", save_strategy="no", bf16=False, logging_steps=1,
+                                       max_length=256, optim="sgd", disable_tqdm=True, seed=0,
+                                       dataloader_drop_last=False, use_lora=True, lora_r=4,
+                                       lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=True)
+    lora_summary = sft.train(llm, sft.sft_dataset(records), lora_settings,
+                             folder / "sft_lora" if rank == 0 else out / f"scratch_lora{rank}")
     # transformers writes the weights on the main process only; the others can still load the trained agent
     # and decode with it: the processes' cache keys differ (links hash unlike files), the sharded prompts do not
     # (with caches of their own, as a stage folder and a scratch folder: the main process's holds one answer
@@ -239,7 +249,7 @@ def main(out: Path, llm: str) -> None:
                   folder / "dpo_unet.safetensors")
         np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
         (folder / "result.json").write_text(json.dumps({
-            "world_size": world_size, "sft": summary, "keys": [g.key for g in generated],
+            "world_size": world_size, "sft": summary, "sft_lora": lora_summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "reward_clip": reward_table["clip"].tolist(), "reward_again_clip": reward_again["clip"].tolist(),
