@@ -50,6 +50,18 @@ def main(out: Path, llm: str) -> None:
                                        lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=True)
     lora_summary = sft.train(llm, sft.sft_dataset(records), lora_settings,
                              folder / "sft_lora" if rank == 0 else out / f"scratch_lora{rank}")
+    # one RRHF step on 4 prompts of 3 candidates each (2 per process), LoRA with checkpointing as in notebook 07
+    from helpers.rrhf import build_rrhf_dataset, train_agent
+
+    ranked = [{"prompt": f"a {animal} by the sea", "rewards": [0.2, 0.9, 0.5],
+               "candidates": [f"model: Alpha{k}, steps: {20 + k}" for k in range(3)]}
+              for animal in ("gull", "crab", "seal", "otter")]
+    rrhf_summary = train_agent(Agent.load(llm).model, Agent.load(llm).tokenizer, build_rrhf_dataset(ranked),
+                               folder / "rrhf" if rank == 0 else out / f"scratch_rrhf{rank}", max_steps=1,
+                               per_device_train_batch_size=4 // world_size, learning_rate=1e-1, optim="sgd",
+                               report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                               use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"],
+                               gradient_checkpointing=True)
     # transformers writes the weights on the main process only; the others can still load the trained agent
     # and decode with it: the processes' cache keys differ (links hash unlike files), the sharded prompts do not
     # (with caches of their own, as a stage folder and a scratch folder: the main process's holds one answer
@@ -249,7 +261,7 @@ def main(out: Path, llm: str) -> None:
                   folder / "dpo_unet.safetensors")
         np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
         (folder / "result.json").write_text(json.dumps({
-            "world_size": world_size, "sft": summary, "sft_lora": lora_summary, "keys": [g.key for g in generated],
+            "world_size": world_size, "sft": summary, "sft_lora": lora_summary, "rrhf": rrhf_summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "reward_clip": reward_table["clip"].tolist(), "reward_again_clip": reward_again["clip"].tolist(),

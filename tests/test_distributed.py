@@ -191,13 +191,15 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert any(not torch.equal(before[name], alone[name]) for name in alone)  # the step did change the weights
     for name in alone:
         torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
-    # and with LoRA and gradient checkpointing, as the paper recipe trains: only the adapted weights moved
-    assert two["sft_lora"]["first_loss"] == pytest.approx(one["sft_lora"]["first_loss"], rel=1e-5)
-    alone, split = (load_file(out / f"world{n}" / "sft_lora" / "model.safetensors") for n in (1, 2))
-    changed = [name for name in alone if not torch.equal(before[name], alone[name])]
-    assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
-    for name in alone:
-        torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=name)
+    # and with LoRA and gradient checkpointing, as the paper recipe trains SFT and RRHF: only the adapted weights
+    # moved, as on one process
+    for trained in ("sft_lora", "rrhf"):
+        assert two[trained]["first_loss"] == pytest.approx(one[trained]["first_loss"], rel=1e-5), trained
+        alone, split = (load_file(out / f"world{n}" / trained / "model.safetensors") for n in (1, 2))
+        changed = [name for name in alone if not torch.equal(before[name], alone[name])]
+        assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), trained
+        for name in alone:
+            torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=f"{trained} {name}")
     # Diffusion-DPO under DDP: each process takes half of each micro-batch, gradients are all-reduced only in the
     # last of the two accumulated micro-batches, and the averaged gradient gives the same step (the worker's β is
     # small, so that rounding is not magnified: see there)

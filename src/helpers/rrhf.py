@@ -319,6 +319,7 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     prefers the better of two candidates, and how often it does once trained. With `save_steps` (and a save
     strategy) set, a run that stopped resumes from its last checkpoint (`sft.trainer_resume_point`).
     """
+    from .distributed import launched_world_size
     from .manifest import atomic_write_json, without_timings
 
     # each trained model its own resume points (the loss-weight variants share a parent folder)
@@ -336,6 +337,11 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
                           processing_class=tokenizer)
     with memory_hint_for("RRHF", config):
         before = trainer.evaluate()
+        if launched_world_size() > 1:
+            # evaluating marked the model prepared (accelerate's `_is_accelerate_prepared`, on the model itself),
+            # and a prepared model is not wrapped again: `train` would skip DDP, and every process would train
+            # alone on its share of the prompts (tests/test_distributed.py compares with one process)
+            trainer.model._is_accelerate_prepared = False
         result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset, code=(__name__,)))
         after = trainer.evaluate()
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
