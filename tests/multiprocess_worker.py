@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def main(out: Path, llm: str) -> None:
@@ -50,6 +51,23 @@ def main(out: Path, llm: str) -> None:
                                        lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=True)
     lora_summary = sft.train(llm, sft.sft_dataset(records), lora_settings,
                              folder / "sft_lora" if rank == 0 else out / f"scratch_lora{rank}")
+    # ChatGen's image-text SFT (transformers' Trainer, its own collator): 4 chats, 2 with a reference image
+    from helpers.chatgen import evo
+    from helpers.chatgen.vlm import build_tiny_vlm
+
+    vlm = out / "vlm"
+    if world_size == 1:  # built once, by the one-process run that goes first
+        build_tiny_vlm(vlm, llm, seed=0)
+    rng = np.random.default_rng(5)
+    chats = [[{"role": "user", "content": f"in this style, a {animal}"},
+              {"role": "assistant", "content": f"a {animal}, ink wash, misty"}]
+             for animal in ("crane", "tiger", "carp", "pine")]
+    pictures = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) if k % 2 == 0 else None
+                for k in range(4)]
+    vlm_summary = evo.train_vlm_sft(str(vlm), chats, pictures,
+                                    folder / "vlm_sft" if rank == 0 else out / f"scratch_vlm{rank}", steps=1,
+                                    lr=1e-1, batch_size=4 // world_size, optim="sgd", disable_tqdm=True, seed=0,
+                                    dataloader_drop_last=False)
     # one RRHF step on 4 prompts of 3 candidates each (2 per process), LoRA with checkpointing as in notebook 07
     from helpers.rrhf import build_rrhf_dataset, train_agent
 
@@ -198,7 +216,6 @@ def main(out: Path, llm: str) -> None:
     # process, 1 + 1 under DDP on two (plain SGD). β = 2, not the paper's 5000: at the first step the policy is the
     # reference, so each pair's loss weight is sigmoid(β/2 × a rounding-sized difference); at β/2 = 2500 a 1-ulp
     # kernel difference moves it by ~1e-4 relative, and with it the whole step, which is not what this checks
-    from PIL import Image
     from safetensors.torch import save_file
 
     from helpers.diffusion_dpo import DiffusionDPOConfig, DiffusionDPOTrainer
@@ -261,7 +278,8 @@ def main(out: Path, llm: str) -> None:
                   folder / "dpo_unet.safetensors")
         np.save(folder / "images.npy", np.stack([np.asarray(g.image) for g in generated]))
         (folder / "result.json").write_text(json.dumps({
-            "world_size": world_size, "sft": summary, "sft_lora": lora_summary, "rrhf": rrhf_summary, "keys": [g.key for g in generated],
+            "world_size": world_size, "sft": summary, "sft_lora": lora_summary, "rrhf": rrhf_summary,
+            "vlm_sft": vlm_summary, "keys": [g.key for g in generated],
             "clip": table["clip"].tolist(), "block_keys": block_table["key"].tolist(),
             "block_clip": block_table["clip"].tolist(), "block_computed": in_blocks.computed, "texts": texts, "drawn_here": executor.stats["generated"],
             "reward_clip": reward_table["clip"].tolist(), "reward_again_clip": reward_again["clip"].tolist(),

@@ -200,6 +200,13 @@ def test_two_processes_match_one(book_root, tmp_path):
         assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed), trained
         for name in alone:
             torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=f"{trained} {name}")
+    # ChatGen's image-text SFT: the Trainer's loss over the reply tokens of all 4 chats, split 2 + 2
+    assert two["vlm_sft"]["first_loss"] == pytest.approx(one["vlm_sft"]["first_loss"], rel=1e-5)
+    alone, split = (load_file(out / f"world{n}" / "vlm_sft" / "model.safetensors") for n in (1, 2))
+    vlm_before = load_file(out / "vlm" / "model.safetensors")
+    assert any(not torch.equal(vlm_before[name], alone[name]) for name in alone if name in vlm_before)
+    for name in alone:
+        torch.testing.assert_close(split[name], alone[name], rtol=1e-5, atol=1e-6, msg=f"vlm_sft {name}")
     # Diffusion-DPO under DDP: each process takes half of each micro-batch, gradients are all-reduced only in the
     # last of the two accumulated micro-batches, and the averaged gradient gives the same step (the worker's β is
     # small, so that rounding is not magnified: see there)
