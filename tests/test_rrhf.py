@@ -357,6 +357,12 @@ def test_train_agent_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken
     assert trained_steps == [2, 3]  # only steps 3 and 4 ran: it went on from the checkpoint
     assert resumed["steps"] == whole["steps"] == 4
     assert resumed["last_loss"] == pytest.approx(whole["last_loss"], rel=1e-5)
+    # the accuracy before training is the untrained model's (evaluated at step 0), carried over in the checkpoint's log
+    for name in ("ranking_accuracy_before", "ranking_accuracy_after"):
+        assert resumed[name] == pytest.approx(whole[name]), name
+    for run in ("whole", "model"):
+        history = json.loads((tmp_path / run / "log_history.json").read_text())
+        assert next(row for row in history if "eval_ranking_accuracy" in row)["step"] == 0
     logged = [row["step"] for row in json.loads((tmp_path / "model" / "log_history.json").read_text()) if "loss" in row]
     assert logged == [1, 2, 3, 4]  # the resumed run carries the first two steps' log lines over
     ended, unbroken = load_file(tmp_path / "model" / "model.safetensors"), load_file(tmp_path / "whole" /

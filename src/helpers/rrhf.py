@@ -319,11 +319,11 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     prefers the better of two candidates, and how often it does once trained. With `save_steps` (and a save
     strategy) set, a run that stopped resumes from its last checkpoint (`sft.trainer_resume_point`).
     """
-    from .distributed import launched_world_size
     from .manifest import atomic_write_json, without_timings
 
     # each trained model its own resume points (the loss-weight variants share a parent folder)
-    config = RRHFConfig(output_dir=str(Path(output).parent / "checkpoints" / Path(output).name), **config_kwargs)
+    config = RRHFConfig(output_dir=str(Path(output).parent / "checkpoints" / Path(output).name),
+                        **{**config_kwargs, "eval_on_start": True})
     if config.use_lora:
         from peft import get_peft_model
 
@@ -336,14 +336,13 @@ def train_agent(model, tokenizer, dataset, output: Path, **config_kwargs) -> dic
     trainer = RRHFTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=dataset,
                           processing_class=tokenizer)
     with memory_hint_for("RRHF", config):
-        before = trainer.evaluate()
-        if launched_world_size() > 1:
-            # evaluating marked the model prepared (accelerate's `_is_accelerate_prepared`, on the model itself),
-            # and a prepared model is not wrapped again: `train` would skip DDP, and every process would train
-            # alone on its share of the prompts (tests/test_distributed.py compares with one process)
-            trainer.model._is_accelerate_prepared = False
         result = trainer.train(resume_from_checkpoint=trainer_resume_point(config, dataset, code=(__name__,)))
         after = trainer.evaluate()
+    # the accuracy before training: `eval_on_start`'s evaluation, the first in the log (a resumed run's log comes
+    # from its checkpoint). Not `trainer.evaluate()` before `train`: evaluating marks the model prepared for
+    # accelerate, and `train` then leaves a prepared model out of DDP (and an FSDP one unsharded): every process
+    # would train alone on its share of the prompts (tests/test_distributed.py compares with one process)
+    before = next(row for row in trainer.state.log_history if "eval_ranking_accuracy" in row)
     save_trained(trainer, tokenizer, Path(output), config.use_lora)
     atomic_write_json(Path(output) / "log_history.json", without_timings(trainer.state.log_history))
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
