@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 pin() { grep -oE "\"$1==[^\"]+\"" pyproject.toml | tr -d '"'; }
 transformers=$(pin transformers) peft=$(pin peft)
 [ -n "$transformers" ] && [ -n "$peft" ] || { echo "device_wheels: no transformers/peft pin in pyproject.toml"; exit 1; }
-exec ../shared/device/wheels.sh "$transformers" "$peft" "regex>=2025.10.22"
+shared=../shared/device/wheels.sh
+[ -f "$shared" ] || { echo "device_wheels: no $shared (the project workplace's script); elsewhere use the pip" \
+  "download line in benchmarks/README.md"; exit 1; }
+exec bash "$shared" "$transformers" "$peft" "regex>=2025.10.22"
