@@ -181,12 +181,14 @@ def test_under_the_fsdp_recipe_fsdp_checkpoints_the_layers_and_the_model_does_no
     hints = []
     monkeypatch.setattr(speed, "training_memory_hint", lambda *args: hints.append(args[-1]))
     for config in (_config(tmp_path, gradient_checkpointing=True),
-                   RRHFConfig(output_dir=str(tmp_path / "rrhf"), gradient_checkpointing=True, report_to="none")):
+                   RRHFConfig(output_dir=str(tmp_path / "rrhf"), gradient_checkpointing=True, report_to="none"),
+                   sft.ProjectTrainingArguments(output_dir=str(tmp_path / "vlm"), gradient_checkpointing=True,
+                                                report_to="none")):  # ChatGen's image-text SFT
         # transformers' Trainer.__init__ raises when both are on
         assert not (fsdp_checkpoints and config.activation_checkpointing)
         assert not config.gradient_checkpointing
         sft.memory_hint_for("SFT", config)
-    assert hints == [True, True]
+    assert hints == [True, True, True]
     assert sft.training_base_dtype(SimpleNamespace(dtype=torch.bfloat16), use_lora=True) == torch.float32
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING")  # a config without it: the model checkpoints, as asked
     assert _config(tmp_path, gradient_checkpointing=True).activation_checkpointing

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .generation import user_message
@@ -157,6 +158,16 @@ def launch_device_default(args) -> None:
 
     if cpu_launch():
         args.use_cpu = True
+
+
+@dataclass
+class ProjectTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` settled as the project's training configs are (`training_defaults`), for
+    the trainers built on the plain `Trainer` (ChatGen's image-text SFT)."""
+
+    def __post_init__(self):
+        training_defaults(self)
+        super().__post_init__()
 
 
 @dataclass

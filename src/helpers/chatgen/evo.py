@@ -157,10 +157,9 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
     `training_arguments` go to `TrainingArguments` (e.g. gradient_accumulation_steps, use_cpu).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
 
-    from ..distributed import cpu_launch
-    from ..sft import memory_hint_for, trainer_resume_point
+    from ..sft import ProjectTrainingArguments, memory_hint_for, trainer_resume_point
 
     if steps < 1 or batch_size < 1 or not conversations:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1 and conversations non-empty")
@@ -179,15 +178,14 @@ def train_vlm_sft(vlm_path: str | Path, conversations: Sequence[Sequence[Mapping
         return [image_for(r["image"]) if isinstance(r["image"], str) else r["image"] for r in batch]
 
     with tempfile.TemporaryDirectory() as scratch:  # without save_steps the Trainer writes nothing to keep
-        if cpu_launch():  # see sft.launch_device_default: data-parallel over gloo, not every process on all data
-            training_arguments.setdefault("use_cpu", True)
-        training_arguments.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # a GPU's copies only
-        args = TrainingArguments(output_dir=str(checkpoints) if save_steps else scratch, max_steps=steps,
-                                 learning_rate=lr, per_device_train_batch_size=batch_size, seed=seed,
-                                 report_to=report_to, save_strategy="steps" if save_steps else "no",
-                                 save_steps=save_steps or 500, logging_steps=training_arguments.pop("logging_steps", 1),
-                                 # the rows are chats and images, not model inputs: the collator turns them into both
-                                 remove_unused_columns=False, **training_arguments)
+        # the launch's device (data-parallel over gloo on a CPU launch), FSDP's own checkpointing under fsdp.yaml
+        args = ProjectTrainingArguments(
+            output_dir=str(checkpoints) if save_steps else scratch, max_steps=steps, learning_rate=lr,
+            per_device_train_batch_size=batch_size, seed=seed, report_to=report_to,
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+            logging_steps=training_arguments.pop("logging_steps", 1),
+            # the rows are chats and images, not model inputs: the collator turns them into both
+            remove_unused_columns=False, **training_arguments)
         trainer = _resuming_trainer(Trainer)(model=model, args=args, train_dataset=rows,
                           data_collator=lambda batch: final_reply_batch(processor, [r["messages"] for r in batch],
                                                                         pictures(batch)))
