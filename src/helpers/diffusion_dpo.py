@@ -319,12 +319,13 @@ class DiffusionDPOTrainer:
         if self.posteriors is not None:  # prepared ahead: the micro-batches since may have encoded some of these
             found = [posterior or self.posteriors.get(key) for posterior, key in zip(found, prepared.keys)]
         missing = [row for row, posterior in enumerate(found) if posterior is None]
-        # an image in two of the micro-batch's pairs (same pixels, same key) is encoded once
-        same = (lambda row: prepared.keys[row]) if prepared.keys else (lambda row: row)
+        # an image in two of the micro-batch's pairs (same pixels, same key) is encoded once; without a posterior
+        # cache there are no keys, and each row stands for itself
+        keys = prepared.keys or range(len(found))
         first: dict[Any, int] = {}
         for row in missing:
-            first.setdefault(same(row), row)
-        encode = sorted(first.values())
+            first.setdefault(keys[row], row)
+        encode = list(first.values())  # in row order, as `missing` is
         if encode:
             posterior = vae.encode(prepared.pixels[encode].to(self.device, vae.dtype)).latent_dist
             self.encoded += len(encode)
@@ -333,7 +334,7 @@ class DiffusionDPOTrainer:
                 if self.posteriors is not None:
                     self.posteriors.put(prepared.keys[row], *found[row])
             for row in missing:
-                found[row] = found[first[same(row)]]
+                found[row] = found[first[keys[row]]]
         mean = torch.stack([m.to(self.device) for m, _ in found])
         latents = mean
         if self.config.sample_latents:

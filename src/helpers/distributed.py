@@ -41,17 +41,22 @@ def cpu_launch() -> bool:
     return not torch.cuda.is_available()
 
 
+def _launch_flag(name: str) -> bool:
+    """A yes/no setting `accelerate launch` passes its processes in the environment."""
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
 def fsdp_launch() -> bool:
     """Launched with an FSDP config (`configs/accelerate/fsdp.yaml`): the Trainers will shard the model. FSDP 1
     flattens each wrapped layer's weights into one tensor of one dtype, so a model it trains is loaded in one dtype
     throughout (no bf16 base beside fp32 LoRA adapters)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    return _launch_flag("ACCELERATE_USE_FSDP")
 
 
 def fsdp_checkpoints_activations() -> bool:
     """An FSDP launch whose config recomputes each wrapped layer's activations itself (`fsdp_activation_checkpointing`
     in `configs/accelerate/fsdp.yaml`), in place of the model's own gradient checkpointing."""
-    return fsdp_launch() and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1", "yes")
+    return fsdp_launch() and _launch_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
 def world() -> tuple[int, int]:

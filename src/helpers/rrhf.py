@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from .generation import user_message
-from .sft import LoraArguments, memory_hint_for, save_trained, trainer_resume_point, training_defaults
+from .sft import LoraArguments, ProjectTrainingArguments, memory_hint_for, save_trained, trainer_resume_point
 
 IGNORE_INDEX = -100
 
@@ -198,7 +198,7 @@ class RRHFCollator:
 # ------------------------------------------------------------------------------------------------- config
 
 @dataclass
-class RRHFConfig(TrainingArguments, LoraArguments):
+class RRHFConfig(ProjectTrainingArguments, LoraArguments):
     """Training arguments for `RRHFTrainer`: the usual `TrainingArguments` plus RRHF's loss weights and sizes."""
 
     rank_loss_weight: float = field(default=1.0, metadata={
@@ -216,8 +216,7 @@ class RRHFConfig(TrainingArguments, LoraArguments):
         "help": "Keep False: RRHFCollator reads the 'prompt', 'candidates' and 'rewards' columns itself."})
 
     def __post_init__(self):
-        training_defaults(self)
-        super().__post_init__()
+        super().__post_init__()  # the project's training defaults, then TrainingArguments'
         self.check_lora()
         for name in ("rank_loss_weight", "ce_loss_weight"):
             value = getattr(self, name)
