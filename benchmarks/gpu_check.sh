@@ -38,9 +38,10 @@ timeout --signal=INT --kill-after=20 $((budget - 150 - SECONDS)) python3 -m help
 echo "gpu_check: bench exit $? after ${SECONDS} s"
 left=$((budget - SECONDS - 5))
 if [ "$left" -gt 30 ]; then
-  # the run's bf16 paths (quick), the compiled fast paths, then the FSDP recipe (an accelerate launch per test)
-  timeout --kill-after=10 "$left" python3 -m pytest -m gpu tests/test_run_dtype.py tests/test_speed.py \
-    tests/test_distributed.py -q -p no:cacheprovider -o addopts="" --timeout "$left"
+  # the FSDP recipe first (an accelerate launch per test; accelerate builds FSDP only on GPUs, so nothing else
+  # runs it), then the run's bf16 paths (quick; CI runs them on the CPU), then the compiled fast paths
+  timeout --kill-after=10 "$left" python3 -m pytest -m gpu tests/test_distributed.py tests/test_run_dtype.py \
+    tests/test_speed.py -q -p no:cacheprovider -o addopts="" --timeout "$left"
   echo "gpu_check: gpu tests exit $? after ${SECONDS} s"
 else
   echo "gpu_check: no time left for the gpu tests"

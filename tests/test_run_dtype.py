@@ -239,3 +239,29 @@ def test_images_drawn_in_bf16_are_the_fp32_images_to_within_a_level(device, tmp_
     for full, half in zip(drawn[torch.float32], drawn[BF16]):
         full, half = np.asarray(full, dtype=int), np.asarray(half, dtype=int)
         assert full.std() > 10 and np.abs(full - half).mean() < 3  # a picture, not a flat or NaN-black one
+
+
+def test_scores_in_bf16_are_cached_apart_from_fp32_scores(tmp_path):
+    """Every scorer's cache identity names the dtype it scores in where that is not fp32, so a score cache that a
+    fp32 and a bf16 run share never hands one the other's values; fp32 ids are the bare weights ids caches always
+    held; a BLIP-2 loaded on first use is cached under the id the loaded one has."""
+    from helpers.scorers import aesthetic, base, hps, image_reward, vqa
+    from helpers.scoring import ClipScorer, ScoreCache
+
+    assert base.precision_id("clip@abc", None) == base.precision_id("clip@abc", torch.float32) == "clip@abc"
+    assert base.precision_id("clip@abc", BF16) == "clip@abc#bfloat16"
+    builds = {"clip": (models.build_tiny_clip, ClipScorer), "hps": (hps.build_tiny_hps, hps.load_hps),
+              "image_reward": (image_reward.build_tiny_image_reward, image_reward.load_image_reward),
+              "aesthetic": (aesthetic.build_tiny_aesthetic, aesthetic.load_aesthetic),
+              "vqa": (vqa.build_tiny_vqa, vqa.load_vqa)}
+    ids = {}
+    for name, (build, load) in builds.items():
+        build(tmp_path / name, seed=0)
+        ids[name] = [load(str(tmp_path / name), "cpu", dtype).weights_id for dtype in (None, torch.float32, BF16)]
+        assert ids[name][0] == ids[name][1] and ids[name][2] == ids[name][0] + "#bfloat16", name
+    assert ids["vqa"][0] == vqa.vqa_weights_id(tmp_path / "vqa")
+    deferred = [vqa.load_vqa_on_use(tmp_path / "vqa", "cpu", dtype) for dtype in (torch.float32, BF16)]
+    assert [lazy.weights_id for lazy in deferred] == ids["vqa"][1:] and not any(lazy.loaded for lazy in deferred)
+    cache = ScoreCache(tmp_path / "scores.jsonl")
+    cache.put_many([("image", "clip", ids["clip"][1], 31.5)])
+    assert ScoreCache(tmp_path / "scores.jsonl").get("image", "clip", ids["clip"][2]) is None

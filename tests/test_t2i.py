@@ -863,3 +863,30 @@ def test_after_running_out_of_memory_larger_images_come_fewer_per_call(executor,
     assert executor.images_per_call == 16 and executor.stats["out_of_memory_retries"] == 1
     assert [len(b) for b in executor._batches(group((1024, 1024)), items * 2)] == [4, 4, 4, 4]
     assert [len(b) for b in executor._batches(group((512, 512)), items * 3)] == [16, 8]
+
+
+def test_an_image_is_cached_apart_for_each_device_kind_and_dtype_it_is_drawn_in(run_ctx, catalog, tmp_path):
+    """A CPU and a CUDA generator draw other noise for one seed, and bf16 moves pixels: a cache two machines (or a
+    float32 and a bf16 run) share hands neither the other's image. CPU float32 keys are the ones caches always held."""
+    assert t2i.drawn_with("cpu", "float32") is None
+    assert t2i.drawn_with("cpu", "bfloat16") == "cpu/bfloat16"
+    assert t2i.drawn_with("cuda:1", "bfloat16") == "cuda/bfloat16" and t2i.drawn_with("cuda", "float32") == "cuda/float32"
+    request = t2i.Request(api(), "a fox in the snow", "", seed=3)
+    # this request's key as computed before the field existed (at 34c7ddb): existing caches stay valid
+    assert t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2) == \
+        "841fb4085d90cb162507b3c9b9be9166b25853090d8368e30b3a6e8f91017784"
+    assert t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2, "cuda/bfloat16") != \
+        t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2, "cpu/bfloat16")
+
+    cache = t2i.ImageCache(tmp_path / "cache")
+    full, half = (t2i.Executor(catalog, t2i.weights_store(run_ctx), cache,
+                               t2i.ExecutorConfig(max_side=32, max_sampling_steps=2, dtype=dtype))
+                  for dtype in ("float32", "bfloat16"))
+    drawn = full.generate([request], progress=False)[0]
+    assert full.key(request) == t2i.ImageCache.key(request, drawn.weights_id, (24, 32), 2)
+    in_bf16 = half.generate([request], progress=False)[0]
+    assert not in_bf16.cached and half.stats["generated"] == 1 and in_bf16.key != drawn.key
+    assert half.generate([request], progress=False)[0].cached  # its own image is reused
+    index = [json.loads(line) for line in (tmp_path / "cache" / "index.jsonl").read_text().splitlines()]
+    assert [(row["key"], row["drawn_with"]) for row in index] == [(drawn.key, "cpu/float32"),
+                                                                   (in_bf16.key, "cpu/bfloat16")]

@@ -15,7 +15,8 @@ import torch
 
 from .distributed import broadcast_from_main, is_main_process, map_sharded
 from .manifest import append_jsonl, read_jsonl_rows
-from .scorers.base import in_fitting_batches, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .scorers.base import (in_fitting_batches, local_weight_files, pixels_in_threads, pooled, precision_id, rgb,
+                           weights_id)
 from .speed import fitting_batches
 from .t2i import decoded
 
@@ -90,7 +91,7 @@ class ClipScorer:
 
         self.model, self.processor = load_clip(source, device, dtype)
         self.device, self.batch_size = device, batch_size
-        self.weights_id = weights_id(source, *local_weight_files(source))
+        self.weights_id = precision_id(weights_id(source, *local_weight_files(source)), dtype)
 
     @classmethod
     def from_parts(cls, model, processor, weights: str, device: str = "cpu", batch_size: int = 32) -> "ClipScorer":

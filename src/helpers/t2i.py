@@ -491,7 +491,8 @@ class Request:
 
 
 class ImageCache:
-    """PNG per key under `root/images/`, plus an append-only index; key = hash(api, prompts, seed, weights, size).
+    """PNG per key under `root/images/`, plus an append-only index; key = hash(api, prompts, seed, weights, size,
+    and the device kind and dtype where they are not the CPU's float32: `drawn_with`).
 
     `put` writes at once; `put_later` hands the PNG encoding (tens of milliseconds for a 512 px image, which PIL
     does without holding the GIL) to background threads, so a GPU draws the next batch meanwhile, and `flush`
@@ -513,8 +514,10 @@ class ImageCache:
         self._writers = None
 
     @staticmethod
-    def key(request: Request, weights_id: str, size: tuple[int, int], steps: int | None = None) -> str:
-        """The image's cache key: what is drawn (the call, the drawn size and steps, the weights), nothing else."""
+    def key(request: Request, weights_id: str, size: tuple[int, int], steps: int | None = None,
+            draw: str | None = None) -> str:
+        """The image's cache key: what is drawn (the call, the drawn size and steps, the weights) and, with `draw`
+        (`drawn_with`), what it is drawn on; nothing else."""
         api = {k: request.api.get(k) for k in API_FIELDS if k != "model_description"}
         if steps is not None:  # the steps actually drawn; two calls that differ only above a cap share one image
             api["sampling_steps"] = steps
@@ -522,6 +525,8 @@ class ImageCache:
                    "seed": request.seed, "weights": weights_id, "size": list(size)}
         if request.text_noise:  # only noised images carry the field, so every other key stays as it was
             payload["text_noise"] = float(request.text_noise)
+        if draw is not None:  # likewise: images drawn on the CPU in float32 keep the keys they always had
+            payload["draw"] = draw
         return sha256_json(payload)
 
     def path(self, key: str) -> Path:
@@ -721,6 +726,16 @@ def images_per_batch(batch_size: int, width: int, height: int) -> int:
     return max(1, min(batch_size, batch_size * BATCH_REFERENCE_PIXELS // (width * height)))
 
 
+def drawn_with(device: str, dtype: str) -> str | None:
+    """What, besides the request and the weights, decides an image's pixels: the kind of device, whose generators
+    draw the noise (a CPU and a CUDA generator give other numbers for one seed), and the dtype the pipeline computes
+    in (bf16 moves pixels by a few grey levels). "cuda/bfloat16" for a GPU run; None for the CPU in float32, which
+    every key written before this field existed stands for. Part of the image cache key, so a cache that two
+    machines share never hands one run's image to the other, and a run's tables come from its own setting."""
+    kind = torch.device(device).type
+    return None if (kind, dtype) == ("cpu", "float32") else f"{kind}/{dtype}"
+
+
 def drawn_steps(steps: int, max_sampling_steps: int | None) -> int:
     """The sampling steps actually drawn: the call's own, or the cap when it asks for more."""
     return steps if max_sampling_steps is None or steps <= max_sampling_steps else max_sampling_steps
@@ -801,7 +816,8 @@ class Executor:
         weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
         size = render_size(request.api["width"], request.api["height"], self.config.max_side)
         steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
-        return (checkpoint, lora), self.cache.key(request, weights_id, size, steps), weights_id, size, steps
+        key = self.cache.key(request, weights_id, size, steps, drawn_with(self.config.device, self.config.dtype))
+        return (checkpoint, lora), key, weights_id, size, steps
 
     def generate(self, requests: Sequence[Request], progress: bool = True,
                  needed: Callable[[str], bool] | None = None) -> list[Generated]:
@@ -982,7 +998,9 @@ class Executor:
             # encoded and written by background threads while the next batch is drawn (`_draw_batches` flushes)
             self.cache.put_later(key, image, {"model": request.api["model"], "weights": weights_id,
                                               "seed": request.seed, "prompt": request.prompt, "size": list(size),
-                                              "sampler": sampler})
+                                              "sampler": sampler,
+                                              "drawn_with": drawn_with(self.config.device, self.config.dtype)
+                                              or "cpu/float32"})
         return {key: image for (key, _), image in zip(batch, images)}
 
 

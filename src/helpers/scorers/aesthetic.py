@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from ..device import place
-from .base import fetch, in_fitting_batches, is_local, local_weight_files, pixels_in_threads, pooled, rgb, weights_id
+from .base import (fetch, in_fitting_batches, is_local, local_weight_files, pixels_in_threads, pooled, precision_id,
+                   rgb, weights_id)
 
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 PAPER_CLIP = "openai/clip-vit-large-patch14"
@@ -91,7 +92,8 @@ def load_aesthetic(source: str | Path, device: str = "cpu", dtype: torch.dtype |
         raise ValueError(f"the MLP in {mlp_path} reads {mlp.layers[0].in_features}-d embeddings but the CLIP at "
                          f"{clip_path} gives {clip.config.projection_dim}-d; pass clip_source={PAPER_CLIP!r}")
     # the score depends on both parts, so the cache key names both
-    ident = f"{weights_id(source, mlp_path)}+{weights_id(clip_path, *local_weight_files(clip_path))}"
+    ident = precision_id(f"{weights_id(source, mlp_path)}+{weights_id(clip_path, *local_weight_files(clip_path))}",
+                         dtype)
     return AestheticScorer(clip, processor, place(mlp, device), ident)
 
 

@@ -69,6 +69,17 @@ def weights_id(source: str | Path, *files: Path) -> str:
     return f"{Path(source).name}@{digest.hexdigest()[:16]}"
 
 
+def precision_id(ident: str, dtype: "torch.dtype | None") -> str:
+    """A scorer's cache identity: its weights' `ident`, with the dtype it computes in where that is not float32
+    (bf16 moves CLIP, HPS and ImageReward scores by up to ~0.02 and can flip a VQA answer), so the score cache never
+    hands a bf16 value to a float32 run or back. float32 scorers keep the bare weights id every cache held so far."""
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        return ident
+    return f"{ident}#{str(dtype).removeprefix('torch.')}"
+
+
 def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     """Every image as RGB (scorers are trained on RGB; PNGs may carry alpha)."""
     return [image.convert("RGB") for image in images]

@@ -240,6 +240,7 @@ def load_hps(source: str, device: str = "cpu", dtype: torch.dtype | None = None,
     load_open_clip_state_dict(model, saved.get("state_dict", saved))
     # a hub id names the repo, not the file; v2.0 and v2.1 must not share cached scores
     weights_id = base.weights_id(source, weights_file) if base.is_local(source) else f"{source}/{checkpoint}"
+    weights_id = base.precision_id(weights_id, dtype)
     return HpsScorer(model=place(model, device, dtype or torch.float32), tokenizer=tokenizer, weights_id=weights_id,
                      image_size=open_clip_config["vision_cfg"]["image_size"],
                      context_length=open_clip_config["text_cfg"]["context_length"], device=device)

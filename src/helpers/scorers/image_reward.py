@@ -245,7 +245,8 @@ def load_image_reward(source: str, device: str = "cpu", dtype: torch.dtype | Non
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only {text_config.vocab_size}; "
                          "pass the tokenizer the weights were trained with (tokenizer_source=)")
     return ImageRewardScorer(model=place(model, device, dtype or torch.float32), tokenizer=tokenizer,
-                             weights_id=base.weights_id(source, weights_file, med_file), device=device,
+                             weights_id=base.precision_id(base.weights_id(source, weights_file, med_file), dtype),
+                             device=device,
                              image_size=vision_config.image_size, ignored_keys=tuple(ignored))
 
 

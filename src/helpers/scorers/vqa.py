@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..device import place
-from .base import local_weight_files, rgb, weights_id
+from .base import local_weight_files, precision_id, rgb, weights_id
 
 PROMPT = "Question: {question} Answer:"
 # TIFA's BLIP-2 prompts (Hu et al., 2023): the multiple-choice one lists the choices, the free one does not
@@ -250,7 +250,7 @@ def load_vqa(source: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         raise ValueError(f"{source} predates BLIP-2's image tokens (image_token_index="
                          f"{model.config.image_token_index}, num_query_tokens={processor.num_query_tokens}); "
                          "use a current revision of the checkpoint")
-    return VqaScorer(place(model, device), processor, vqa_weights_id(source))
+    return VqaScorer(place(model, device), processor, precision_id(vqa_weights_id(source), dtype))
 
 
 def vqa_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -264,7 +264,7 @@ def load_vqa_on_use(source: str | Path, device: str = "cpu", dtype: torch.dtype 
     answers are all cached never loads BLIP-2, and the blocks of a long run share one copy."""
     from .base import LoadedOnUse
 
-    return LoadedOnUse(lambda: load_vqa(source, device, dtype), vqa_weights_id(source))
+    return LoadedOnUse(lambda: load_vqa(source, device, dtype), precision_id(vqa_weights_id(source), dtype))
 
 
 def load_vqa_for_run(ctx):
