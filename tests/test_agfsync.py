@@ -394,11 +394,11 @@ def test_vqa_scores_batch_images_encode_each_once_and_reuse_the_cache(tiny_ctx, 
     from helpers import scoring
 
     shared = scoring.ScoreCache(tiny_ctx.runs_dir / "image_cache" / "scores.jsonl")
-    before = len(shared.values)
-    monkeypatch.setattr(scoring, "read_jsonl_rows", lambda *a, **k: pytest.fail("the open cache was read again"))
+    before = len(shared)
+    monkeypatch.setattr(scoring.ScoreCache, "__init__", lambda *a, **k: pytest.fail("another cache was opened"))
     questions[0] = ["is there a cat?", "red?", "is it a painting?"]
     agfsync.vqa_scores(generated, questions, tiny_ctx, scorer=scorer, cache=shared)
-    assert calls == [2, 3] and len(shared.values) == before + 1
+    assert calls == [2, 3] and len(shared) == before + 1
 
 
 def test_vqa_images_that_run_out_of_memory_are_asked_again_in_halves(tiny_ctx, tmp_path, monkeypatch):

@@ -642,3 +642,17 @@ def test_the_flop_estimates_rest_on_what_torch_counts_for_the_paper_shapes():
     flop = lambda unit: cost._flop_seconds(unit)["project"] * cost.H100_BF16_PEAK * cost.UTILISATION["project"]  # noqa
     assert flop("dpo_pair") == pytest.approx(2 * (3 + 1) * 0.80e12 + 2 * 0.80e12)  # 8.0 TFLOP
     assert flop("train_token_lora") == pytest.approx(6 * 6.7e9) and flop("train_token_full") == pytest.approx(8 * 6.7e9)
+
+
+def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project_holds_less():
+    """benchmarks/score_cache_memory.py at a small size: both reads find every row, each in its own process."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "score_cache_memory.py"
+    spec = importlib.util.spec_from_file_location("score_cache_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--images", "2000", "--json"])
+    assert result["rows"] == result["naive"]["rows"] == result["project"]["rows"] == 6000
+    assert result["project"]["held_mb"] < result["naive"]["held_mb"]  # memory, not time: no timing assertion
+    assert result["project"]["peak_mb"] < result["naive"]["peak_mb"]

@@ -61,6 +61,45 @@ def test_score_cache_survives_a_torn_last_line(tmp_path):
     assert reread.get("k1", "clip", "other-weights") is None
 
 
+def test_rows_appended_after_a_torn_line_start_a_line_of_their_own(tmp_path):
+    from helpers.manifest import append_jsonl, read_jsonl_rows
+
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, [{"a": 1}])
+    with open(path, "a") as handle:
+        handle.write('{"a": 2, "b"')  # a crash mid-write
+    append_jsonl(path, [{"a": 3}, {"a": 4}])
+    assert read_jsonl_rows(path) == [{"a": 1}, {"a": 3}, {"a": 4}]  # only the torn row is lost
+
+
+def test_a_shared_score_cache_is_one_copy_that_reads_only_the_rows_appended_since(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    shared = scoring.ScoreCache.shared(path)
+    assert len(shared) == 0 and scoring.ScoreCache.shared(tmp_path / "." / "scores.jsonl") is shared
+    shared.put_many([("k1", "clip", "w", 70.0), ("k1", "hps", "w", 0.25)])
+    other = scoring.ScoreCache(path)  # another writer of the same file (a rerun, another notebook)
+    assert len(other) == 2 and other.get("k1", "hps", "w") == 0.25
+    other.put_many([("k2", "clip", "w", 60.0)])
+    with open(path, "a") as handle:
+        handle.write('{"image": "k3", "sco')  # a crash mid-write: not read, and not a place to stop reading at
+    # its own two rows, read back, and the other writer's row; the torn line is skipped
+    assert shared.refresh() == 3 and shared.get("k2", "clip", "w") == 60.0 and len(shared) == 3
+    other.put_many([("k4", "clip", "w", 50.0)])
+    assert scoring.ScoreCache.shared(path) is shared and shared.get("k4", "clip", "w") == 50.0
+    assert shared.get("k3", "clip", "w") is None and len(shared) == 4
+    assert shared.refresh() == 0  # nothing new: the file is not read again
+    # the same values a fresh read gives, keyed by image, scorer and weights
+    fresh = scoring.ScoreCache(path)
+    assert len(fresh) == 4 and fresh.get("k1", "clip", "w") == 70.0 and fresh.get("k1", "clip", "w2") is None
+    path.unlink()  # a cache started again: the old rows are gone from the shared copy too
+    scoring.ScoreCache(path).put_many([("k9", "clip", "w", 10.0)])
+    assert scoring.ScoreCache.shared(path) is shared and len(shared) == 1 and shared.get("k1", "clip", "w") is None
+    # rewritten in place, as long as before or longer (same file, same size or more): read afresh too
+    text = path.read_text()
+    path.write_text(text.replace('"k9"', '"k8"') + text.replace('"k9"', '"k7"'))
+    assert shared.refresh() == 2 and len(shared) == 2 and shared.get("k9", "clip", "w") is None
+
+
 def test_scoring_run_scores_each_image_once(tiny_ctx):
     from helpers.t2i import Generated, Request
 

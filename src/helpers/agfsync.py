@@ -950,7 +950,7 @@ def vqa_scores(generated, questions: Sequence[Sequence[str]], ctx, images_per_ba
     from .scorers.vqa import load_vqa_for_run
     from .scoring import ScoreCache, cached_answers
 
-    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
+    cache = cache if cache is not None else ScoreCache.shared(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [vqa_names(asked) for asked in questions]
     if scorer is None:
         scorer = load_vqa_for_run(ctx)

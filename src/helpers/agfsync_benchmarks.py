@@ -228,7 +228,7 @@ def tifa_answers(generated, questions: Sequence[Sequence[Mapping[str, Any]]], ct
     vqa, sbert = tifa_models(ctx, answering, scorer, encoder)
     if any(not asked for asked in questions):
         raise ValueError("every image needs at least one TIFA question; a prompt without questions has no TIFA score")
-    cache = cache if cache is not None else ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")
+    cache = cache if cache is not None else ScoreCache.shared(ctx.runs_dir / "image_cache" / "scores.jsonl")
     names = [[tifa_key(q, answering) for q in asked] for asked in questions]
     said = cached_answers(generated, questions, names, vqa.weights_id, cache, desc="TIFA",
                           images_per_batch=images_per_batch, model=vqa,
@@ -310,7 +310,7 @@ def evaluate(sets: Mapping[str, Sequence[Mapping[str, Any]]], systems: Mapping[s
     from .scoring import ScoreCache, ScoringRun, load_scorer, score_in_blocks, score_then_remove
 
     vqa, sbert = tifa_models(ctx, tifa_answering)  # checks the method before any image is drawn; loads on use
-    cache = ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl")  # read once for every block
+    cache = ScoreCache.shared(ctx.runs_dir / "image_cache" / "scores.jsonl")  # read once for every block
     hps = None
     tables = []
     plans = [(benchmark, rows, *benchmark_requests(benchmark, rows, systems, seeds))

@@ -87,14 +87,21 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append rows as JSON lines in one write, flushed and fsynced: a crash loses at most the row being written."""
-    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-    if not text:
+    """Append rows as JSON lines in one write, flushed and fsynced: a crash loses at most the row being written.
+    After such a crash the file ends in a torn line; the rows appended next start on a line of their own, so that
+    only the torn row is lost, not also the first row written after it (readers skip the torn line)."""
+    data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+    if not data:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(text)
+    with open(path, "a+b") as handle:  # every write goes to the end; reading checks the last byte
+        end = handle.seek(0, os.SEEK_END)
+        if end:
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":
+                data = b"\n" + data
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 

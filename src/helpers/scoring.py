@@ -6,6 +6,7 @@ numbers the papers report and the rewards RRHF trains on.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from .distributed import broadcast_from_main, is_main_process, map_sharded
-from .manifest import append_jsonl, read_jsonl_rows
+from .manifest import append_jsonl
 from .scorers.base import (in_fitting_batches, local_weight_files, pixels_in_threads, pooled, precision_id, rgb,
                            weights_id)
 from .speed import fitting_batches
@@ -124,24 +125,98 @@ class ScoreCache:
     """Append-only JSON lines of (image key, scorer, weights id) → value; a torn last line is skipped on read.
 
     Values are numbers (scores, probabilities), or text where the costly step is a model's answer (TIFA's free
-    answers: what BLIP-2 said is kept, and the cheap mapping onto a choice is done on every read)."""
+    answers: what BLIP-2 said is kept, and the cheap mapping onto a choice is done on every read).
+
+    At paper scale the file holds millions of rows (RRHF's rewards, ChatGen's evaluation, AGFSync's candidates and
+    their VQA answers). It is read line by line into one dict of image → value per (scorer, weights), each image
+    key one string for all its scorers: a third of the memory a dict keyed by (image, scorer, weights) takes.
+    `ScoreCache.shared(path)` hands every scoring run of a process one copy, reading only what was appended since.
+    """
+
+    _shared: dict[Path, "ScoreCache"] = {}
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        # a torn last line (a crashed run) is skipped, so that score is simply recomputed
-        self.values: dict[tuple[str, str, str], float | str] = {
-            (row["image"], row["scorer"], row["weights"]): row["value"] for row in read_jsonl_rows(self.path)}
+        self._by_scorer: dict[tuple[str, str], dict[str, float | str]] = {}
+        self._read_bytes = 0  # how much of the file is read: whole lines only
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file read
+        self._last_line = b""  # the last line read, checked to be still in place before reading on
+        self.refresh()
+
+    @classmethod
+    def shared(cls, path: Path) -> "ScoreCache":
+        """This process's one `ScoreCache` of `path`, brought up to date with the rows appended since it was last
+        read: the scoring runs of a notebook share one copy instead of each reading millions of rows again and
+        holding its own."""
+        where = Path(path).resolve()
+        cache = cls._shared.get(where)
+        if cache is None:
+            cache = cls._shared[where] = cls(path)
+        else:
+            cache.refresh()
+        return cache
+
+    def refresh(self) -> int:
+        """Read the whole lines appended to the file since the last read (another file in its place, say one
+        removed and started again, is read afresh); returns how many rows were read. A torn last line (a crashed run) is never
+        read as a row: `append_jsonl` starts the next rows on a line of their own, and that score is recomputed."""
+        import json
+
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            stat = None
+        if stat is None:  # no file (yet, or removed): nothing is cached
+            self._by_scorer, self._read_bytes, self._identity, self._last_line = {}, 0, None, b""
+            return 0
+        size, identity = stat.st_size, (stat.st_dev, stat.st_ino)
+        if size == self._read_bytes and identity == self._identity:
+            return 0
+        read = 0
+        with open(self.path, "rb") as handle:
+            if identity != self._identity or size < self._read_bytes or not self._still_there(handle):
+                self._by_scorer, self._read_bytes, self._last_line = {}, 0, b""  # another file now: read it all
+                self._identity = identity
+            handle.seek(self._read_bytes)
+            for line in handle:
+                if not line.endswith(b"\n"):  # torn, or being written: read once a later write ends the line
+                    break
+                self._read_bytes += len(line)
+                self._last_line = line
+                try:
+                    row = json.loads(line.decode())  # decoded first: ~1.4× faster than json reading bytes
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                self._store(row["image"], row["scorer"], row["weights"], row["value"])
+                read += 1
+        return read
+
+    def _still_there(self, handle) -> bool:
+        """Whether the last line this object read is still where it read it: the file was only appended to since,
+        not rewritten in place."""
+        handle.seek(self._read_bytes - len(self._last_line))
+        return handle.read(len(self._last_line)) == self._last_line
+
+    def _store(self, image_key: str, scorer: str, weights: str, value: float | str) -> None:
+        values = self._by_scorer.get((scorer, weights))
+        if values is None:
+            values = self._by_scorer[scorer, weights] = {}
+        values[sys.intern(image_key)] = value
+
+    def __len__(self) -> int:
+        return sum(len(values) for values in self._by_scorer.values())
 
     def get(self, image_key: str, scorer: str, weights: str) -> float | str | None:
-        return self.values.get((image_key, scorer, weights))
+        values = self._by_scorer.get((scorer, weights))
+        return None if values is None else values.get(image_key)
 
     def put_many(self, rows: Sequence[tuple[str, str, str, float | str]]) -> None:
         rows = [(image_key, scorer, weights, cache_value(value)) for image_key, scorer, weights, value in rows]
         if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
             append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights, "value": value}
-                                     for image_key, scorer, weights, value in rows])
+                                     for image_key, scorer, weights, value in rows])  # read back by `refresh`
         for image_key, scorer, weights, value in rows:
-            self.values[image_key, scorer, weights] = value
+            self._store(image_key, scorer, weights, value)
 
 
 def cache_value(value: Any) -> float | str:
@@ -213,7 +288,7 @@ class ScoringRun:
     @classmethod
     def for_run(cls, ctx: "RunContext", names: Sequence[str] = ("clip", "hps", "image_reward")) -> "ScoringRun":
         return cls({name: load_scorer(name, ctx) for name in names},
-                   ScoreCache(ctx.runs_dir / "image_cache" / "scores.jsonl"))
+                   ScoreCache.shared(ctx.runs_dir / "image_cache" / "scores.jsonl"))
 
     def score(self, generated: Sequence["Generated"], prompts: Sequence[str] | None = None):
         """A DataFrame, one row per image, one column per scorer (raw units) plus `unified` (fixed ranges)."""
