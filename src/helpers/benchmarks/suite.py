@@ -123,7 +123,7 @@ def bench_image_generation(size: str, device: str) -> dict[str, Any]:
     naive = time_path("naive", per_image, device,
                       warmup=lambda: naive_pipe(prompts[0], num_inference_steps=2, width=side, height=side),
                       settings={"batch": 1, "dtype": str(naive_dtype)})
-    del naive_pipe
+    naive_pipe = None  # frees it (the closures above share this variable): the GPU holds one pipeline at a time
     settings = speed.PipelineSettings.auto(device)
     pipeline = speed.optimize_pipeline(shapes.sd15_pipeline(size, device, _half(device)), settings)
 
@@ -161,7 +161,7 @@ def bench_scoring(size: str, device: str) -> dict[str, Any]:
     naive = time_path("naive", one_at_a_time, device, warmup=lambda: [s.score(images[:1], prompts[:1])
                                                                       for s in naive_scorers.values()],
                       settings={"batch": 1, "dtype": "torch.float32"})
-    del naive_scorers
+    naive_scorers = None  # frees them, closures included
     scorers = shapes.unified_reward_scorers(size, device, _half(device), batch_size=plan["batch"])
 
     def batched() -> int:
@@ -251,7 +251,7 @@ def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
                                settings={**common, "forward": "one candidate at a time"}))
         paths.append(time_path(f"project_{mode}", steps(batched), device, warmup=steps(batched),
                                settings={**common, "forward": "all candidates in one batch (RRHFTrainer)"}))
-        del trainer, optimizer, model
+        trainer = optimizer = model = None  # frees them, closures included, before the next mode
     document = row("rrhf_step", "s/step", plan, paths, "one AdamW step on one prompt with n candidates")
     # the headline pair is LoRA (the paper recipe); the full fine-tune pair is in `ratios`
     seconds = {p.path: p.seconds_per_unit for p in paths}
@@ -297,7 +297,7 @@ def bench_dpo_step(size: str, device: str) -> dict[str, Any]:
             return plan["steps"]
 
         paths.append(time_path(name, step, device, warmup=step, settings={**options, "pairs_per_step": len(rows)}))
-        del trainer, pipeline
+        trainer = pipeline = None  # frees them, closures included, before the next path
     posteriors.cleanup()
     return row("dpo_step", "s/step", {"resolution": side, **plan}, paths,
                "one AdamW step of Diffusion-DPO on the UNet against a frozen copy (helpers.diffusion_dpo), the "
@@ -322,7 +322,7 @@ def bench_vqa_scoring(size: str, device: str) -> dict[str, Any]:
     naive = time_path("naive", one_question_at_a_time, device,
                       warmup=lambda: naive_scorer.yes_probability(images[:1], questions[:1]),
                       settings={"batch": "one question, its image encoded for it", "dtype": "torch.float32"})
-    del naive_scorer
+    naive_scorer = None  # frees it, closures included
     gc.collect()
     scorer = shapes.blip2_vqa(size, device, _half(device))
 
@@ -433,7 +433,7 @@ def bench_lora_switching(size: str, device: str) -> dict[str, Any]:
                                    settings={"loras": "merged, then unmerged" if merge else "named adapters",
                                              "dtype": str(_half(device)), **settings.__dict__}))
             paths[-1].settings["switch_s"] = sum(switches[1:]) / len(switches[1:])  # the warm-up's first load aside
-            del pipeline
+            pipeline = None  # frees it, closures included, before the next path
             gc.collect()
     return row("lora_switching", "s/image", {"resolution": side, **plan}, paths,
                f"SD 1.5 shapes, CFG: {plan['loras']} LoRAs in turn, a batch of {plan['images']} images each, the "
