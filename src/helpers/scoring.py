@@ -129,7 +129,8 @@ class ScoreCache:
 
     At paper scale the file holds millions of rows (RRHF's rewards, ChatGen's evaluation, AGFSync's candidates and
     their VQA answers). It is read line by line into one dict of image → value per (scorer, weights), each image
-    key one string for all its scorers: a third of the memory a dict keyed by (image, scorer, weights) takes.
+    key one string for all its scorers: about a quarter of the memory a dict keyed by (image, scorer, weights) takes
+    (`benchmarks/score_cache_memory.py`).
     `ScoreCache.shared(path)` hands every scoring run of a process one copy, reading only what was appended since.
     """
 
@@ -158,8 +159,9 @@ class ScoreCache:
 
     def refresh(self) -> int:
         """Read the whole lines appended to the file since the last read (another file in its place, say one
-        removed and started again, is read afresh); returns how many rows were read. A torn last line (a crashed run) is never
-        read as a row: `append_jsonl` starts the next rows on a line of their own, and that score is recomputed."""
+        removed and started again, is read afresh); returns how many rows were read. A torn last line (a crashed
+        run) is never read as a row: `append_jsonl` starts the next rows on a line of their own, and that score is
+        recomputed."""
         import json
 
         try:
