@@ -891,3 +891,15 @@ def test_an_image_is_cached_apart_for_each_device_kind_and_dtype_it_is_drawn_in(
     index = [json.loads(line) for line in (tmp_path / "cache" / "index.jsonl").read_text().splitlines()]
     assert [(row["key"], row["drawn_with"]) for row in index] == [(drawn.key, "cpu/float32"),
                                                                    (in_bf16.key, "cpu/bfloat16")]
+
+
+def test_the_image_index_goes_on_whole_after_a_torn_line(tmp_path):
+    from helpers.manifest import read_jsonl_rows
+
+    cache = t2i.ImageCache(tmp_path)
+    cache.put("a" * 64, Image.new("RGB", (8, 8)), {"seed": 1})
+    with open(tmp_path / "index.jsonl", "a") as handle:
+        handle.write('{"key": "bbb')  # a crash mid-write
+    cache.put("c" * 64, Image.new("RGB", (8, 8)), {"seed": 2})
+    assert [(row["key"], row["seed"]) for row in read_jsonl_rows(tmp_path / "index.jsonl")] == \
+        [("a" * 64, 1), ("c" * 64, 2)]

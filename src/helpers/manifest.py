@@ -90,7 +90,13 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Append rows as JSON lines in one write, flushed and fsynced: a crash loses at most the row being written.
     After such a crash the file ends in a torn line; the rows appended next start on a line of their own, so that
     only the torn row is lost, not also the first row written after it (readers skip the torn line)."""
-    data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+    append_lines(path, [json.dumps(row, sort_keys=True) for row in rows])
+
+
+def append_lines(path: Path, lines: Iterable[str], fsync: bool = True) -> None:
+    """Append lines in one write, after a newline where the file ends in a torn line (`append_jsonl`); flushed,
+    and fsynced unless `fsync` is False (a record people read, written for every image drawn)."""
+    data = "".join(line + "\n" for line in lines).encode()
     if not data:
         return
     path = Path(path)
@@ -103,7 +109,8 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
                 data = b"\n" + data
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if fsync:
+            os.fsync(handle.fileno())
 
 
 def without_timings(log_history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .api_call import API_FIELDS, ARCHITECTURES, CFG_RANGE, DEFAULT_PARAMETERS, KNOWN_SAMPLERS, SIZE_RANGE, STEPS_RANGE
 from .display import say
-from .manifest import sha256_json
+from .manifest import append_lines, sha256_json
 from .speed import (PipelineSettings, clip_overflow, fitting_batches, optimize_pipeline, quiet_clip_truncation,
                     render)
 
@@ -583,8 +583,8 @@ class ImageCache:
         return path
 
     def _index(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        with open(self.root / "index.jsonl", "a") as index:
-            index.write("".join(json.dumps({"key": key, **meta}, sort_keys=True) + "\n" for key, meta in entries))
+        append_lines(self.root / "index.jsonl", [json.dumps({"key": key, **meta}, sort_keys=True)
+                                                 for key, meta in entries], fsync=False)
 
     def discard(self, keys: Iterable[str]) -> int:
         """Remove these images' PNGs, once pending writes are done (scores, cached apart, stay); the index notes
