@@ -6,6 +6,7 @@ numbers the papers report and the rewards RRHF trains on.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,6 @@ class ScoreCache:
         removed and started again, is read afresh); returns how many rows were read. A torn last line (a crashed
         run) is never read as a row: `append_jsonl` starts the next rows on a line of their own, and that score is
         recomputed."""
-        import json
-
         try:
             stat = self.path.stat()
         except FileNotFoundError:
