@@ -868,13 +868,13 @@ def test_after_running_out_of_memory_larger_images_come_fewer_per_call(executor,
 def test_an_image_is_cached_apart_for_each_device_kind_and_dtype_it_is_drawn_in(run_ctx, catalog, tmp_path):
     """A CPU and a CUDA generator draw other noise for one seed, and bf16 moves pixels: a cache two machines (or a
     float32 and a bf16 run) share hands neither the other's image. CPU float32 keys are the ones caches always held."""
-    assert t2i.drawn_with("cpu", "float32") is None
-    assert t2i.drawn_with("cpu", "bfloat16") == "cpu/bfloat16"
+    assert t2i.drawn_with("cpu", "float32") == "cpu/float32" and t2i.drawn_with("cpu", "bfloat16") == "cpu/bfloat16"
     assert t2i.drawn_with("cuda:1", "bfloat16") == "cuda/bfloat16"
     assert t2i.drawn_with("cuda", "float32") == "cuda/float32"
     request = t2i.Request(api(), "a fox in the snow", "", seed=3)
     # this request's key as computed before the field existed (at 34c7ddb): existing caches stay valid
     assert t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2) == \
+        t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2, "cpu/float32") == \
         "841fb4085d90cb162507b3c9b9be9166b25853090d8368e30b3a6e8f91017784"
     assert t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2, "cuda/bfloat16") != \
         t2i.ImageCache.key(request, "alpha@0123456789abcdef", (24, 32), 2, "cpu/bfloat16")

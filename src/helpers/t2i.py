@@ -492,7 +492,7 @@ class Request:
 
 class ImageCache:
     """PNG per key under `root/images/`, plus an append-only index; key = hash(api, prompts, seed, weights, size,
-    and the device kind and dtype where they are not the CPU's float32: `drawn_with`).
+    and what drew it where that is not the CPU in float32: `drawn_with`).
 
     `put` writes at once; `put_later` hands the PNG encoding (tens of milliseconds for a 512 px image, which PIL
     does without holding the GIL) to background threads, so a GPU draws the next batch meanwhile, and `flush`
@@ -515,7 +515,7 @@ class ImageCache:
 
     @staticmethod
     def key(request: Request, weights_id: str, size: tuple[int, int], steps: int | None = None,
-            draw: str | None = None) -> str:
+            draw: str = "cpu/float32") -> str:
         """The image's cache key: what is drawn (the call, the drawn size and steps, the weights) and, with `draw`
         (`drawn_with`), what it is drawn on; nothing else."""
         api = {k: request.api.get(k) for k in API_FIELDS if k != "model_description"}
@@ -525,7 +525,7 @@ class ImageCache:
                    "seed": request.seed, "weights": weights_id, "size": list(size)}
         if request.text_noise:  # only noised images carry the field, so every other key stays as it was
             payload["text_noise"] = float(request.text_noise)
-        if draw is not None:  # likewise: images drawn on the CPU in float32 keep the keys they always had
+        if draw != "cpu/float32":  # likewise: images drawn on the CPU in float32 keep the keys they always had
             payload["draw"] = draw
         return sha256_json(payload)
 
@@ -726,14 +726,13 @@ def images_per_batch(batch_size: int, width: int, height: int) -> int:
     return max(1, min(batch_size, batch_size * BATCH_REFERENCE_PIXELS // (width * height)))
 
 
-def drawn_with(device: str, dtype: str) -> str | None:
+def drawn_with(device: str, dtype: str) -> str:
     """What, besides the request and the weights, decides an image's pixels: the kind of device, whose generators
     draw the noise (a CPU and a CUDA generator give other numbers for one seed), and the dtype the pipeline computes
-    in (bf16 moves pixels by a few grey levels). "cuda/bfloat16" for a GPU run; None for the CPU in float32, which
-    every key written before this field existed stands for. Part of the image cache key, so a cache that two
-    machines share never hands one run's image to the other, and a run's tables come from its own setting."""
-    kind = torch.device(device).type
-    return None if (kind, dtype) == ("cpu", "float32") else f"{kind}/{dtype}"
+    in (bf16 moves pixels by a few grey levels), e.g. "cuda/bfloat16". Part of the image cache key (`ImageCache.key`),
+    so a cache that two machines share never hands one run's image to the other, and a run's tables come from its
+    own setting."""
+    return f"{torch.device(device).type}/{dtype}"
 
 
 def drawn_steps(steps: int, max_sampling_steps: int | None) -> int:
@@ -816,8 +815,13 @@ class Executor:
         weights_id = checkpoint.weights_id + (f"+{lora.weights_id}" if lora else "")
         size = render_size(request.api["width"], request.api["height"], self.config.max_side)
         steps = drawn_steps(request.api["sampling_steps"], self.config.max_sampling_steps)
-        key = self.cache.key(request, weights_id, size, steps, drawn_with(self.config.device, self.config.dtype))
+        key = self.cache.key(request, weights_id, size, steps, self.drawn_on)
         return (checkpoint, lora), key, weights_id, size, steps
+
+    @property
+    def drawn_on(self) -> str:
+        """What this executor draws on (`drawn_with`): part of each image's key and index row."""
+        return drawn_with(self.config.device, self.config.dtype)
 
     def generate(self, requests: Sequence[Request], progress: bool = True,
                  needed: Callable[[str], bool] | None = None) -> list[Generated]:
@@ -998,9 +1002,7 @@ class Executor:
             # encoded and written by background threads while the next batch is drawn (`_draw_batches` flushes)
             self.cache.put_later(key, image, {"model": request.api["model"], "weights": weights_id,
                                               "seed": request.seed, "prompt": request.prompt, "size": list(size),
-                                              "sampler": sampler,
-                                              "drawn_with": drawn_with(self.config.device, self.config.dtype)
-                                              or "cpu/float32"})
+                                              "sampler": sampler, "drawn_with": self.drawn_on})
         return {key: image for (key, _), image in zip(batch, images)}
 
 
