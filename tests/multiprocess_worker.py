@@ -74,7 +74,8 @@ def main(out: Path, llm: str) -> None:
     ranked = [{"prompt": f"a {animal} by the sea", "rewards": [0.2, 0.9, 0.5],
                "candidates": [f"model: Alpha{k}, steps: {20 + k}" for k in range(3)]}
               for animal in ("gull", "crab", "seal", "otter")]
-    rrhf_summary = train_agent(Agent.load(llm).model, Agent.load(llm).tokenizer, build_rrhf_dataset(ranked),
+    base = Agent.load(llm)
+    rrhf_summary = train_agent(base.model, base.tokenizer, build_rrhf_dataset(ranked),
                                folder / "rrhf" if rank == 0 else out / f"scratch_rrhf{rank}", max_steps=1,
                                per_device_train_batch_size=4 // world_size, learning_rate=1e-1, optim="sgd",
                                report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
