@@ -656,3 +656,29 @@ def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project
     assert result["rows"] == result["naive"]["rows"] == result["project"]["rows"] == 6000
     assert result["project"]["held_mb"] < result["naive"]["held_mb"]  # memory, not time: no timing assertion
     assert result["project"]["peak_mb"] < result["naive"]["peak_mb"]
+
+
+def test_the_fid_benchmark_finds_the_same_fids_both_ways(monkeypatch):
+    """benchmarks/fid_memory.py at a small size: each way in its own process, the same ten FIDs (Tables 4, 6 and
+    7's sets), and the project's way reads each set a chunk at a time (checked in this process)."""
+    import importlib.util
+
+    from helpers.chatgen.experiment import set_metrics
+    from helpers.scorers import fid
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fid_memory.py"
+    spec = importlib.util.spec_from_file_location("fid_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--images", "1200", "--dim", "16", "--json"])  # main checks the FIDs agree
+    assert len(result["naive"]["fids"]) == len(result["project"]["fids"]) == 10
+    assert result["project"]["rows"] == 1200 + 400  # the generated images and one reference set
+    assert result["project"]["peak_above_rows_mb"] >= 0 and set(result["ratio"]) == {"seconds", "peak_above_rows_mb"}
+
+    blocks = []
+    add = fid.FeatureMoments.add
+    monkeypatch.setattr(fid.FeatureMoments, "add", lambda self, block: (blocks.append(len(block)), add(self, block))[1])
+    features, scored, reference_keys = module.rows_and_table(30_000, 4, seeds=4)
+    table = set_metrics(scored, features, reference_keys)
+    assert len(table) == 10 and max(blocks) == 4096 and sum(blocks) > 40_000  # never more than one chunk of rows at a time
+    assert table["fid"].tolist() == pytest.approx(module.naive_fids(features, scored, reference_keys), rel=1e-9)

@@ -288,7 +288,7 @@ def test_grouping_rows_pick_one_table_and_none_where_fid_had_too_few_images(tmp_
 
     # one image per group: no group reaches FID's two images, so the saved table has columns and no rows
     scored = _rows().iloc[:2].assign(variant=metrics.ALL_PREDICTED)
-    empty = experiment.set_metrics(_rows(), scored, np.zeros((2, 4)), {"s3": np.zeros((0, 4)), "s1": np.zeros((0, 4))})
+    empty = experiment.set_metrics(scored.assign(key=["a", "b"]), None, {"s3": [], "s1": []})  # no FID to read
     empty.to_csv(tmp_path / "set_metrics.csv", index=False)
     empty = pd.read_csv(tmp_path / "set_metrics.csv")  # as notebook 11 reads it back
     assert empty.empty and {"grouping", "fid", "method", "input_type"} <= set(empty.columns)
@@ -348,12 +348,18 @@ def test_set_metrics_from_features_extracted_once_equal_image_metrics_per_group(
     from helpers.chatgen import experiment
     from helpers.scorers.fid import FidFeatures
 
-    scored = _rows()  # six images; groups (A, supervised), (B, supervised), (A, single), …
+    scored = _rows().assign(key=[f"g{i}" for i in range(6)])  # groups (A, supervised), (B, supervised), …
     images = _noise_images(6, seed=7)
     references = {"s1": _noise_images(2, seed=8), "s2": _noise_images(2, seed=9), "s3": _noise_images(1, seed=10)}
     features = FidFeatures(tiny_clip, image_size=32)
-    table = experiment.set_metrics(_rows(), scored, features(images),
-                                   {sample: features(found) for sample, found in references.items()})
+    features(images, keys=list(scored["key"]))
+    samples = [sample for sample, found in references.items() for _ in found]
+    reference_keys = [f"{sample}-{i}" for i, sample in enumerate(samples)]
+    features([image for found in references.values() for image in found], keys=reference_keys)
+    by_sample = experiment.reference_keys_by_sample(samples, reference_keys)
+    assert by_sample == {"s1": ["s1-0", "s1-1"], "s2": ["s2-2", "s2-3"], "s3": ["s3-4"]}
+    features.rows = None  # each set is read as moments, a chunk at a time, never copied out whole
+    table = experiment.set_metrics(scored, features, by_sample)
     by_group = table[table["grouping"] == "method+setting"].set_index(["method", "setting"])
     assert set(by_group.index) == {("A", "supervised"), ("B", "supervised")}  # (A, few-shot): one image only
     for method in ("A", "B"):

@@ -261,6 +261,52 @@ def test_fid_from_features_equals_torchmetrics_and_each_keyed_image_is_embedded_
     assert own.image_size == 64 and own.features_id.endswith("-64px") and own.features_id.startswith("clip-clip@")
 
 
+def test_feature_moments_equal_a_hand_worked_covariance_in_any_chunking():
+    rows = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    moments = fid.FeatureMoments.of(rows, chunk=2)
+    assert moments.count == len(moments) == 3
+    np.testing.assert_array_equal(moments.total, [2, 2])
+    np.testing.assert_array_equal(moments.outer, [[4, 0], [0, 4]])
+    mean, covariance = moments.mean_and_covariance()
+    # mean (2/3, 2/3); covariance ((Σxxᵀ − 3 μμᵀ) / 2) = [[4/3, −2/3], [−2/3, 4/3]], as np.cov gives
+    np.testing.assert_allclose(mean.numpy(), [2 / 3, 2 / 3])
+    np.testing.assert_allclose(covariance.numpy(), [[4 / 3, -2 / 3], [-2 / 3, 4 / 3]])
+    np.testing.assert_allclose(covariance.numpy(), np.cov(rows, rowvar=False))
+
+    generator = np.random.default_rng(0)
+    real, fake = generator.normal(size=(50, 6)), generator.normal(1.0, 2.0, size=(37, 6)).astype(np.float32)
+    whole = _frechet_distance(real, fake.astype(np.float64))
+    for chunk in (1, 7, 4096):  # arrays, and iterables of rows, a chunk at a time
+        assert math.isclose(fid.frechet_distance(fid.FeatureMoments.of(iter(real), chunk),
+                                                 fid.FeatureMoments.of(fake, chunk)), whole, rel_tol=1e-9)
+    halves = fid.FeatureMoments.of(fake[:20]) + fid.FeatureMoments.of(list(fake[20:]))
+    assert halves.count == 37 and math.isclose(fid.frechet_distance(real, halves), whole, rel_tol=1e-9)
+    empty = fid.FeatureMoments.of([])
+    assert len(empty) == 0 and (empty + halves).count == 37 and (halves + empty) is not halves
+    with pytest.raises(ValueError, match="at least 2 images per set.*0 real_images"):
+        fid.frechet_distance(empty, halves)
+    with pytest.raises(ValueError, match="rows of 6 features, got an array of shape \\(2, 3\\)"):
+        halves.add(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="moments of 6 and of 2 features"):
+        halves + moments
+
+
+def test_fid_features_moments_read_the_rows_a_chunk_at_a_time(aesthetic_folder):
+    features = fid.FidFeatures(aesthetic_folder / "clip", image_size=32)
+    images = _noise_images(7, seed=11)
+    keys = [f"k{i}" for i in range(7)]
+    rows = features(images, keys=keys)
+    for chunk in (1, 3, 4096):
+        moments = features.moments(keys, chunk)
+        assert moments.count == 7
+        np.testing.assert_allclose(moments.total, rows.sum(0), rtol=1e-12)
+        np.testing.assert_allclose(moments.outer, rows.T @ rows, rtol=1e-12, atol=1e-12)
+    assert math.isclose(fid.frechet_distance(features.moments(keys[:4], 2), features.moments(keys[4:], 2)),
+                        fid.frechet_distance(rows[:4], rows[4:]), rel_tol=1e-9)
+    with pytest.raises(KeyError, match="no FID features for 1 image.*'nope'.*embed them first"):
+        features.moments(["k0", "nope"])
+
+
 def test_fid_errors_name_the_fix(aesthetic_folder):
     with pytest.raises(ValueError, match="at least 2 images per set.*1 generated_images"):
         fid.fid_score(_noise_images(3), _noise_images(1), feature=aesthetic_folder / "clip")

@@ -281,10 +281,11 @@ def image_metrics(generated_table: pd.DataFrame, generated_images: Sequence, ref
                              ranges)
 
 
-def set_level_metrics(generated_table: pd.DataFrame, generated_features: np.ndarray, reference_features: np.ndarray,
+def set_level_metrics(generated_table: pd.DataFrame, generated_features, reference_features,
                       ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
-    """`image_metrics` from FID features already extracted (`scorers.fid.FidFeatures`, one row per image), so a
-    stage embeds each image once and computes the FID of any number of subsets from the rows."""
+    """`image_metrics` from FID features already extracted (`scorers.fid.FidFeatures`), so a stage embeds each
+    image once and computes the FID of any number of subsets from them: each side is an array (one row per image)
+    or its `scorers.fid.FeatureMoments` (`FidFeatures.moments`), which never holds a set's rows at once."""
     _check_scored(generated_table, len(generated_features), "feature rows")
     means = {name: float(generated_table[name].mean()) for name in IMAGE_METRICS}
     fid = frechet_distance(reference_features, generated_features)
