@@ -115,6 +115,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dim", type=int, default=2048, help="features per row (Inception-v3 pool: 2048)")
     parser.add_argument("--seeds", type=int, default=4, help="images per sample and set")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--out", type=Path, help="also save the result here, for notebook 14 (e.g. "
+                        f"benchmarks/results/host_memory/{Path(__file__).stem}.json)")
     parser.add_argument("--measure", metavar="WAY", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = ["--images", str(args.images), "--dim", str(args.dim), "--seeds", str(args.seeds)]
@@ -131,6 +133,12 @@ def main(argv=None) -> dict:
             abs(a - b) > 1e-6 * max(1.0, abs(a)) for a, b in zip(naive["fids"], project["fids"])):
         raise AssertionError(f"the two ways found different FIDs: {naive['fids']} and {project['fids']}")
     result["ratio"] = {key: naive[key] / max(project[key], 1e-9) for key in ("seconds", "peak_above_rows_mb")}
+    if args.out:
+        from helpers.benchmarks.harness import host_memory_document, save_results
+
+        shapes = {"images": args.images, "dim": args.dim, "seeds": args.seeds, "rows": project["rows"],
+                  "sets": len(project["fids"])}
+        save_results(host_memory_document("fid_sets", shapes, result), args.out)
     if args.json:
         print(json.dumps(result))
     else:

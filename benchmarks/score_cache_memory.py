@@ -63,6 +63,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000, help="images in the cache (3 scores each)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--out", type=Path, help="also save the result here, for notebook 14 (e.g. "
+                        f"benchmarks/results/host_memory/{Path(__file__).stem}.json)")
     parser.add_argument("--measure", nargs=2, metavar=("FILE", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:  # the child process
@@ -80,6 +82,11 @@ def main(argv=None) -> dict:
     if naive["rows"] != project["rows"] or naive["rows"] != result["rows"]:
         raise AssertionError(f"the two reads found {naive['rows']} and {project['rows']} rows of {result['rows']}")
     result["ratio"] = {key: naive[key] / max(project[key], 1e-9) for key in ("seconds", "held_mb", "peak_mb")}
+    if args.out:
+        from helpers.benchmarks.harness import host_memory_document, save_results
+
+        shapes = {"images": args.images, "rows": result["rows"], "file_mb": result["file_mb"]}
+        save_results(host_memory_document("score_cache", shapes, result), args.out)
     if args.json:
         print(json.dumps(result))
     else:

@@ -116,9 +116,50 @@ def test_committed_results_files_load():
     # every benchmark either ran or is listed as failed, in every file
     assert documents and all({b["name"] for b in d["benchmarks"]} | {f["name"] for f in d.get("failed", [])} ==
                              set(NAMES) for d in documents)
+    host = cost.load_host_memory(folder)  # the host-memory files notebook 14 reads, measured on a CPU
+    assert set(host) == {"score_cache", "fid_sets"}
+    assert all(d["device"]["device"] == "cpu" and d["naive"] and d["project"] for d in host.values())
 
 
 # ------------------------------------------------------------------------------------------ cost model
+
+
+def _host_documents(score_rows: int = 3_000_000, fid_rows: int = 200_000, dim: int = 2048) -> dict:
+    device = {"device": "cpu", "name": "CPU (x86_64, 2 threads)"}
+    return {"score_cache": {"kind": "host_memory", "name": "score_cache", "device": device, "created": "2026-12-03",
+                            "shapes": {"images": score_rows // 3, "rows": score_rows, "file_mb": 531.0},
+                            "naive": {"seconds": 15.0, "held_mb": 1200.0, "peak_mb": 2700.0},
+                            "project": {"seconds": 14.0, "held_mb": 300.0, "peak_mb": 300.0}},
+            "fid_sets": {"kind": "host_memory", "name": "fid_sets", "device": device, "created": "2026-12-03",
+                         "shapes": {"images": fid_rows * 3 // 4, "dim": dim, "seeds": 4, "rows": fid_rows, "sets": 10},
+                         "naive": {"seconds": 170.0, "peak_above_rows_mb": 4000.0},
+                         "project": {"seconds": 85.0, "peak_above_rows_mb": 400.0}}}
+
+
+def test_paper_scale_host_memory_is_the_measured_bytes_per_row_times_the_paper_counts():
+    # every score row at paper scale, by hand: three scorers' scores of RRHF's 240,000 images, Table 2's 168,000,
+    # the loss variants' 40,000, ChatGen's 349,536, AGFSync's 366,672 candidates, 57,888 held-out and 25,600 HPS v2
+    # images; eight VQA answers for each candidate and held-out image; six TIFA answers for each of 32,648 images
+    scores = 240_000 + 168_000 + 40_000 + 349_536 + 366_672 + 57_888 + 25_600
+    assert cost.score_cache_rows() == 3 * scores + 8 * (366_672 + 57_888) + 6 * 32_648 == 7_335_456
+    assert cost.fid_rows() == 14_564 * 7 * 4  # ChatGen's six sets and the reference, four seeds
+    documents = _host_documents()
+    measured = cost.host_memory_measured(documents)
+    assert list(measured["measure"]) == ["s to read", "MB held after reading", "MB at the peak while reading",
+                                         "s for every set's FID", "MB at the peak above the rows held"]
+    assert measured["naive ÷ project"].tolist() == pytest.approx([15 / 14, 4.0, 9.0, 2.0, 10.0])
+    paper = cost.host_memory_at_paper_scale(documents).set_index("what")
+    score = paper.iloc[0]
+    assert score["rows"] == 7_335_456 and score["project held GB"] == pytest.approx(100 * 7_335_456 / 1e9)
+    assert score["naive peak GB"] == pytest.approx(900 * 7_335_456 / 1e9)  # 2,700 MB / 3M rows = 900 B a row
+    fid = paper.iloc[1]
+    held = 407_792 * 2048 * 4 / 1e9
+    assert fid["project held GB"] == pytest.approx(held)
+    # the naive peak above the rows grows with them (4,000 MB at 200,000 rows); the project's stays 400 MB
+    assert fid["naive peak GB"] == pytest.approx(held + 4.0 * 407_792 / 200_000)
+    assert fid["project peak GB"] == pytest.approx(held + 0.4)
+    assert fid["naive ÷ project"] == pytest.approx(fid["naive peak GB"] / fid["project peak GB"])
+    assert cost.host_memory_at_paper_scale({}).empty and cost.host_memory_measured({}).empty
 
 H100 = "NVIDIA H100 80GB HBM3"  # the name torch gives an H100 SXM
 
@@ -644,7 +685,7 @@ def test_the_flop_estimates_rest_on_what_torch_counts_for_the_paper_shapes():
     assert flop("train_token_lora") == pytest.approx(6 * 6.7e9) and flop("train_token_full") == pytest.approx(8 * 6.7e9)
 
 
-def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project_holds_less():
+def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project_holds_less(tmp_path):
     """benchmarks/score_cache_memory.py at a small size: both reads find every row, each in its own process."""
     import importlib.util
 
@@ -652,13 +693,15 @@ def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project
     spec = importlib.util.spec_from_file_location("score_cache_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--images", "2000", "--json"])
+    result = module.main(["--images", "2000", "--json", "--out", str(tmp_path / "host_memory" / "scores.json")])
     assert result["rows"] == result["naive"]["rows"] == result["project"]["rows"] == 6000
+    saved = cost.load_host_memory(tmp_path)["score_cache"]  # as notebook 14 reads it
+    assert saved["shapes"]["rows"] == 6000 and saved["project"] == result["project"] and saved["device"]["name"]
     assert result["project"]["held_mb"] < result["naive"]["held_mb"]  # memory, not time: no timing assertion
     assert result["project"]["peak_mb"] < result["naive"]["peak_mb"]
 
 
-def test_the_fid_benchmark_finds_the_same_fids_both_ways(monkeypatch):
+def test_the_fid_benchmark_finds_the_same_fids_both_ways(tmp_path, monkeypatch):
     """benchmarks/fid_memory.py at a small size: each way in its own process, the same ten FIDs (Tables 4, 6 and
     7's sets), and the project's way reads each set a chunk at a time (checked in this process)."""
     import importlib.util
@@ -670,7 +713,10 @@ def test_the_fid_benchmark_finds_the_same_fids_both_ways(monkeypatch):
     spec = importlib.util.spec_from_file_location("fid_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--images", "1200", "--dim", "16", "--json"])  # main checks the FIDs agree
+    out = tmp_path / "host_memory" / "fid.json"
+    result = module.main(["--images", "1200", "--dim", "16", "--json", "--out", str(out)])  # checks the FIDs agree
+    saved = cost.load_host_memory(tmp_path)["fid_sets"]
+    assert saved["shapes"] == {"images": 1200, "dim": 16, "seeds": 4, "rows": 1600, "sets": 10}
     assert len(result["naive"]["fids"]) == len(result["project"]["fids"]) == 10
     assert result["project"]["rows"] == 1200 + 400  # the generated images and one reference set
     assert result["project"]["peak_above_rows_mb"] >= 0 and set(result["ratio"]) == {"seconds", "peak_above_rows_mb"}

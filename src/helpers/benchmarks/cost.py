@@ -292,6 +292,92 @@ def plot_disk(table):
     return fig
 
 
+# Host memory. Rows one unit of work adds to the score cache (`image_cache/scores.jsonl`, one file per profile that
+# the process of every scoring notebook reads whole): the unified reward's three scorers (an upper bound for AGFSync's
+# two), BLIP-2's ~8 yes/no answers, TIFA's ~6 free-form answers. FID rows: Inception-v3 pool features in float32.
+SCORE_ROWS_PER_UNIT = {"score": 3, "vqa": 8, "tifa": 6}
+FID_DIM = 2048
+
+
+def score_cache_rows() -> int:
+    """Rows in the score cache at paper scale, once every stage has scored."""
+    return round(sum(w.count * SCORE_ROWS_PER_UNIT[w.unit] for w in paper_work() if w.unit in SCORE_ROWS_PER_UNIT))
+
+
+def fid_rows() -> int:
+    """FID feature rows ChatGen's evaluation holds (notebook 11): one per evaluation image, its reference set's too."""
+    return round(next(w.count for w in paper_work() if (w.method, w.stage) == ("ChatGen", "Evaluation images")))
+
+
+def load_host_memory(folder: Path) -> dict[str, dict[str, Any]]:
+    """The host-memory results documents in `folder`/host_memory (`benchmarks/score_cache_memory.py --out`,
+    `benchmarks/fid_memory.py --out`), by benchmark name; the last file (by name) wins."""
+    from .harness import HOST_MEMORY, load_results
+
+    documents = (load_results(path) for path in sorted((Path(folder) / HOST_MEMORY).glob("*.json")))
+    return {document["name"]: document for document in documents if document.get("kind") == HOST_MEMORY}
+
+
+HOST_MEASURES = {"score_cache": (("seconds", "s to read"), ("held_mb", "MB held after reading"),
+                                 ("peak_mb", "MB at the peak while reading")),
+                 "fid_sets": (("seconds", "s for every set's FID"),
+                              ("peak_above_rows_mb", "MB at the peak above the rows held"))}
+
+
+def host_memory_measured(documents: dict[str, dict[str, Any]]):
+    """One row per measure of each host-memory document: naive, project, naive ÷ project, and what was measured
+    on which CPU."""
+    import pandas as pd
+
+    rows = []
+    for name, document in documents.items():
+        shapes = document["shapes"]
+        size = (f"{shapes['rows']:,} score rows ({shapes['file_mb']:.0f} MB of JSON lines)" if name == "score_cache"
+                else f"{shapes['sets']} FIDs over {shapes['rows']:,} rows of {shapes['dim']:,} features")
+        for key, measure in HOST_MEASURES[name]:
+            naive, project = document["naive"][key], document["project"][key]
+            rows.append({"benchmark": name, "size": size, "measure": measure, "naive": naive, "project": project,
+                         "naive ÷ project": naive / project if project else float("nan"),
+                         "device": document["device"].get("name"), "created": document["created"]})
+    return pd.DataFrame(rows, columns=["benchmark", "size", "measure", "naive", "project", "naive ÷ project",
+                                       "device", "created"])
+
+
+def host_memory_at_paper_scale(documents: dict[str, dict[str, Any]]):
+    """GB one process holds at paper scale, each path, scaled from the host-memory documents: the score cache
+    (`score_cache_rows`, as the last scoring notebook reads it) at the measured bytes per row, and ChatGen's FID
+    rows (`fid_rows` in float32) plus the measured peak of its set-level FIDs above them (the naive peak grows with
+    the rows; the project's, a chunk of rows and a few sets' sums, does not). Under a multi-GPU launch every
+    process holds its own copy."""
+    import pandas as pd
+
+    rows = []
+    scores = documents.get("score_cache")
+    if scores is not None:
+        count, measured = score_cache_rows(), scores["shapes"]["rows"]
+        per_row = {path: {key: scores[path][key] * 1e6 / measured for key in ("held_mb", "peak_mb")}
+                   for path in ("naive", "project")}
+        rows.append({"what": "score cache (image_cache/scores.jsonl), every stage's scores", "rows": count,
+                     "naive peak GB": per_row["naive"]["peak_mb"] * count / 1e9,
+                     "project peak GB": per_row["project"]["peak_mb"] * count / 1e9,
+                     "project held GB": per_row["project"]["held_mb"] * count / 1e9,
+                     "basis": f"bytes per row measured over {measured:,} rows × the paper-scale count"})
+    fid = documents.get("fid_sets")
+    if fid is not None:
+        count, measured, dim = fid_rows(), fid["shapes"]["rows"], fid["shapes"]["dim"]
+        held = count * FID_DIM * 4
+        naive = held + fid["naive"]["peak_above_rows_mb"] * 1e6 * count / measured * (FID_DIM / dim)
+        project = held + fid["project"]["peak_above_rows_mb"] * 1e6 * (FID_DIM / dim) ** 2
+        rows.append({"what": "ChatGen's FID rows and set-level FIDs (notebook 11)", "rows": count,
+                     "naive peak GB": naive / 1e9, "project peak GB": project / 1e9, "project held GB": held / 1e9,
+                     "basis": f"{FID_DIM}-d float32 rows; peak above them measured over {measured:,} rows of {dim:,}"
+                              + ("" if dim == FID_DIM else f", scaled to {FID_DIM:,}") + " features"})
+    table = pd.DataFrame(rows, columns=["what", "rows", "naive peak GB", "project peak GB", "project held GB",
+                                        "basis"])
+    table["naive ÷ project"] = table["naive peak GB"] / table["project peak GB"]
+    return table
+
+
 def _download_bytes(version: dict[str, Any]) -> float | None:
     """The bytes `/api/download/models/{version}` serves: the primary file's `sizeKB` (KiB), else the first model
     file's; None when the crawl lists no file."""

@@ -105,6 +105,20 @@ def results_document(size: str, device: str, rows: list[dict[str, Any]],
             "created": time.strftime("%Y-%m-%d", time.gmtime()), "benchmarks": rows, "failed": list(failed or [])}
 
 
+HOST_MEMORY = "host_memory"  # the results folder's subfolder for host-memory documents
+
+
+def host_memory_document(name: str, shapes: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """A host-memory benchmark's result (`benchmarks/score_cache_memory.py`, `benchmarks/fid_memory.py`): what
+    one host process holds and peaks at on each path, measured on this machine's CPU, each path in a fresh
+    process. `measured` holds "naive", "project" (seconds and MB) and "ratio" (naive ÷ project)."""
+    from ..manifest import library_versions
+
+    return {"schema": SCHEMA, "kind": HOST_MEMORY, "name": name, "device": device_facts("cpu"),
+            "versions": library_versions(), "created": time.strftime("%Y-%m-%d", time.gmtime()), "shapes": shapes,
+            **{key: measured[key] for key in ("naive", "project", "ratio")}}
+
+
 def save_results(document: dict[str, Any], path: Path) -> Path:
     from ..manifest import atomic_write_json
 
