@@ -159,6 +159,8 @@ def test_paper_scale_host_memory_is_the_measured_bytes_per_row_times_the_paper_c
     assert fid["naive peak GB"] == pytest.approx(held + 4.0 * 407_792 / 200_000)
     assert fid["project peak GB"] == pytest.approx(held + 0.4)
     assert fid["naive ÷ project"] == pytest.approx(fid["naive peak GB"] / fid["project peak GB"])
+    figure = cost.plot_host_memory(paper.reset_index())
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == list(paper.index)
     assert cost.host_memory_at_paper_scale({}).empty and cost.host_memory_measured({}).empty
 
 H100 = "NVIDIA H100 80GB HBM3"  # the name torch gives an H100 SXM

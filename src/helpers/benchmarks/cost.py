@@ -378,6 +378,34 @@ def host_memory_at_paper_scale(documents: dict[str, dict[str, Any]]):
     return table
 
 
+def plot_host_memory(table):
+    """Paired horizontal bars: one process's peak host memory at paper scale on each path, per item of
+    `host_memory_at_paper_scale`, the rows held (the project's) hatched inside the project's bar."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    y = np.arange(len(table))
+    fig, ax = plt.subplots(figsize=(9, 0.8 * len(table) + 1.8))
+    ax.barh(y - 0.2, table["naive peak GB"], height=0.4, color="#c44e52")
+    ax.barh(y + 0.2, table["project peak GB"], height=0.4, color="#4c72b0")
+    ax.barh(y + 0.2, table["project held GB"], height=0.4, color="none", edgecolor="white", hatch="///")
+    for i, (naive, project) in enumerate(zip(table["naive peak GB"], table["project peak GB"])):
+        ax.text(naive, i - 0.2, f" {naive:.1f} GB", va="center", fontsize=8)
+        ax.text(project, i + 0.2, f" {project:.1f} GB", va="center", fontsize=8)
+    ax.set_yticks(y, table["what"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15 * max(table["naive peak GB"].max(), table["project peak GB"].max(), 1e-3))
+    ax.set_xlabel("GB of host memory, one process")
+    ax.set_title("Host memory at paper scale, per process (scaled from the CPU measurements)")
+    ax.legend(handles=[Patch(color="#c44e52", label="naive path, peak"),
+                       Patch(color="#4c72b0", label="project's path, peak"),
+                       Patch(facecolor="#4c72b0", edgecolor="white", hatch="///", label="of which held after")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _download_bytes(version: dict[str, Any]) -> float | None:
     """The bytes `/api/download/models/{version}` serves: the primary file's `sizeKB` (KiB), else the first model
     file's; None when the crawl lists no file."""
