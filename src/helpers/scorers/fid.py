@@ -221,7 +221,7 @@ class FeatureMoments:
         return moments or cls(0)
 
     def add(self, block: np.ndarray) -> "FeatureMoments":
-        """Takes in a (rows, dim) block."""
+        """Adds a (rows, dim) block of feature rows (any float dtype; summed in float64) and returns self."""
         block = np.asarray(block, dtype=np.float64)
         if block.ndim != 2 or block.shape[1] != len(self.total):
             raise ValueError(f"expected rows of {len(self.total)} features, got an array of shape {block.shape}")
