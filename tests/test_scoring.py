@@ -72,6 +72,46 @@ def test_rows_appended_after_a_torn_line_start_a_line_of_their_own(tmp_path):
     assert read_jsonl_rows(path) == [{"a": 1}, {"a": 3}, {"a": 4}]  # only the torn row is lost
 
 
+def test_append_lines_says_where_the_lines_landed(tmp_path):
+    from helpers.manifest import append_lines
+
+    path = tmp_path / "rows.jsonl"
+    assert append_lines(path, []) is None and not path.exists()
+    first = append_lines(path, ["a", "bc"])
+    assert (first.start, first.end, first.last_line) == (0, 5, b"bc\n")
+    with open(path, "ab") as handle:
+        handle.write(b"tor")  # a crash mid-write: the next lines start after a newline, at byte 9
+    second = append_lines(path, ["d"])
+    assert (second.start, second.end) == (9, 11) and path.read_bytes()[second.start:second.end] == b"d\n"
+    stat = path.stat()
+    assert first.file == second.file == (stat.st_dev, stat.st_ino)
+
+
+def test_a_score_cache_does_not_read_back_the_rows_it_wrote_unless_others_came_between(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    mine, theirs = scoring.ScoreCache(path), scoring.ScoreCache(path)
+    mine.put_many([("k1", "clip", "w", 1.0), ("k2", "clip", "w", 2.0)])
+    mine.put_many([("k3", "clip", "w", 3.0)])
+    assert mine.refresh() == 0 and len(mine) == 3  # its own rows, held already, are not parsed again
+    theirs.put_many([("k4", "clip", "w", 4.0)])  # another writer's row comes before mine next
+    mine.put_many([("k5", "clip", "w", 5.0)])
+    assert mine.refresh() == 2 and mine.get("k4", "clip", "w") == 4.0  # read from where it stopped: both rows
+    mine.put_many([("k6", "clip", "w", 6.0)])
+    assert mine.refresh() == 0 and len(mine) == 6
+    with open(path, "a") as handle:
+        handle.write('{"image": "k7", "sco')  # a crash mid-write in another process
+    mine.put_many([("k8", "clip", "w", 8.0)])
+    assert mine.refresh() == 1 and mine.get("k7", "clip", "w") is None  # its row after the torn line, read back
+    fresh = scoring.ScoreCache(path)
+    assert len(fresh) == len(mine) == 7
+    assert all(fresh.get(f"k{i}", "clip", "w") == mine.get(f"k{i}", "clip", "w") for i in range(1, 9))
+    # rewritten in place to the same length (the same file): the last line read is gone, so it reads afresh
+    text = path.read_text()
+    path.write_text(text.replace('"k8"', '"kX"'))
+    mine.put_many([("k9", "clip", "w", 9.0)])
+    assert mine.refresh() == 8 and mine.get("k8", "clip", "w") is None and mine.get("kX", "clip", "w") == 8.0
+
+
 def test_a_shared_score_cache_is_one_copy_that_reads_only_the_rows_appended_since(tmp_path):
     path = tmp_path / "scores.jsonl"
     shared = scoring.ScoreCache.shared(path)
@@ -82,8 +122,8 @@ def test_a_shared_score_cache_is_one_copy_that_reads_only_the_rows_appended_sinc
     other.put_many([("k2", "clip", "w", 60.0)])
     with open(path, "a") as handle:
         handle.write('{"image": "k3", "sco')  # a crash mid-write: not read, and not a place to stop reading at
-    # its own two rows, read back, and the other writer's row; the torn line is skipped
-    assert shared.refresh() == 3 and shared.get("k2", "clip", "w") == 60.0 and len(shared) == 3
+    # the other writer's row only (its own two it holds, and is not read back); the torn line is skipped
+    assert shared.refresh() == 1 and shared.get("k2", "clip", "w") == 60.0 and len(shared) == 3
     other.put_many([("k4", "clip", "w", 50.0)])
     assert scoring.ScoreCache.shared(path) is shared and shared.get("k4", "clip", "w") == 50.0
     assert shared.get("k3", "clip", "w") is None and len(shared) == 4

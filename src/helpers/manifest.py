@@ -13,7 +13,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from .display import say
 from .distributed import in_shard, is_main_process, launched_rank, launched_world_size
@@ -86,31 +86,47 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+class Landed(NamedTuple):
+    """Where `append_lines` put its lines: the file (device, inode), the offsets of their first byte and of the byte
+    after the last, and the last line as bytes (newline included)."""
+    file: tuple[int, int]
+    start: int
+    end: int
+    last_line: bytes
+
+
+def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Landed | None:
     """Append rows as JSON lines in one write, flushed and fsynced: a crash loses at most the row being written.
     After such a crash the file ends in a torn line; the rows appended next start on a line of their own, so that
-    only the torn row is lost, not also the first row written after it (readers skip the torn line)."""
-    append_lines(path, [json.dumps(row, sort_keys=True) for row in rows])
+    only the torn row is lost, not also the first row written after it (readers skip the torn line).
+    Returns where the rows landed (`append_lines`)."""
+    return append_lines(path, [json.dumps(row, sort_keys=True) for row in rows])
 
 
-def append_lines(path: Path, lines: Iterable[str], fsync: bool = True) -> None:
+def append_lines(path: Path, lines: Iterable[str], fsync: bool = True) -> Landed | None:
     """Append lines in one write, after a newline where the file ends in a torn line (`append_jsonl`); flushed,
-    and fsynced unless `fsync` is False (a record people read, written for every image drawn)."""
-    data = "".join(line + "\n" for line in lines).encode()
-    if not data:
-        return
+    and fsynced unless `fsync` is False (a record people read, written for every image drawn). Returns where the
+    lines landed, so that a reader that wrote them need not read them back (`scoring.ScoreCache`); None when there
+    was nothing to write."""
+    lines = [line + "\n" for line in lines]
+    if not lines:
+        return None
+    data = "".join(lines).encode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:  # every write goes to the end; reading checks the last byte
         end = handle.seek(0, os.SEEK_END)
+        torn = False
         if end:
             handle.seek(end - 1)
-            if handle.read(1) != b"\n":
-                data = b"\n" + data
-        handle.write(data)
+            torn = handle.read(1) != b"\n"
+        handle.write(b"\n" + data if torn else data)  # one write
         handle.flush()
         if fsync:
             os.fsync(handle.fileno())
+        after = handle.tell()  # the end of this write, even where another writer appended in between
+        stat = os.fstat(handle.fileno())
+    return Landed((stat.st_dev, stat.st_ino), after - len(data), after, lines[-1].encode())
 
 
 def without_timings(log_history: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .distributed import broadcast_from_main, is_main_process, map_sharded
-from .manifest import append_jsonl
+from .manifest import Landed, append_jsonl
 from .scorers.base import (in_fitting_batches, local_weight_files, pixels_in_threads, pooled, precision_id, rgb,
                            weights_id)
 from .speed import fitting_batches
@@ -132,7 +132,9 @@ class ScoreCache:
     their VQA answers). It is read line by line into one dict of image → value per (scorer, weights), each image
     key one string for all its scorers: about a quarter of the memory a dict keyed by (image, scorer, weights) takes
     (`benchmarks/score_cache_memory.py`).
-    `ScoreCache.shared(path)` hands every scoring run of a process one copy, reading only what was appended since.
+    `ScoreCache.shared(path)` hands every scoring run of a process one copy, reading only what others appended
+    since: the rows it wrote itself it holds already, and does not parse back (3,000,000 rows written in batches of
+    3,072 and looked up after each batch: 13.2 s of refreshes before, 0.11 s now, on a 2-core CPU).
     """
 
     _shared: dict[Path, "ScoreCache"] = {}
@@ -213,11 +215,26 @@ class ScoreCache:
 
     def put_many(self, rows: Sequence[tuple[str, str, str, float | str]]) -> None:
         rows = [(image_key, scorer, weights, cache_value(value)) for image_key, scorer, weights, value in rows]
-        if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
-            append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights, "value": value}
-                                     for image_key, scorer, weights, value in rows])  # read back by `refresh`
         for image_key, scorer, weights, value in rows:
             self._store(image_key, scorer, weights, value)
+        if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
+            self._read_past(append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights,
+                                                      "value": value} for image_key, scorer, weights, value in rows]))
+
+    def _read_past(self, landed: Landed | None) -> None:
+        """Count rows this object just appended, and holds already, as read: `refresh` does not parse back what it
+        wrote (at paper scale millions of rows, ~3 µs each). Only where they begin exactly where reading stopped,
+        in the file read, with the last line read still in place; otherwise (another writer's rows or a torn line
+        came first, another file took its place) `refresh` reads them as any other rows."""
+        if landed is None or landed.start != self._read_bytes:
+            return
+        if self._read_bytes == 0:  # a file this object found empty or missing: its rows are all there is
+            same_file = self._identity in (None, landed.file)
+        else:
+            with open(self.path, "rb") as handle:
+                same_file = self._identity == landed.file and self._still_there(handle)
+        if same_file:
+            self._identity, self._read_bytes, self._last_line = landed.file, landed.end, landed.last_line
 
 
 def cache_value(value: Any) -> float | str:
