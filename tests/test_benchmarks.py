@@ -705,7 +705,9 @@ def test_the_score_cache_benchmark_reads_the_same_rows_both_ways_and_the_project
 
 def test_the_fid_benchmark_finds_the_same_fids_both_ways(tmp_path, monkeypatch):
     """benchmarks/fid_memory.py at a small size: each way in its own process, the same ten FIDs (Tables 4, 6 and
-    7's sets), and the project's way reads each set a chunk at a time (checked in this process)."""
+    7's sets), and the project's way reads each set a chunk at a time and each row about once (checked in this
+    process)."""
+    import collections
     import importlib.util
 
     from helpers.chatgen.experiment import set_metrics
@@ -718,15 +720,24 @@ def test_the_fid_benchmark_finds_the_same_fids_both_ways(tmp_path, monkeypatch):
     out = tmp_path / "host_memory" / "fid.json"
     result = module.main(["--images", "1200", "--dim", "16", "--json", "--out", str(out)])  # checks the FIDs agree
     saved = cost.load_host_memory(tmp_path)["fid_sets"]
-    assert saved["shapes"] == {"images": 1200, "dim": 16, "seeds": 4, "rows": 1600, "sets": 10}
+    # 100 samples × 4 seeds × 3 sets, less the 5 failed calls of each set (1 in 20), and one reference set
+    assert saved["shapes"] == {"images": 1200, "dim": 16, "seeds": 4, "rows": 1140 + 400, "sets": 10}
     assert len(result["naive"]["fids"]) == len(result["project"]["fids"]) == 10
-    assert result["project"]["rows"] == 1200 + 400  # the generated images and one reference set
     assert result["project"]["peak_above_rows_mb"] >= 0 and set(result["ratio"]) == {"seconds", "peak_above_rows_mb"}
 
-    blocks = []
+    blocks, read = [], collections.Counter()
     add = fid.FeatureMoments.add
     monkeypatch.setattr(fid.FeatureMoments, "add", lambda self, block: (blocks.append(len(block)), add(self, block))[1])
     features, scored, reference_keys = module.rows_and_table(30_000, 4, seeds=4)
+    moments = features.moments
+    features.moments = lambda keys, *args: (read.update(keys), moments(keys, *args))[1]
     table = set_metrics(scored, features, reference_keys)
-    assert len(table) == 10 and max(blocks) == 4096 and sum(blocks) > 40_000  # never more than one chunk of rows at a time
+    assert len(table) == 10 and max(blocks) == 4096  # never more than one chunk of rows at a time
+    generated = set(scored["key"])
+    assert len(generated) == len(scored) == 28_500 and all(read[key] == 1 for key in generated)  # not 57,000
+    references = {key: read[key] for keys in reference_keys.values() for key in keys}
+    # 2,500 samples × 4 references, each read once into its cell's sum and again for each table row whose set lacks
+    # it: each set lacks 125 samples, in 3 table rows (ChatGen-Evo's fully predicted: Tables 4, 6, 7), 1 (its
+    # "model only": Table 6) or 2 (the baseline's: Tables 4, 7). Each table row reading its own set: 57,000 rows.
+    assert len(references) == 10_000 and sum(references.values()) == 10_000 + 125 * (3 + 1 + 2) * 4
     assert table["fid"].tolist() == pytest.approx(module.naive_fids(features, scored, reference_keys), rel=1e-9)

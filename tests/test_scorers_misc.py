@@ -290,6 +290,22 @@ def test_feature_moments_equal_a_hand_worked_covariance_in_any_chunking():
     with pytest.raises(ValueError, match="moments of 6 and of 2 features"):
         halves + moments
 
+    # a set less some of its rows: (0,0), (2,0), (0,2) without (0,2) is Σx = (2,0), Σxxᵀ = [[4,0],[0,0]]
+    left = moments - fid.FeatureMoments.of(rows[2:])
+    assert left.count == 2 and left is not moments and moments.count == 3  # a new object; the set is unchanged
+    np.testing.assert_array_equal(left.total, [2, 0])
+    np.testing.assert_array_equal(left.outer, [[4, 0], [0, 0]])
+    np.testing.assert_array_equal(moments.total, [2, 2])
+    assert (moments - empty).count == 3 and (moments - empty).total is not moments.total
+    first = fid.FeatureMoments.of(fake[:20])
+    assert math.isclose(fid.frechet_distance(real, halves - first + first), whole, rel_tol=1e-9)
+    assert math.isclose(fid.frechet_distance(real, fid.FeatureMoments.of(fake[20:])), fid.frechet_distance(
+        real, halves - first), rel_tol=1e-9)
+    with pytest.raises(ValueError, match="cannot take 37 rows of 6 features out of 3 rows of 2"):
+        moments - halves
+    with pytest.raises(ValueError, match="cannot take 3 rows of 2 features out of 37 rows of 6"):
+        halves - moments
+
 
 def test_fid_features_moments_read_the_rows_a_chunk_at_a_time(aesthetic_folder):
     features = fid.FidFeatures(aesthetic_folder / "clip", image_size=32)

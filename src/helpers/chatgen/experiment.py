@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from . import ChatSample
+from ..scorers.fid import FeatureMoments
 from .bench import load_bench
 from .metrics import (ALL_PREDICTED, TABLE6_VARIANTS, image_requests, per_sample_frame, reference_requests,
                       set_level_metrics, with_ground_truth)
@@ -168,6 +169,9 @@ def set_groups(scored: pd.DataFrame):
             yield keys, values if isinstance(values, tuple) else (values,), group
 
 
+SAMPLE_COLUMNS = ("setting", "input_type")  # a chat's own: the same for every method's images of it
+
+
 def set_metrics(scored: pd.DataFrame, features, reference_keys: Mapping[str, Sequence[str]]) -> pd.DataFrame:
     """FID (and the unified metric) of each table row's image set against the same samples' reference images,
     from FID features extracted once per image: `features` (`scorers.fid.FidFeatures`) holds a row for each
@@ -175,25 +179,85 @@ def set_metrics(scored: pd.DataFrame, features, reference_keys: Mapping[str, Seq
 
     Each FID reads its two sets as `FeatureMoments`, a chunk of rows at a time, so no set's rows are ever copied
     out whole (at paper scale ChatGen's ~400,000 Inception rows would be 3.3 GB as float32, twice that as the
-    float64 FID computes in). A reference set is summed once and reused by the table rows that share it (the
-    last eight sets are kept)."""
-    reference_moments: dict[tuple[str, ...], Any] = {}
-    frames = []
-    for keys, values, group in set_groups(scored):
-        samples = tuple(sorted(sample for sample in group["sample_id"].unique() if reference_keys.get(sample)))
-        if len(group) < 2 or sum(len(reference_keys[sample]) for sample in samples) < 2:
-            continue  # FID needs at least two images on each side
-        if samples not in reference_moments:
-            if len(reference_moments) == 8:  # 32 MB each for Inception rows
-                reference_moments.pop(next(iter(reference_moments)))
-            reference_moments[samples] = features.moments([key for sample in samples
-                                                           for key in reference_keys[sample]])
-        metrics = set_level_metrics(group, features.moments(list(group["key"])), reference_moments[samples])
-        frames.append({**dict(zip(keys, values)), "grouping": "+".join(keys), "fid": metrics["fid"],
-                       "unified": metrics["unified"]})
+    float64 FID computes in). Each row is read about once, though Tables 4 and 7 both take every fully predicted
+    image: the rows of one method, setting and input type are summed once and added into both tables' rows
+    (`_moments_per_group`), and a reference set is the sums of its settings and input types less the samples it
+    lacks (`_ReferenceSums`)."""
+    groups = [(keys, values, group) for keys, values, group in set_groups(scored)
+              if len(group) >= 2 and sum(len(reference_keys.get(sample, ()))
+                                         for sample in group["sample_id"].unique()) >= 2]  # FID: ≥ 2 on each side
+    keyed = scored.reset_index(drop=True)  # the row positions `set_groups` indexes by
+    references = _ReferenceSums(features, reference_keys, keyed)
+    found: dict[int, dict[str, Any]] = {}
+    for number, generated in _moments_per_group(features, list(keyed["key"]), [group for *_, group in groups]):
+        keys, values, group = groups[number]
+        metrics = set_level_metrics(group, generated, references.of(group["sample_id"].unique()))
+        found[number] = {**dict(zip(keys, values)), "grouping": "+".join(keys), "fid": metrics["fid"],
+                         "unified": metrics["unified"]}
     # fixed columns, so that a run where no group had enough images still saves (and reads back) a table
-    return pd.DataFrame(frames, columns=[*dict.fromkeys(k for keys in GROUPINGS for k in keys), "grouping", "fid",
-                                         "unified"])
+    return pd.DataFrame([found[number] for number in range(len(groups))],
+                        columns=[*dict.fromkeys(k for keys in GROUPINGS for k in keys), "grouping", "fid", "unified"])
+
+
+def _moments_per_group(features, keys: Sequence[str], groups: Sequence[pd.DataFrame]):
+    """(group number, the `FeatureMoments` of its rows) for each group (rows indexed by position in `keys`), each row
+    read once: rows in the same groups are summed together and that sum added into each of them. Groups are
+    taken one method at a time and a sum no later group needs is let go, so one method's sums are held at most
+    (at paper scale 2 settings × 3 input types, 32 MB each for Inception rows)."""
+    membership: dict[int, list[int]] = {}
+    for number, group in enumerate(groups):
+        for row in group.index.tolist():
+            membership.setdefault(row, []).append(number)
+    parts: dict[tuple[int, ...], list[int]] = {}  # the groups a row is in → those rows
+    for row, numbers in membership.items():
+        parts.setdefault(tuple(numbers), []).append(row)
+    order = sorted(range(len(groups)), key=lambda number: str(groups[number]["method"].iloc[0]))
+    position = {number: at for at, number in enumerate(order)}
+    last_use = {part: max(position[number] for number in part) for part in parts}
+    parts_of: dict[int, list[tuple[int, ...]]] = {}
+    for part in parts:
+        for number in part:
+            parts_of.setdefault(number, []).append(part)
+    held: dict[tuple[int, ...], Any] = {}
+    for at, number in enumerate(order):
+        for part in parts_of[number]:
+            if part not in held:
+                held[part] = features.moments([keys[row] for row in parts[part]])
+        sums = [held.pop(part) if last_use[part] == at else held[part] for part in parts_of[number]]
+        yield number, sums[0] if len(sums) == 1 else FeatureMoments.summed(sums)
+
+
+class _ReferenceSums:
+    """The `FeatureMoments` of any samples' reference images, each image read about once: the references are
+    summed per cell of SAMPLE_COLUMNS (a chat's setting and input type), and a set is the sums of the cells its
+    samples are in, less the samples of those cells it lacks (a method whose call failed for a chat has no image
+    of it); read directly where it lacks more than it holds."""
+
+    def __init__(self, features, reference_keys: Mapping[str, Sequence[str]], scored: pd.DataFrame):
+        self.features, self.reference_keys = features, reference_keys
+        first = scored.drop_duplicates("sample_id")
+        self.cell_of = dict(zip(first["sample_id"], zip(*(first[column] for column in SAMPLE_COLUMNS))))
+        self.cells: dict[tuple, list[str]] = {}
+        for sample, cell in self.cell_of.items():
+            if reference_keys.get(sample):
+                self.cells.setdefault(cell, []).append(sample)
+        self.sums: dict[tuple, Any] = {}  # at most one per cell (6 at paper scale, 32 MB each)
+
+    def _keys(self, samples) -> list[str]:
+        return [key for sample in samples for key in self.reference_keys[sample]]
+
+    def of(self, samples: Sequence[str]):
+        chosen = sorted(sample for sample in set(samples) if self.reference_keys.get(sample))
+        members = set(chosen)
+        touched = sorted({self.cell_of[sample] for sample in chosen})
+        lacking = [sample for cell in touched for sample in self.cells[cell] if sample not in members]
+        if len(self._keys(lacking)) >= len(self._keys(chosen)):
+            return self.features.moments(self._keys(chosen))
+        for cell in touched:
+            if cell not in self.sums:
+                self.sums[cell] = self.features.moments(self._keys(self.cells[cell]))
+        total = self.sums[touched[0]] if len(touched) == 1 else FeatureMoments.summed([self.sums[c] for c in touched])
+        return total - self.features.moments(self._keys(lacking)) if lacking else total
 
 
 def grouping_rows(set_level: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame | None:

@@ -232,15 +232,35 @@ class FeatureMoments:
 
     def __add__(self, other: "FeatureMoments") -> "FeatureMoments":
         """The moments of both sets together (a new object; an empty side adds nothing)."""
-        parts = [moments for moments in (self, other) if moments.count]
-        if len(parts) == 2 and len(self.total) != len(other.total):
-            raise ValueError(f"cannot add moments of {len(self.total)} and of {len(other.total)} features")
-        added = FeatureMoments(len(parts[0].total) if parts else len(self.total))
+        return FeatureMoments.summed([self, other])
+
+    @classmethod
+    def summed(cls, sets: Sequence["FeatureMoments"]) -> "FeatureMoments":
+        """The moments of all `sets` together, in one new object (not one per addition, as `+` makes them)."""
+        parts = [moments for moments in sets if moments.count]
+        dims = sorted({len(moments.total) for moments in parts})
+        if len(dims) > 1:
+            raise ValueError(f"cannot add moments of {' and of '.join(map(str, dims[::-1]))} features")
+        added = cls(dims[0] if dims else len(sets[0].total) if sets else 0)
         for moments in parts:
             added.count += moments.count
             added.total += moments.total
             added.outer += moments.outer
         return added
+
+    def __sub__(self, part: "FeatureMoments") -> "FeatureMoments":
+        """The moments of this set without `part`, rows it holds (a new object): a set that lacks a few rows of a
+        larger one is that one's sums less theirs, instead of all of its own rows read again."""
+        if part.count > self.count or (part.count and len(part.total) != len(self.total)):
+            raise ValueError(f"cannot take {part.count} rows of {len(part.total)} features out of {self.count} rows "
+                             f"of {len(self.total)}: pass rows the set holds")
+        left = FeatureMoments(len(self.total))
+        left.count = self.count - part.count
+        if part.count:
+            left.total, left.outer = self.total - part.total, self.outer - part.outer
+        else:
+            left.total, left.outer = self.total.copy(), self.outer.copy()
+        return left
 
     def __len__(self) -> int:
         return self.count
