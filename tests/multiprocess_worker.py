@@ -154,6 +154,25 @@ def main(out: Path, llm: str) -> None:
     distributed.barrier()  # the main process has written the rows; every process reads them back from disk
     reread = FidFeatures(ctx.model_path("clip"), image_size=32, store=fid_store)
     fid_reread = bool(np.array_equal(reread.rows([g.key for g in generated]), fid_rows)) and reread.extracted == 0
+    # rows on the main process only (notebook 11): embedded split across the processes, or read back from the
+    # store; the other processes know each image has its row, and nothing is embedded again
+    fid_main_only = {}
+    for how, held in (("embedded", FidFeatures(ctx.model_path("clip"), image_size=32, batch_size=2,
+                                               rows_on_main_only=True)),
+                      ("read", FidFeatures(ctx.model_path("clip"), image_size=32, store=fid_store,
+                                           rows_on_main_only=True))):
+        returned = held(generated, [g.key for g in generated])
+        held(generated[:3], [g.key for g in generated[:3]])
+        try:
+            rows = held.rows([g.key for g in generated])
+        except RuntimeError as error:
+            rows = str(error)
+        fid_main_only[how] = {"holds_rows": held.holds_rows, "extracted": held.extracted,
+                              "has": all(held.has(g.key) for g in generated),
+                              "returned": None if returned is None else bool(np.allclose(returned, fid_rows,
+                                                                                         rtol=1e-5, atol=1e-6)),
+                              "rows": rows if isinstance(rows, str) else bool(np.allclose(rows, fid_rows, rtol=1e-5,
+                                                                                          atol=1e-6))}
     agent = Agent.load(llm)
     from helpers import speed
 
@@ -297,7 +316,7 @@ def main(out: Path, llm: str) -> None:
          "token_head_before": head_before,
          "select_batches": select_batches, "selected": selected,
          "fid_extracted": fid.extracted,
-         "fid_reread": fid_reread,
+         "fid_reread": fid_reread, "fid_main_only": fid_main_only,
          "fid_files": len(list(fid_store.rglob("*.npz"))), "resumed_micro_batches": len(resumed_micro_batches),
          "reward_drawn": rewarding.stats["generated"], "reward_drawn_again": again.stats["generated"],
          "resumed_unet_sum": float(sum(p.double().sum() for p in resumed.unet.parameters()))}))

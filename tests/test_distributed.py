@@ -281,6 +281,13 @@ def test_two_processes_match_one(book_root, tmp_path):
     assert split[0]["selected"] == split[1]["selected"] == alone["selected"]
     # the rows went to disk once (the main process wrote one file for the call that embedded), and read back exactly
     assert all(s["fid_reread"] and s["fid_files"] == 1 for s in (*split, alone))
+    # rows on the main process only: the same rows there, every image known everywhere, each embedded once
+    for how in ("embedded", "read"):
+        found = [s["fid_main_only"][how] for s in (alone, *split)]
+        assert [f["holds_rows"] for f in found] == [True, True, False] and all(f["has"] for f in found)
+        assert [f["returned"] for f in found] == [True, True, None] and found[0]["rows"] is found[1]["rows"] is True
+        assert "held by the main process only" in found[2]["rows"]
+        assert [f["extracted"] for f in found] == ([6, 4, 2] if how == "embedded" else [0, 0, 0])
     # scores only, in blocks split across the processes: each drew its share, the main process removed every drawn
     # image but the kept one once its block was scored, and asked again neither process drew anything
     assert [s["reward_drawn"] for s in split] == [3, 2] and alone["reward_drawn"] == 5

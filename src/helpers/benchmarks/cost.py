@@ -348,7 +348,8 @@ def host_memory_at_paper_scale(documents: dict[str, dict[str, Any]]):
     (`score_cache_rows`, as the last scoring notebook reads it) at the measured bytes per row, and ChatGen's FID
     rows (`fid_rows` in float32) plus the measured peak of its set-level FIDs above them (the naive peak grows with
     the rows; the project's, a chunk of rows and a few sets' sums, does not). Under a multi-GPU launch every
-    process holds its own copy."""
+    process holds its own copy of the score cache; the FID rows, the main process alone
+    (`FidFeatures(rows_on_main_only=True)`)."""
     import pandas as pd
 
     rows = []
@@ -368,7 +369,7 @@ def host_memory_at_paper_scale(documents: dict[str, dict[str, Any]]):
         held = count * FID_DIM * 4
         naive = held + fid["naive"]["peak_above_rows_mb"] * 1e6 * count / measured * (FID_DIM / dim)
         project = held + fid["project"]["peak_above_rows_mb"] * 1e6 * (FID_DIM / dim) ** 2
-        rows.append({"what": "ChatGen's FID rows and set-level FIDs (notebook 11)", "rows": count,
+        rows.append({"what": "ChatGen's FID rows and set-level FIDs (notebook 11, main process)", "rows": count,
                      "naive peak GB": naive / 1e9, "project peak GB": project / 1e9, "project held GB": held / 1e9,
                      "basis": f"{FID_DIM}-d float32 rows; peak above them measured over {measured:,} rows of {dim:,}"
                               + ("" if dim == FID_DIM else f", scaled to {FID_DIM:,}") + " features"})

@@ -103,6 +103,7 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
               max_new_tokens: int, num_seeds: int, max_side: int | None, batch_size: int,
               fid_feature: str, max_sampling_steps: int | None = None, keep_images: bool = True) -> dict[str, Any]:
     """Notebook 11 end to end; writes predictions.jsonl, rows.csv (per sample) and set_metrics.csv (FID, per set)."""
+    from ..distributed import broadcast_from_main
     from ..manifest import append_jsonl
     from ..scorers.bertscore import BertScorer
     from ..scorers.fid import FidFeatures
@@ -125,8 +126,11 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     scoring = ScoringRun.for_run(ctx, ("clip", "hps", "image_reward"))
     # each image's FID features are extracted once, in the block that draws it, and kept on disk by image key: FIDs
     # of subsets come from the rows, and once an image's scores and features are in, its PNG can go (`keep_images`)
+    # under a multi-process launch only the main process holds the rows (~3.3 GB at paper scale) and computes the
+    # FIDs; the others know which images have theirs, so all agree on what is left to draw
     features = FidFeatures(ctx.model_path("clip") if fid_feature == "clip" else fid_feature, ctx.device,
-                           image_size=None, store=cache.root / "fid_features")  # Inception: 299 px, as FID is defined
+                           image_size=None, store=cache.root / "fid_features",  # Inception: 299 px, as FID is defined
+                           rows_on_main_only=True)
     plan = image_requests(predictions, test, catalog, num_seeds=num_seeds)
     keep = None if keep_images else (lambda index: False)
     scored = plan.scored(scoring.generate_and_score(executor, plan.requests, keep=keep, also=[features]))
@@ -136,7 +140,8 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)
     rows.to_csv(folder / "rows.csv", index=False)
-    set_level = set_metrics(scored, features, reference_keys_by_sample(reference.table["sample_id"], reference_keys))
+    set_level = broadcast_from_main(set_metrics(scored, features, reference_keys_by_sample(
+        reference.table["sample_id"], reference_keys)) if features.holds_rows else None)
     set_level.to_csv(folder / "set_metrics.csv", index=False)
     counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),
                    "images_drawn": executor.stats["generated"],
