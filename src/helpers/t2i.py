@@ -490,6 +490,9 @@ class Request:
     text_noise: float = 0.0  # σ of Gaussian noise added to the text-encoder output (AGFSync's candidates)
 
 
+CPU_FLOAT32 = "cpu/float32"  # `drawn_with` the CPU in float32: what keys written before that field stand for
+
+
 class ImageCache:
     """PNG per key under `root/images/`, plus an append-only index; key = hash(api, prompts, seed, weights, size,
     and what drew it where that is not the CPU in float32: `drawn_with`).
@@ -515,7 +518,7 @@ class ImageCache:
 
     @staticmethod
     def key(request: Request, weights_id: str, size: tuple[int, int], steps: int | None = None,
-            draw: str = "cpu/float32") -> str:
+            draw: str = CPU_FLOAT32) -> str:
         """The image's cache key: what is drawn (the call, the drawn size and steps, the weights) and, with `draw`
         (`drawn_with`), what it is drawn on; nothing else."""
         api = {k: request.api.get(k) for k in API_FIELDS if k != "model_description"}
@@ -525,7 +528,7 @@ class ImageCache:
                    "seed": request.seed, "weights": weights_id, "size": list(size)}
         if request.text_noise:  # only noised images carry the field, so every other key stays as it was
             payload["text_noise"] = float(request.text_noise)
-        if draw != "cpu/float32":  # likewise: images drawn on the CPU in float32 keep the keys they always had
+        if draw != CPU_FLOAT32:  # likewise: images drawn on the CPU in float32 keep the keys they always had
             payload["draw"] = draw
         return sha256_json(payload)
 

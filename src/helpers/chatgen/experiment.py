@@ -255,14 +255,15 @@ class _ReferenceSums:
         chosen = sorted(sample for sample in set(samples) if self.reference_keys.get(sample))
         members = set(chosen)
         touched = sorted({self.cell_of[sample] for sample in chosen})
-        lacking = [sample for cell in touched for sample in self.cells[cell] if sample not in members]
-        if len(self._keys(lacking)) >= len(self._keys(chosen)):
-            return self.features.moments(self._keys(chosen))
+        own = self._keys(chosen)
+        lacking = self._keys(sample for cell in touched for sample in self.cells[cell] if sample not in members)
+        if len(lacking) >= len(own):
+            return self.features.moments(own)
         for cell in touched:
             if cell not in self.sums:
                 self.sums[cell] = self.features.moments(self._keys(self.cells[cell]))
         total = self.sums[touched[0]] if len(touched) == 1 else FeatureMoments.summed([self.sums[c] for c in touched])
-        return total - self.features.moments(self._keys(lacking)) if lacking else total
+        return total - self.features.moments(lacking) if lacking else total
 
 
 def grouping_rows(set_level: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame | None:

@@ -76,8 +76,9 @@ class FeatureRows:
     """FID feature rows by image key (float32, as the network gives them), and the FIDs of any subsets of them:
     what `FidFeatures` holds once it has embedded images, or rows from anywhere else."""
 
-    def __init__(self, by_key: dict[str, np.ndarray] | None = None):
-        self.by_key: dict[str, np.ndarray] = {} if by_key is None else by_key
+    def __init__(self, by_key: dict[str, np.ndarray] | None = None, holds_rows: bool = True):
+        self.by_key: dict[str, np.ndarray | None] = {} if by_key is None else by_key  # None: a row kept elsewhere
+        self.holds_rows = holds_rows
 
     def has(self, key: str) -> bool:
         """Whether the image `key`'s row is known (embedded by this object or read from the store)."""
@@ -88,7 +89,7 @@ class FeatureRows:
         if missing:
             raise KeyError(f"no FID features for {len(missing)} image(s), e.g. {missing[0]!r}: embed them first "
                            "(call this object with the images and their keys)")
-        if any(self.by_key[key] is None for key in keys):
+        if not self.holds_rows:
             raise RuntimeError("this process knows which images have FID features but holds no rows (they are held "
                                "by the main process only: rows_on_main_only=True); compute FIDs on the main process")
 
@@ -123,10 +124,9 @@ class FidFeatures(FeatureRows):
     def __init__(self, feature: str | Path = INCEPTION, device: str = "cpu", image_size: int | None = 299,
                  batch_size: int = 32, store: str | Path | None = None, rows_on_main_only: bool = False):
         self.extractor = fid_metric(feature, device).inception
-        self.holds_rows = not rows_on_main_only or is_main_process()
         # None: the network's own input side (Inception's 299, a CLIP's crop), so no detail is lost on the way in
         image_size = image_size or max(getattr(self.extractor, "size", (299,)))
-        super().__init__()
+        super().__init__(holds_rows=not rows_on_main_only or is_main_process())
         self.device, self.image_size, self.batch_size = device, image_size, batch_size
         self.extracted = 0
         self.features_id = f"{features_identity(feature)}-{image_size}px"
@@ -246,9 +246,9 @@ class FeatureMoments:
     def summed(cls, sets: Sequence["FeatureMoments"]) -> "FeatureMoments":
         """The moments of all `sets` together, in one new object (not one per addition, as `+` makes them)."""
         parts = [moments for moments in sets if moments.count]
-        dims = sorted({len(moments.total) for moments in parts})
+        dims = list(dict.fromkeys(len(moments.total) for moments in parts))
         if len(dims) > 1:
-            raise ValueError(f"cannot add moments of {' and of '.join(map(str, dims[::-1]))} features")
+            raise ValueError(f"cannot add moments of {' and of '.join(map(str, dims))} features")
         added = cls(dims[0] if dims else len(sets[0].total) if sets else 0)
         for moments in parts:
             added.count += moments.count
@@ -264,7 +264,7 @@ class FeatureMoments:
                              f"of {len(self.total)}: pass rows the set holds")
         left = FeatureMoments(len(self.total))
         left.count = self.count - part.count
-        if part.count:
+        if part.count:  # an empty part (of any width) takes nothing away
             left.total, left.outer = self.total - part.total, self.outer - part.outer
         else:
             left.total, left.outer = self.total.copy(), self.outer.copy()
