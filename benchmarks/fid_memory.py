@@ -1,8 +1,9 @@
 """ChatGen's set-level FIDs at paper scale (notebook 11): the plain way (every image's feature row copied into one
-float32 array, each table row's set copied out of it and converted to float64 whole) against the project's
-(`chatgen.experiment.set_metrics`: each set read as `scorers.fid.FeatureMoments`, a chunk of rows at a time, and
-each row about once, summed per method, setting and input type), side by side on the same rows, each in a fresh
-process.
+float32 array, each table row's set copied out of it and converted to float64 whole, the trace term from the general
+eigenvalues of Σ₁Σ₂, as torchmetrics takes it) against the project's (`chatgen.experiment.set_metrics`: each set
+read as `scorers.fid.FeatureMoments`, a chunk of rows at a time, and each row about once, summed per method, setting
+and input type; the trace term from symmetric eigenvalues, `scorers.fid.root_trace`), side by side on the same
+rows, each in a fresh process.
 
     python benchmarks/fid_memory.py                   # 400,000 generated images, 2048-d (Inception) rows
     python benchmarks/fid_memory.py --images 3000 --dim 64 --json
@@ -64,7 +65,7 @@ def rows_and_table(images: int, dim: int, seeds: int):
 
 def naive_fids(features, scored, reference_keys) -> list[float]:
     """The set-level FIDs the way notebook 11 computed them before `FeatureMoments`: every row stacked, each set
-    copied out of the stack and converted to float64 whole."""
+    copied out of the stack and converted to float64 whole, and the general eigenvalues of Σ₁Σ₂."""
     import numpy as np
     import torch
 

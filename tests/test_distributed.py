@@ -60,6 +60,54 @@ def test_one_process_map_sharded_is_a_plain_call(monkeypatch):
     assert distributed.map_sharded(lambda xs: [x * 2 for x in xs], [1, 2, 3]) == [2, 4, 6]
 
 
+def test_the_process_group_is_started_with_the_trainers_timeout_not_nccls(monkeypatch):
+    import accelerate
+    import torch.distributed as dist
+    from transformers import TrainingArguments
+
+    started = []
+
+    class Recording:  # accelerate's PartialState, as far as world() uses it
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+            self.process_index, self.num_processes = 1, 2
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(accelerate, "PartialState", Recording)
+    assert distributed.world() == (1, 2)
+    trainers = TrainingArguments(output_dir="unused").ddp_timeout_delta
+    assert started == [{"cpu": not torch.cuda.is_available(), "timeout": trainers}] and trainers.total_seconds() == 1800
+
+
+def test_the_main_process_computing_alone_takes_the_cores_the_waiting_processes_leave(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as `accelerate launch` starts each process: OMP_NUM_THREADS=1
+        blas = blas_threads()
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        with distributed.main_alone_threads() as threads:  # run plainly: the threads it was given
+            assert threads == torch.get_num_threads() == 1 and blas_threads() == blas
+        # two processes on a 6-core machine: the waiting one may spin a core, the main one takes the other 5
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+        with distributed.main_alone_threads() as threads:
+            assert threads == torch.get_num_threads() == 5
+            assert blas_threads() == {5}  # numpy's BLAS too, which read OMP_NUM_THREADS when it loaded
+        assert torch.get_num_threads() == 1 and blas_threads() == blas  # set back after
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on 6 cores: nothing left over, nothing changed
+        with distributed.main_alone_threads() as threads:
+            assert threads == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_stage_inside_one_processs_share_is_refused(tiny_ctx, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "_sharding_depth", 1)

@@ -307,6 +307,27 @@ def test_feature_moments_equal_a_hand_worked_covariance_in_any_chunking():
         halves - moments
 
 
+def test_root_trace_equals_hand_worked_values_on_either_path(monkeypatch):
+    def root_trace(a, b) -> float:
+        return float(fid.root_trace(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
+
+    general = torch.linalg.eigvals
+    # positive definite: the symmetric path; the general eigenvalue solver must not be reached
+    monkeypatch.setattr(torch.linalg, "eigvals", lambda *a, **k: pytest.fail("took the general eigenvalues"))
+    assert math.isclose(root_trace([[4, 0], [0, 9]], [[1, 0], [0, 4]]), 2 + 6)  # eig(Σ₁Σ₂) = 4, 36
+    assert math.isclose(root_trace([[2, 1], [1, 2]], [[1, 0], [0, 1]]), 1 + math.sqrt(3))  # eig(Σ₁) = 1, 3
+    assert math.isclose(root_trace([[1, 0], [0, 0]], [[4, 0], [0, 9]]), 2)  # Σ₁ singular: Σ₂ is factored
+    generator = np.random.default_rng(3)
+    a, b = (np.cov(generator.normal(size=(40, 8)) @ generator.normal(size=(8, 8)), rowvar=False) for _ in range(2))
+    symmetric = root_trace(a, b)
+    monkeypatch.setattr(torch.linalg, "eigvals", general)
+    assert math.isclose(symmetric, float(general(torch.tensor(a @ b)).sqrt().real.sum()), rel_tol=1e-10)
+    # both singular (fewer images than features): the general eigenvalues of Σ₁Σ₂, as torchmetrics takes them
+    assert math.isclose(root_trace([[1, 0], [0, 0]], [[1, 0], [0, 0]]), 1)  # eig = 1, 0
+    low = [np.cov(generator.normal(size=(5, 8)), rowvar=False) for _ in range(2)]
+    assert math.isclose(root_trace(*low), float(scipy.linalg.sqrtm(low[0] @ low[1]).real.trace()), rel_tol=1e-6)
+
+
 def test_fid_features_moments_read_the_rows_a_chunk_at_a_time(aesthetic_folder):
     features = fid.FidFeatures(aesthetic_folder / "clip", image_size=32)
     images = _noise_images(7, seed=11)

@@ -9,10 +9,12 @@ of them. Only the main process writes stage folders and executed notebooks (`hel
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -30,6 +32,48 @@ def launched_rank() -> int:
 
 def is_main_process() -> bool:
     return launched_rank() == 0
+
+
+def local_world_size() -> int:
+    """The number of processes the launcher started on this machine (`LOCAL_WORLD_SIZE`; the whole world if unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or launched_world_size())
+
+
+@contextlib.contextmanager
+def main_alone_threads() -> Iterator[int]:
+    """While the main process computes alone and every other process waits for its result: its BLAS and torch
+    thread pools widened to the cores the others leave idle, and set back after. Yields the thread count.
+
+    `accelerate launch` (and `torchrun`) start each process with OMP_NUM_THREADS=1, so that eight processes on one
+    machine do not fight over its cores. Work only the main process does (ChatGen's set-level FIDs: sums of outer
+    products and eigenvalues of 2048 × 2048 matrices) would then run on one core of a machine with dozens, while
+    the others wait. A waiting process may still spin one core in its collective, so those are left to them.
+    Run plainly (one process) this changes nothing: the process already has the threads it was given.
+    """
+    if launched_world_size() == 1:
+        yield _torch_threads()
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    before = torch.get_num_threads()
+    threads = max(before, cores - (local_world_size() - 1))
+    if threads == before:
+        yield before
+        return
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):  # numpy's OpenBLAS (and any OpenMP pool) read theirs at start-up
+            yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cpu_launch() -> bool:
@@ -59,6 +103,13 @@ def fsdp_checkpoints_activations() -> bool:
     return fsdp_launch() and _launch_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
+# How long a process waits in a collective for the others before its launch is aborted: what transformers' Trainer
+# starts the group with (`TrainingArguments.ddp_timeout`, 30 minutes), so that the limit does not depend on whether
+# a Trainer or this module joined first. NCCL's own default is 10 minutes, which work the main process does alone
+# (ChatGen's set-level FIDs, a paper-scale score cache read for the first time) must then stay within.
+GROUP_TIMEOUT = timedelta(minutes=30)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size), joining the launcher's process group on first use (gloo on CPU, NCCL on GPUs)."""
     if launched_world_size() == 1:
@@ -75,7 +126,7 @@ def world() -> tuple[int, int]:
 
     # initialises torch.distributed from the launcher's environment, once per process (accelerate's state is
     # shared, so the Trainers later find the same process group); without a GPU it must be told to use gloo
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=GROUP_TIMEOUT)
     return state.process_index, state.num_processes
 
 

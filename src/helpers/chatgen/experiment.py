@@ -103,7 +103,7 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
               max_new_tokens: int, num_seeds: int, max_side: int | None, batch_size: int,
               fid_feature: str, max_sampling_steps: int | None = None, keep_images: bool = True) -> dict[str, Any]:
     """Notebook 11 end to end; writes predictions.jsonl, rows.csv (per sample) and set_metrics.csv (FID, per set)."""
-    from ..distributed import broadcast_from_main
+    from ..distributed import broadcast_from_main, main_alone_threads
     from ..manifest import append_jsonl
     from ..scorers.bertscore import BertScorer
     from ..scorers.fid import FidFeatures
@@ -140,8 +140,12 @@ def run_stage(folder: Path, ctx, bench_folder: Path, records, *, chat_source: st
     rows = per_sample_frame(predictions, test, BertScorer(ctx.model_path("text_similarity"), device=ctx.device),
                             scored)
     rows.to_csv(folder / "rows.csv", index=False)
-    set_level = broadcast_from_main(set_metrics(scored, features, reference_keys_by_sample(
-        reference.table["sample_id"], reference_keys)) if features.holds_rows else None)
+    set_level = None
+    if features.holds_rows:  # the main process alone, on the cores the waiting processes leave idle
+        with main_alone_threads():
+            set_level = set_metrics(scored, features, reference_keys_by_sample(reference.table["sample_id"],
+                                                                                reference_keys))
+    set_level = broadcast_from_main(set_level)
     set_level.to_csv(folder / "set_metrics.csv", index=False)
     counts.update({"test_samples": len(test), "predictions": len(predictions), "images": len(plan.requests),
                    "images_drawn": executor.stats["generated"],
