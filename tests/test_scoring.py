@@ -61,6 +61,33 @@ def test_score_cache_survives_a_torn_last_line(tmp_path):
     assert reread.get("k1", "clip", "other-weights") is None
 
 
+@pytest.mark.parametrize("read_bytes", [1 << 22, 1, 90, 200])  # all at once, a line at a time, chunk boundaries
+def test_a_score_cache_read_many_lines_at_a_time_holds_what_reading_each_line_finds(tmp_path, monkeypatch,
+                                                                                    read_bytes):
+    from helpers.manifest import append_jsonl
+
+    monkeypatch.setattr(scoring.ScoreCache, "READ_BYTES", read_bytes)
+    path = tmp_path / "scores.jsonl"
+    rows = [{"image": f"k{i}", "scorer": ("clip", "hps")[i % 2], "weights": "w", "value": i / 4} for i in range(9)]
+    append_jsonl(path, rows[:4])
+    with open(path, "a") as handle:
+        handle.write('{"image": "k99", "scorer": "clip", "weights": "w", "val')  # torn by a crash ...
+    append_jsonl(path, rows[4:7])  # ... and ended by the next write, in the middle of the file now
+    append_jsonl(path, [{"image": "k7", "scorer": "tifa", "weights": "w", "value": "a red\nhat \u00e9"}])
+    with open(path, "a") as handle:
+        handle.write('{"image": "k8", "scorer": "hps", "weights": "w", "value": 2')  # torn at the end
+    cache = scoring.ScoreCache(path)
+    expected = {row["image"]: row["value"] for row in rows[:7]} | {"k7": "a red\nhat é"}
+    assert len(cache) == 8 and cache.get("k99", "clip", "w") is None and cache.get("k8", "hps", "w") is None
+    assert {key: cache.get(key, scorer, "w") for key, scorer in [(f"k{i}", ("clip", "hps")[i % 2]) for i in range(7)]
+            + [("k7", "tifa")]} == expected
+    torn_at = path.read_bytes().rindex(b"\n") + 1
+    assert cache._read_bytes == torn_at and cache._last_line.startswith(b'{"image": "k7"')
+    with open(path, "a") as handle:
+        handle.write("}\n")  # the last line ended at last: read on from where the cache stopped
+    assert cache.refresh() == 1 and cache.get("k8", "hps", "w") == 2
+
+
 def test_rows_appended_after_a_torn_line_start_a_line_of_their_own(tmp_path):
     from helpers.manifest import append_jsonl, read_jsonl_rows
 
