@@ -1,5 +1,5 @@
 """Reading the score cache at paper scale: the plain way (the whole file read at once, one dict keyed by
-(image, scorer, weights)) against `scoring.ScoreCache` (~4 MB of lines at a time, one dict per scorer, each image
+(image, scorer, weights)) against `scoring.ScoreCache` (64 KB of lines at a time, one dict per scorer, each image
 key one string), side by side on the same file, each in a fresh process so neither reuses the other's strings.
 
     python benchmarks/score_cache_memory.py              # 1,000,000 images x 3 scorers, ~510 MB of JSON lines
