@@ -105,8 +105,8 @@ def fsdp_checkpoints_activations() -> bool:
 
 # How long a process waits in a collective for the others before its launch is aborted: what transformers' Trainer
 # starts the group with (`TrainingArguments.ddp_timeout`, 30 minutes), so that the limit does not depend on whether
-# a Trainer or this module joined first. NCCL's own default is 10 minutes, which work the main process does alone
-# (ChatGen's set-level FIDs, a paper-scale score cache read for the first time) must then stay within.
+# a Trainer or this module joined first. NCCL's own default is 10 minutes, which any work the main process does
+# alone while the others wait in a collective (ChatGen's set-level FIDs, say) would then have to stay within.
 GROUP_TIMEOUT = timedelta(minutes=30)
 
 

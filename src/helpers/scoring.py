@@ -129,9 +129,9 @@ class ScoreCache:
     answers: what BLIP-2 said is kept, and the cheap mapping onto a choice is done on every read).
 
     At paper scale the file holds millions of rows (RRHF's rewards, ChatGen's evaluation, AGFSync's candidates and
-    their VQA answers). It is read a few MB of whole lines at a time into one dict of image → value per (scorer,
-    weights), each image key one string for all its scorers: about a quarter of the memory a dict keyed by (image,
-    scorer, weights) takes (`benchmarks/score_cache_memory.py`).
+    their VQA answers). It is read 64 KB of whole lines at a time (`_json_rows`) into one dict of image → value per
+    (scorer, weights), each image key one string for all its scorers: about a quarter of the memory a dict keyed by
+    (image, scorer, weights) takes (`benchmarks/score_cache_memory.py`).
     `ScoreCache.shared(path)` hands every scoring run of a process one copy, reading only what others appended
     since: the rows it wrote itself it holds already, and does not parse back (3,000,000 rows written in batches of
     3,072 and looked up after each batch: 13.2 s of refreshes before, 0.11 s now, on a 2-core CPU).
