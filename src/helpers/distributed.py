@@ -50,10 +50,11 @@ def main_alone_threads() -> Iterator[int]:
     the others wait. A waiting process may still spin one core in its collective, so those are left to them.
     Run plainly (one process) this changes nothing: the process already has the threads it was given.
     """
-    if launched_world_size() == 1:
-        yield _torch_threads()
-        return
     import torch
+
+    if launched_world_size() == 1:
+        yield torch.get_num_threads()
+        return
     from threadpoolctl import threadpool_limits
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -68,12 +69,6 @@ def main_alone_threads() -> Iterator[int]:
             yield threads
     finally:
         torch.set_num_threads(before)
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def cpu_launch() -> bool:

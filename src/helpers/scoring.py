@@ -198,14 +198,9 @@ class ScoreCache:
         handle.seek(self._read_bytes - len(self._last_line))
         return handle.read(len(self._last_line)) == self._last_line
 
-    def _store(self, image_key: str, scorer: str, weights: str, value: float | str) -> None:
-        values = self._by_scorer.get((scorer, weights))
-        if values is None:
-            values = self._by_scorer[scorer, weights] = {}
-        values[sys.intern(image_key)] = value
-
     def _store_rows(self, rows: list[dict[str, Any]]) -> int:
-        """`_store` for each row read (the loop inlined: it runs millions of times); returns how many."""
+        """Holds each row (a dict as the file's lines hold them), each image key one interned string; returns how
+        many (the loop runs millions of times at paper scale: lookups kept local)."""
         by_scorer, intern = self._by_scorer, sys.intern
         for row in rows:
             values = by_scorer.get((row["scorer"], row["weights"]))
@@ -222,12 +217,11 @@ class ScoreCache:
         return None if values is None else values.get(image_key)
 
     def put_many(self, rows: Sequence[tuple[str, str, str, float | str]]) -> None:
-        rows = [(image_key, scorer, weights, cache_value(value)) for image_key, scorer, weights, value in rows]
-        for image_key, scorer, weights, value in rows:
-            self._store(image_key, scorer, weights, value)
+        rows = [{"image": image_key, "scorer": scorer, "weights": weights, "value": cache_value(value)}
+                for image_key, scorer, weights, value in rows]  # as the file holds them
+        self._store_rows(rows)
         if is_main_process():  # under a multi-process launch every process holds the merged scores; one writes
-            self._read_past(append_jsonl(self.path, [{"image": image_key, "scorer": scorer, "weights": weights,
-                                                      "value": value} for image_key, scorer, weights, value in rows]))
+            self._read_past(append_jsonl(self.path, rows))
 
     def _read_past(self, landed: Landed | None) -> None:
         """Count rows this object just appended, and holds already, as read: `refresh` does not parse back what it
