@@ -256,6 +256,11 @@ def test_fid_from_features_equals_torchmetrics_and_each_keyed_image_is_embedded_
         features(real, keys=["r0"])
     twice = features([fake[0], fake[0]], keys=["d", "d"])  # one key twice in a call: embedded once
     assert sum(embedded) == 12 and np.array_equal(twice[0], twice[1])
+    # `add` fills the rows and hands none back; without keys every image is embedded, known or not
+    assert features.add(fake[:3] + [fake[4]], keys=["f0", "g1", "g1", "g2"]) is None and sum(embedded) == 14
+    np.testing.assert_allclose(features.rows(["g1", "g2", "f0"]), features(fake[1:2] + [fake[4], fake[0]]), rtol=1e-5,
+                               atol=1e-6)  # batches of other images: float32 sums in another order
+    assert sum(embedded) == 17
     # no size given: the network's own input side (this CLIP's 64 px; Inception's 299), named in the store's folder
     own = fid.FidFeatures(clip, image_size=None)
     assert own.image_size == 64 and own.features_id.endswith("-64px") and own.features_id.startswith("clip-clip@")

@@ -168,29 +168,39 @@ class FidFeatures(FeatureRows):
         return rows
 
     def __call__(self, images: Sequence, keys: Sequence[str] | None = None) -> np.ndarray | None:
-        """One row per image (PIL images, or anything with a `.image`, such as `t2i.Generated`); None with keys on
-        a process that holds no rows (`rows_on_main_only`)."""
-        from ..distributed import broadcast_from_main, map_sharded
-        from ..t2i import decoded
+        """One float64 row per image (PIL images, or anything with a `.image`, such as `t2i.Generated`); with keys,
+        `add` then `rows(keys)`, and None on a process that holds no rows (`rows_on_main_only`)."""
+        if keys is not None:
+            self.add(images, keys)
+            return self.rows(keys) if self.holds_rows else None
+        rows = self._embed_sharded(images, list(range(len(images))))
+        return np.stack(rows).astype(np.float64) if images else np.zeros((0, 0))
 
-        if keys is not None and len(keys) != len(images):
+    def add(self, images: Sequence, keys: Sequence[str]) -> None:
+        """Embeds the images whose keys have no row yet (a key twice in one call once) and keeps their rows, on disk
+        too with a store. Returns nothing, so a loop that only fills the rows (`ScoringRun.generate_and_score`'s
+        `also`) builds no float64 copy of each block's rows to throw away."""
+        from ..distributed import broadcast_from_main
+
+        if len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images; pass one key per image (or none)")
         # the main process's view decides what is left to embed, so every process enters the sharded call with the
         # same list; a row it knows that this one does not was written to the store since this one read it
-        known = broadcast_from_main([keys is not None and key in self.by_key for key in keys or ()])
-        todo = [i for i in range(len(images)) if not (known and known[i])]
-        if keys is not None:  # a key twice in one call is embedded once
-            todo = sorted({keys[i]: i for i in reversed(todo)}.values())
-        if keys is not None and any(known[i] and keys[i] not in self.by_key for i in range(len(keys))):
+        known = broadcast_from_main([key in self.by_key for key in keys])
+        todo = sorted({keys[i]: i for i in reversed(range(len(keys))) if not known[i]}.values())
+        if any(known[i] and keys[i] not in self.by_key for i in range(len(keys))):
             self._read_store()
-        rows = map_sharded(lambda share: self._embed(decoded([images[i] for i in share])), todo, chunk=self.batch_size)
-        fresh = dict(zip(todo, rows))
-        if keys is not None:
-            new = {keys[i]: row for i, row in fresh.items()}
-            self._write_store(list(new), list(new.values()))
-            self.by_key.update(new if self.holds_rows else dict.fromkeys(new))
-            return self.rows(keys) if self.holds_rows else None
-        return np.stack([fresh[i] for i in range(len(images))]).astype(np.float64) if images else np.zeros((0, 0))
+        new = dict(zip((keys[i] for i in todo), self._embed_sharded(images, todo)))
+        self._write_store(list(new), list(new.values()))
+        self.by_key.update(new if self.holds_rows else dict.fromkeys(new))
+
+    def _embed_sharded(self, images: Sequence, indices: list[int]) -> list[np.ndarray]:
+        """The rows of `images[i]` for i in `indices`, in that order, split across the processes of a launch."""
+        from ..distributed import map_sharded
+        from ..t2i import decoded
+
+        return map_sharded(lambda share: self._embed(decoded([images[i] for i in share])), indices,
+                           chunk=self.batch_size)
 
 
 def features_identity(feature: str | Path) -> str:
