@@ -1,6 +1,8 @@
 """The fast paths give the plain paths' answers: static-cache bucketed decoding, the tuned pipeline."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +72,24 @@ def test_tuned_pipeline_draws_the_plain_pipelines_images(tmp_path):
         # NHWC convolutions sum in another order: the same image up to rounding of a few pixel levels
         assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 2
     assert not np.array_equal(np.asarray(batched[0]), np.asarray(batched[1]))
+
+
+def test_images_start_from_cpu_noise_whatever_device_draws_them():
+    """A seed's latents are the CPU generator's on every device (a CUDA generator's stream is another one); this
+    machine needs no GPU to check it: the pipeline below records the generators it is given."""
+    seen = {}
+
+    def pipeline(**kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(images=["drawn"] * len(kwargs["prompt"]))
+    images = speed.render(pipeline, ["a red fox", "a blue whale"], ["", "blurry"], [3, 4], steps=5, cfg=6.0, width=64,
+                          height=64, device="cuda")
+    assert images == ["drawn", "drawn"] and seen["num_inference_steps"] == 5
+    assert seen["negative_prompt"] == ["", "blurry"]
+    assert [g.device.type for g in seen["generator"]] == ["cpu", "cpu"]
+    for generator, seed in zip(seen["generator"], (3, 4)):
+        want = torch.randn(4, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.randn(4, generator=generator), want)
 
 
 def _cache_lengths(model) -> list[int]:

@@ -280,8 +280,13 @@ def optimize_pipeline(pipeline, settings: PipelineSettings):
 
 def render(pipeline, prompts: Sequence[str], negative_prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
            cfg: float, width: int, height: int, device: str, **conditioning) -> list:
-    """One batch of images, one `torch.Generator` per image seeded with its own seed (batch-independent noise)."""
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+    """One batch of images, one `torch.Generator` per image seeded with its own seed (batch-independent noise).
+
+    The generators are CPU ones whatever `device` draws: diffusers makes the noise on the CPU and moves it, so a seed
+    starts from the same latents on a laptop and on a GPU, and an image cache key (prompt, seed, weights) names the
+    same picture up to the devices' rounding, where a CUDA generator's stream differs from the CPU's. The cost is one
+    small host-to-device copy per batch (and per step for an ancestral sampler), next to a UNet pass on the batch."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     if not conditioning:
         conditioning = {"prompt": list(prompts), "negative_prompt": list(negative_prompts)}
     with torch.inference_mode(), quiet_clip_truncation(pipeline):
