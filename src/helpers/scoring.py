@@ -368,8 +368,9 @@ class ScoringRun:
         `keep` (request index → whether its image stays) is for a stage that uses the scores, not the pictures
         (`score_then_remove`): RRHF's ~240,000 reward images are ~100 GB of PNGs at paper scale. None keeps every
         image. `also`: per-image features kept by image key beside the scores, such as `scorers.fid.FidFeatures`
-        with a store; each one's `add` is called with every block's images and keys before they can leave the cache, and with
-        `keep` an image is drawn again only when a score or one of these rows is missing (`.has(key)`).
+        with a store; each one's `add` is called with every block's images and keys before they can leave the
+        cache, and with `keep` an image is drawn again only when a score or one of these rows is missing
+        (`.has(key)`).
         """
         also = tuple(also)
 
