@@ -47,6 +47,7 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     assert set(by_name["rrhf_step"]["paths"]) == {"naive_lora", "project_lora", "naive_full", "project_full"}
     lora, full = by_name["rrhf_step"]["paths"]["project_lora"], by_name["rrhf_step"]["paths"]["project_full"]
     assert 0 < lora["settings"]["trainable_parameters"] < full["settings"]["trainable_parameters"]
+    assert lora["settings"]["gradient_checkpointing"] is full["settings"]["gradient_checkpointing"] is True
     assert by_name["dpo_step"]["paths"]["project"]["settings"]["train_batch_size"] == PLAN["dpo_step"]["tiny"]["pairs"]
     vqa = by_name["vqa_scoring"]["paths"]
     assert (vqa["naive"]["units"], vqa["project"]["units"]) == (PLAN["vqa_scoring"]["tiny"]["naive"],

@@ -219,7 +219,7 @@ def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
     for mode in ("lora", "full"):
         model = shapes.causal_lm(size, device, _half(device))
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -246,7 +246,9 @@ def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
         batched = lambda: trainer.compute_loss(model, inputs)  # noqa: E731
         looped = lambda: _per_candidate_loss(model, inputs, trainer)  # noqa: E731
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        common = {"mode": mode, "trainable_parameters": trainable, "gradient_checkpointing": True}
+        # read back from the model, after the trainer has seen it (the 80 GB memory figure assumes it is on)
+        checkpointing = (model.get_base_model() if mode == "lora" else model).is_activation_checkpointing
+        common = {"mode": mode, "trainable_parameters": trainable, "gradient_checkpointing": checkpointing}
         paths.append(time_path(f"naive_{mode}", steps(looped), device, warmup=steps(looped),
                                settings={**common, "forward": "one candidate at a time"}))
         paths.append(time_path(f"project_{mode}", steps(batched), device, warmup=steps(batched),
