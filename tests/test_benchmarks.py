@@ -92,6 +92,18 @@ def test_the_gpu_check_script_runs_every_benchmark():
     assert sorted(words) == sorted(BENCHMARKS) and len(words) == len(set(words))
 
 
+def test_the_torch_preflight_runs_the_cpu_side_of_every_gpu_check_test_file():
+    """benchmarks/torch_preflight.sh rehearses the GPU check under the GPU machine's torch: it must run the test
+    files the GPU check runs, so one added there is not missed here."""
+    import re
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    files = {name: set(re.findall(r"tests/test_\w+\.py", (folder / name).read_text().replace("\\\n", " ")))
+             for name in ("gpu_check.sh", "torch_preflight.sh")}
+    assert files["gpu_check.sh"] and files["gpu_check.sh"] <= files["torch_preflight.sh"]
+    assert "bench --size tiny" in (folder / "torch_preflight.sh").read_text()
+
+
 def test_the_gpu_machines_wheels_are_the_pinned_versions():
     """The wheels benchmarks/README.md has a GPU machine install, and those device_wheels.sh adds to the shared
     set, are the versions pyproject.toml pins: the GPU check runs the library code CI tests."""
