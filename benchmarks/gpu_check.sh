@@ -23,6 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c 'import torch, transformers, diffusers, trl, peft, accelerate; print("torch", torch.__version__, "cuda",
 torch.version.cuda, "| transformers", transformers.__version__, "| diffusers", diffusers.__version__, "| trl",
 trl.__version__, "| peft", peft.__version__, "| accelerate", accelerate.__version__)' || exit 1
+# datasets (the trainers import it) wants pyarrow >= 24 and fsspec <= 2026.9.0, which the image may not hold: say so
+# here, without stopping the image and API benchmarks, which do not need it
+python3 -c 'import pyarrow, fsspec; print("pyarrow", pyarrow.__version__, "| fsspec", fsspec.__version__)
+import datasets; print("datasets", datasets.__version__, "imports")' \
+  || echo "gpu_check: datasets does not import here: the benchmarks and tests that build a trainer will fail"
 # the pins CI tests (pyproject.toml): another version here runs other library code (benchmarks/device_wheels.sh)
 python3 - <<'PINS'
 import importlib.metadata as md, re
