@@ -7,8 +7,9 @@
 # Usage, from the repo root:  benchmarks/torch_preflight.sh 2.11.0 0.26.0 [huggingface_hub==1.33.0 ...]
 # PREFLIGHT_TESTS=all runs the whole suite (~14 min on 2 cores) instead of the GPU check's test files.
 set -euo pipefail
-torch_version=${1:?usage: benchmarks/torch_preflight.sh TORCH_VERSION TORCHVISION_VERSION [NAME==VERSION ...]}
-vision_version=${2:?usage: benchmarks/torch_preflight.sh TORCH_VERSION TORCHVISION_VERSION [NAME==VERSION ...]}
+[ $# -ge 2 ] || { echo "usage: benchmarks/torch_preflight.sh TORCH_VERSION TORCHVISION_VERSION [NAME==VERSION ...]"
+  exit 2; }
+torch_version=$1 vision_version=$2
 shift 2
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
@@ -19,14 +20,12 @@ pip_in() {  # pip_in FOLDER ARGS...: install into FOLDER from PyPI alone (this m
   "$python" -m pip install -q --no-compile --isolated --index-url https://pypi.org/simple --target "$folder" "$@"
 }
 if [ ! -f "$scratch/.complete" ]; then
-  rm -rf "$scratch" && mkdir -p "$scratch/wheels"
-  "$python" -m pip download -q --no-deps --isolated --index-url https://pypi.org/simple -d "$scratch/wheels" \
-    "torch==$torch_version" "torchvision==$vision_version"
+  rm -rf "$scratch"
+  pip_in "$scratch/torch" --no-deps "torch==$torch_version" "torchvision==$vision_version"
   # torch's own requirements, CUDA libraries included (a CUDA build of torch will not import without them),
   # but not the pure-Python ones .venv has already
-  mapfile -t needs < <(unzip -p "$scratch"/wheels/torch-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: //p' \
+  mapfile -t needs < <(sed -n 's/^Requires-Dist: //p' "$scratch"/torch/torch-*.dist-info/METADATA \
     | grep -v 'extra ==' | grep -E '^(cuda|nvidia|triton)' | sed 's/ *;.*//')
-  pip_in "$scratch/torch" --no-deps "$scratch"/wheels/*.whl
   [ ${#needs[@]} -eq 0 ] || pip_in "$scratch/torch" "${needs[@]}"
   touch "$scratch/.complete"
 fi
@@ -38,6 +37,7 @@ print("torch_preflight: torch", torch.__version__, "torchvision", torchvision.__
 transformers.__version__, "diffusers", diffusers.__version__, "numpy", numpy.__version__, "huggingface_hub",
 hub.__version__)'
 bench_out=$(mktemp -d)
+trap 'rm -rf "$bench_out"' EXIT
 "$python" -m helpers.cli bench --size tiny --out "$bench_out"
 echo "torch_preflight: bench passed"
 if [ "${PREFLIGHT_TESTS:-}" = all ]; then

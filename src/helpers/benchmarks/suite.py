@@ -246,9 +246,10 @@ def bench_rrhf_step(size: str, device: str) -> dict[str, Any]:
         batched = lambda: trainer.compute_loss(model, inputs)  # noqa: E731
         looped = lambda: _per_candidate_loss(model, inputs, trainer)  # noqa: E731
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        # read back from the model, after the trainer has seen it (the 80 GB memory figure assumes it is on)
-        checkpointing = (model.get_base_model() if mode == "lora" else model).is_activation_checkpointing
-        common = {"mode": mode, "trainable_parameters": trainable, "gradient_checkpointing": checkpointing}
+        # read back from the model (a PEFT model passes it through), after the trainer has seen it: the 80 GB
+        # memory figure assumes it is on
+        common = {"mode": mode, "trainable_parameters": trainable,
+                  "gradient_checkpointing": model.is_activation_checkpointing}
         paths.append(time_path(f"naive_{mode}", steps(looped), device, warmup=steps(looped),
                                settings={**common, "forward": "one candidate at a time"}))
         paths.append(time_path(f"project_{mode}", steps(batched), device, warmup=steps(batched),
