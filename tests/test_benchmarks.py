@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,6 @@ def test_bench_refuses_full_size_without_a_gpu_and_unknown_names(tmp_path, capsy
 
 
 def test_the_gpu_check_script_runs_every_benchmark():
-    import re
     import shlex
 
     from helpers.benchmarks import BENCHMARKS
@@ -95,8 +95,6 @@ def test_the_gpu_check_script_runs_every_benchmark():
 def test_the_torch_preflight_runs_the_cpu_side_of_every_gpu_check_test_file():
     """benchmarks/torch_preflight.sh rehearses the GPU check under the GPU machine's torch: it must run the test
     files the GPU check runs, so one added there is not missed here."""
-    import re
-
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     files = {name: set(re.findall(r"tests/test_\w+\.py", (folder / name).read_text().replace("\\\n", " ")))
              for name in ("gpu_check.sh", "torch_preflight.sh")}
@@ -107,7 +105,6 @@ def test_the_torch_preflight_runs_the_cpu_side_of_every_gpu_check_test_file():
 def test_the_gpu_machines_wheels_are_the_pinned_versions():
     """The wheels benchmarks/README.md has a GPU machine install, and those device_wheels.sh adds to the shared
     set, are the versions pyproject.toml pins: the GPU check runs the library code CI tests."""
-    import re
 
     root = Path(__file__).resolve().parents[1]
     pins = dict(re.findall(r'"([a-z0-9_.-]+)==([^"]+)"', (root / "pyproject.toml").read_text()))
