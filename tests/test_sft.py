@@ -23,6 +23,9 @@ def llm(tmp_path_factory):
     return str(folder)
 
 
+ADAPTED = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")  # LoRA's default targets
+
+
 def _config(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=4,
                     learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
@@ -98,8 +101,7 @@ def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
     merged = models.load_causal_lm(str(tmp_path / "agent"))[0].state_dict()
     assert not any("lora" in k for k in merged)
     changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
-    assert changed and all(k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
-                           for k in changed)
+    assert changed and all(k.endswith(ADAPTED) for k in changed)
 
 
 def test_bad_lora_rank_is_refused(tmp_path):
@@ -108,9 +110,10 @@ def test_bad_lora_rank_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
-def test_gathered_save_writes_the_same_agent_as_the_in_memory_one(llm, tmp_path, use_lora):
-    """The FSDP branch of `save_trained`: what `Trainer.save_model` wrote (the whole model, or adapters on a named
-    base) reloads, merges and saves to the same weights as the one-process path writes from memory."""
+def test_the_gathered_weights_save_the_same_agent_as_the_in_memory_one(llm, tmp_path, use_lora):
+    """The FSDP branch of `save_trained`: the whole weights the main process gathers (`Accelerator.get_state_dict`,
+    keyed as the PEFT model names them) merge and save to the same weights as the one-process path writes from
+    memory, and LoRA's trained adapters reach them (an adapter left at its zero start would save the base)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer
@@ -121,17 +124,34 @@ def test_gathered_save_writes_the_same_agent_as_the_in_memory_one(llm, tmp_path,
                          train_dataset=sft.sft_dataset(RECORDS), processing_class=tokenizer,
                          peft_config=config.peft_config())
     trainer.train()
-    gathered = tmp_path / "gathered"
-    trainer.save_model(str(gathered))
-    assert (gathered / ("adapter_model.safetensors" if use_lora else "model.safetensors")).is_file()
-    sft.save_gathered(gathered, tmp_path / "from_gathered", tokenizer, use_lora)
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    assert any(".lora_B." in name for name in state) == use_lora
+    sft.save_full_state_dict(state, trainer.accelerator.unwrap_model(trainer.model), tmp_path / "from_gathered",
+                             tokenizer, use_lora)
     sft.save_trained(trainer, tokenizer, tmp_path / "from_memory", use_lora)
-    assert not gathered.exists()
     one, other = (load_file(tmp_path / name / "model.safetensors") for name in ("from_gathered", "from_memory"))
     assert sorted(one) == sorted(other) and not any("lora" in name for name in one)
     for name in one:
         assert torch.equal(one[name], other[name]), name
+    base = load_file(Path(llm) / "model.safetensors")
+    changed = [name for name in one if not torch.equal(one[name], base[name].float())]
+    assert changed and (all(name.endswith(ADAPTED) for name in changed) if use_lora else len(changed) > 2)
     assert AutoTokenizer.from_pretrained(tmp_path / "from_gathered").chat_template == models.CHAT_TEMPLATE
+
+
+def test_gathered_lora_weights_under_other_names_stop_the_save(llm, tmp_path):
+    """A gathered adapter under a name the fresh PEFT model does not use (an FSDP wrapper's prefix left in) stops the
+    save, where a lenient load would leave that adapter at zero and write the untrained base as the agent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import get_peft_model
+
+    config = _config(tmp_path, use_lora=True, lora_r=4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llm), config.peft_config())
+    state = {name.replace("layers.0.", "layers.0._fsdp_wrapped_module."): value
+             for name, value in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="_fsdp_wrapped_module"):
+        sft.save_full_state_dict(state, model, tmp_path / "agent", AutoTokenizer.from_pretrained(llm), True)
+    assert not (tmp_path / "agent" / "model.safetensors").exists()
 
 
 def test_a_cpu_launch_of_several_processes_trains_data_parallel(monkeypatch):

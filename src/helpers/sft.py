@@ -7,6 +7,7 @@ so the agent spends its capacity on the choices that decide the image.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -218,8 +219,9 @@ def save_trained(trainer, tokenizer, output: Path, use_lora: bool) -> None:
     """Save a trainer's model as one plain causal LM (LoRA merged) plus tokenizer, under any kind of launch.
 
     One process or DDP: every process holds whole weights, so the adapters merge in memory. FSDP: each process holds
-    a shard; the Trainer's own `save_model` gathers the full state dict (or the adapters) onto the main process,
-    which reloads it whole, merges and saves. Either way the other processes then link to the main one's files.
+    a shard; every process sends its shard to the main process (`Accelerator.get_state_dict`, a collective), which
+    writes the model from the gathered weights (`save_full_state_dict`). Either way the other processes then link to
+    the main one's files.
     """
     from .distributed import link_main_output
 
@@ -233,26 +235,35 @@ def save_trained(trainer, tokenizer, output: Path, use_lora: bool) -> None:
     if "FULL_STATE_DICT" not in state_dict_type:
         raise ValueError(f"FSDP state_dict_type {state_dict_type} saves shards the agent cannot be loaded from; set "
                          "fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp.yaml)")
-    gathered = Path(trainer.args.output_dir) / "gathered"
-    trainer.save_model(str(gathered))  # collective: every process sends its shard
+    state = trainer.accelerator.get_state_dict(trainer.model)  # whole weights on the main process only
     if trainer.accelerator.is_main_process:
-        save_gathered(gathered, output, tokenizer, use_lora)
+        save_full_state_dict(state, trainer.accelerator.unwrap_model(trainer.model), output, tokenizer, use_lora)
     link_main_output(output)
 
 
-def save_gathered(gathered: Path, output: Path, tokenizer, use_lora: bool) -> None:
-    """Write the plain model from a `Trainer.save_model` folder (a whole model, or LoRA adapters on a named base)."""
-    if use_lora:
-        from peft import AutoPeftModelForCausalLM
+def save_full_state_dict(state: dict, model, output: Path, tokenizer, use_lora: bool) -> None:
+    """Write the plain causal LM whose whole weights are `state`, keyed as `model` (a causal LM, or a PEFT model)
+    names them: under FSDP the main process's gathered weights, while `model` itself is left in shards.
 
-        model = AutoPeftModelForCausalLM.from_pretrained(gathered).merge_and_unload()
-    else:
+    LoRA: the adapters merge into a fresh copy of the PEFT model, loaded strictly (every weight named, no name
+    left over), so a renamed key stops the save instead of leaving an adapter at its start (zero) and writing the
+    untrained base. PEFT's own adapter files are not used here: under FSDP they come out empty (peft 0.21 looks its
+    adapter names up through the FSDP and checkpoint wrappers, which the gathered names no longer carry).
+    """
+    import torch
+
+    if use_lora:
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(gathered)
-    model.save_pretrained(output)
+        adapter = copy.deepcopy(model.peft_config[model.active_adapter])
+        base = AutoModelForCausalLM.from_pretrained(adapter.base_model_name_or_path, dtype=torch.float32)
+        fresh = get_peft_model(base, adapter)
+        fresh.load_state_dict(state, strict=True)
+        fresh.merge_and_unload().save_pretrained(output)
+    else:
+        model.save_pretrained(output, state_dict=state)
     tokenizer.save_pretrained(output)
-    shutil.rmtree(gathered)
 
 
 def _model_card(folder: Path, base: str, config: AgentSFTConfig, examples: int, losses: Sequence[float]) -> None:
