@@ -11,7 +11,7 @@ import pytest
 
 from helpers import cli
 from helpers.benchmarks import PLAN, cost, load_results
-from helpers.benchmarks.harness import headline, summary_lines
+from helpers.benchmarks.harness import RENDER_PHASES, headline, summary_lines
 from helpers.runner import declared_parameters
 
 NAMES = ["api_generation", "image_generation", "scoring", "rrhf_step", "dpo_step", "vqa_scoring", "host_io",
@@ -45,6 +45,9 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
     assert api["project"]["units"] == api["batched_generate"]["units"] == PLAN["api_generation"]["tiny"]["prompts"]
     assert api["project"]["settings"]["cache"] == "static"
     assert by_name["image_generation"]["paths"]["project"]["units"] == PLAN["image_generation"]["tiny"]["images"]
+    phases = by_name["image_generation"]["paths"]["project"]["settings"]["phases_s_per_image"]
+    assert set(phases) == set(RENDER_PHASES) and phases["denoising"] > 0 and phases["decode"] > 0
+    assert min(phases.values()) >= 0
     assert set(by_name["rrhf_step"]["paths"]) == {"naive_lora", "project_lora", "naive_full", "project_full"}
     lora, full = by_name["rrhf_step"]["paths"]["project_lora"], by_name["rrhf_step"]["paths"]["project_full"]
     assert 0 < lora["settings"]["trainable_parameters"] < full["settings"]["trainable_parameters"]
@@ -70,6 +73,7 @@ def test_each_benchmark_did_the_planned_work(tiny_results):
 def test_summary_names_device_and_every_benchmark(tiny_results):
     text = "\n".join(summary_lines(tiny_results))
     assert "CPU" in text and all(name in text for name in NAMES)
+    assert "image_generation, project path per image: prelude " in text and ", decode " in text
     assert cost.verdict_lines(tiny_results) == []  # tiny shapes on a CPU say nothing about the H100 targets
 
 

@@ -279,20 +279,22 @@ def optimize_pipeline(pipeline, settings: PipelineSettings):
 
 
 def render(pipeline, prompts: Sequence[str], negative_prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
-           cfg: float, width: int, height: int, device: str, **conditioning) -> list:
+           cfg: float, width: int, height: int, device: str, step_end=None, **conditioning) -> list:
     """One batch of images, one `torch.Generator` per image seeded with its own seed (batch-independent noise).
 
     The generators are CPU ones whatever `device` draws: diffusers makes the noise on the CPU and moves it, so a seed
     starts from the same latents on a laptop and on a GPU, and an image cache key (prompt, seed, weights) names the
     same picture up to the devices' rounding, where a CUDA generator's stream differs from the CPU's. The cost: one
     draw and copy per batch, and per step for an ancestral sampler (32 512-px latents take ~4 ms on one core of this
-    project's CI host), made while the GPU still runs the step's UNet pass (~0.1 s for such a batch on an H100)."""
+    project's CI host), made while the GPU still runs the step's UNet pass (~0.1 s for such a batch on an H100).
+    `step_end`: called as diffusers' `callback_on_step_end` (pipeline, step, timestep, tensors) after every step."""
     generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     if not conditioning:
         conditioning = {"prompt": list(prompts), "negative_prompt": list(negative_prompts)}
     with torch.inference_mode(), quiet_clip_truncation(pipeline):
+        hooks = {"callback_on_step_end": step_end} if step_end is not None else {}
         return pipeline(**conditioning, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                        generator=generators).images
+                        generator=generators, **hooks).images
 
 
 # What transformers and diffusers log for every batch with a prompt longer than CLIP's window. CLIP reads the first

@@ -156,6 +156,10 @@ def smaller_batches(bench: dict[str, Any]) -> list[str]:
             for name, path in bench["paths"].items() if "batch_asked" in path.get("settings", {})]
 
 
+# the parts of a batch of images the image benchmark times apart (`suite.render_phases`), in the order they run
+RENDER_PHASES = ("prelude", "denoising", "decode")
+
+
 def summary_lines(document: dict[str, Any]) -> list[str]:
     """The results as a text table: benchmark, unit, every path's time per unit, naive ÷ project."""
     device = document["device"]
@@ -168,4 +172,9 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         lines.append(f"{bench['name']:<18} {bench['unit']:<8} {_seconds(naive['seconds_per_unit']):>12} "
                      f"{_seconds(project['seconds_per_unit']):>12} {bench['ratio']:>7.2f}x  {others}")
     lines += [f"{failure['name']:<18} FAILED   {failure['error']}" for failure in document.get("failed", [])]
+    for bench in document["benchmarks"]:
+        phases = bench["paths"].get("project", {}).get("settings", {}).get("phases_s_per_image")
+        if phases:
+            lines.append(f"{bench['name']}, project path per image: " +
+                         ", ".join(f"{name} {_seconds(phases[name])}" for name in RENDER_PHASES if name in phases))
     return lines

@@ -20,7 +20,7 @@ import torch
 
 from .. import speed
 from . import photos, shapes
-from .harness import PathTiming, ran_at, row, synchronize, time_path
+from .harness import RENDER_PHASES, PathTiming, ran_at, row, synchronize, time_path
 
 # work per benchmark and size: enough units that the timed part dominates, little enough for CI on two cores
 PLAN: dict[str, dict[str, dict[str, Any]]] = {
@@ -138,9 +138,34 @@ def bench_image_generation(size: str, device: str) -> dict[str, Any]:
 
     project = time_path("project", draw(plan["images"]), device, warmup=draw(plan["batch"]),
                         settings={"batch": plan["batch"], "dtype": str(_half(device)), **settings.__dict__})
+    project.settings["phases_s_per_image"] = render_phases(pipeline, prompts[:plan["batch"]], plan, side, device)
     return row("image_generation", "s/image", {"resolution": side, **plan}, [naive, project],
                "SD 1.5 shapes, CFG; project = helpers.speed.render on an optimize_pipeline pipeline "
                "(the executor's path)")
+
+
+def render_phases(pipeline, prompts: list[str], plan: dict[str, Any], side: int, device: str) -> dict[str, float]:
+    """Where one more batch's seconds go, per image: `prelude` (the prompts' encoding and the starting latents: up
+    to the first step's end, less one step), `denoising` (the steps: UNet passes with CFG and the scheduler) and
+    `decode` (after the last step: the VAE decode and the images to PIL). Every step's end waits for the device,
+    which costs the overlap the timed run keeps (the next step's noise drawn while the device works), so the three
+    add up to a little more than the project's time per image."""
+    ends: list[float] = []
+
+    def step_end(pipe, step, timestep, tensors):
+        synchronize(device)
+        ends.append(time.perf_counter())
+        return tensors
+
+    synchronize(device)
+    started = time.perf_counter()
+    speed.render(pipeline, prompts, [""] * len(prompts), list(range(len(prompts))), steps=plan["steps"],
+                 cfg=plan["cfg"], width=side, height=side, device=device, step_end=step_end)
+    synchronize(device)
+    done = time.perf_counter()
+    step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - started
+    seconds = (max(ends[0] - started - step, 0.0), step * len(ends), done - ends[-1])
+    return {name: round(part / len(prompts), 6) for name, part in zip(RENDER_PHASES, seconds)}
 
 
 # --------------------------------------------------------------------------------------------- (c) scoring
