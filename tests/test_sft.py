@@ -104,6 +104,22 @@ def test_lora_trains_adapters_and_merges_them(llm, tmp_path):
     assert changed and all(k.endswith(ADAPTED) for k in changed)
 
 
+def test_lora_under_fsdp_starts_over_rather_than_resume_from_checkpoints_without_adapters(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """Under FSDP the Trainer's checkpoints of a LoRA run hold no adapter weights (peft 0.21): resuming would restart
+    the adapters at zero under the later step's optimizer, so the run starts over and says why; the checkpoints
+    are left for the user."""
+    config = _config(tmp_path, use_lora=True, lora_r=4, save_strategy="steps", save_steps=1)
+    left = Path(config.output_dir) / "checkpoint-1"
+    left.mkdir(parents=True)
+    (left / "pytorch_model_fsdp.bin").write_bytes(b"")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sft.trainer_resume_point(config, sft.sft_dataset(RECORDS)) is None
+    assert left.is_dir() and "LoRA under an FSDP launch does not resume" in said(capsys.readouterr().out)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")  # the same run outside FSDP treats it as another run's checkpoint
+    assert sft.trainer_resume_point(config, sft.sft_dataset(RECORDS)) is None and not left.exists()
+
+
 def test_bad_lora_rank_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lora_r=0"):
         _config(tmp_path, use_lora=True, lora_r=0)

@@ -136,13 +136,21 @@ RESUME_FREE = frozenset({"output_dir", "logging_dir", "run_name", "logging_steps
 def trainer_resume_point(args, dataset, code: Sequence[str] = (__name__,)) -> str | None:
     """The checkpoint in `args.output_dir` a Trainer run resumes from: the newest one left by a run of the same
     settings, data and `code` (modules; `manifest.resume_point`: others are removed), else None. None, and nothing
-    written, when the run saves no checkpoints. Under a multi-process launch every process gets the main
-    process's checkpoint."""
+    written, when the run saves no checkpoints or trains LoRA under FSDP (its checkpoints hold no adapters). Under a
+    multi-process launch every process gets the main process's checkpoint."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .display import say
+    from .distributed import fsdp_launch
     from .manifest import module_hashes, resume_point, rows_fingerprint
 
     if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+        return None
+    if getattr(args, "use_lora", False) and fsdp_launch():
+        say(f"Note: LoRA under an FSDP launch does not resume from {args.output_dir}: the Trainer's checkpoints there "
+            "hold no adapter weights (peft 0.21 looks the adapters up through FSDP's wrappers and finds none), so "
+            "resuming would restart the adapters from zero under a later step's optimizer. This run starts over; "
+            "LoRA runs resume under configs/accelerate/ddp.yaml.")
         return None
     settings = {key: value for key, value in args.to_dict().items() if key not in RESUME_FREE}
     return resume_point(Path(args.output_dir), {"settings": settings, "data": rows_fingerprint(dataset),
